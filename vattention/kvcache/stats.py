@@ -1,0 +1,36 @@
+"""A snapshot of a KV cache's memory use (all sizes in bytes)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    page_size: int
+    budget_bytes: int
+    created_bytes: int  # physical pages that exist (mapped or pooled)
+    mapped_bytes: int  # pages mapped into any slot, used or free
+    live_bytes: int  # bytes holding the live tokens of used slots
+    used_mapped_bytes: int  # pages mapped into used slots
+    reclaimable_bytes: int  # pages still mapped in free slots (deferred reclamation)
+    pool_free_bytes: int  # created pages mapped nowhere
+    slots_used: int
+    slots_free: int
+    map_calls: int
+    unmap_calls: int
+    set_access_calls: int
+    create_calls: int
+    destroy_calls: int
+
+    @property
+    def internal_fragmentation(self) -> float:
+        """Share of the used slots' mapped bytes that hold no live token."""
+        if self.used_mapped_bytes == 0:
+            return 0.0
+        return 1.0 - self.live_bytes / self.used_mapped_bytes
+
+    def as_dict(self) -> dict[str, float]:
+        d: dict[str, float] = dict(asdict(self))
+        d["internal_fragmentation"] = self.internal_fragmentation
+        return d

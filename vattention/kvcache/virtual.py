@@ -1,0 +1,400 @@
+"""`VirtualKVCache`: the vAttention allocator over a memory backend.
+
+The whole worst case (max_slots x max_seq_len, every layer, K and V) is reserved as virtual
+address space once; physical pages are mapped into it only as requests grow. Attention kernels
+see ordinary dense tensors (`k_cache(layer)[slot, :length]`) whose addresses never move.
+
+Invariants (checked by `check_integrity`):
+- a slot's mapped pages form a prefix: pages `[0, mapped(slot))` are mapped in every buffer, and
+  a used slot's first `length(slot)` tokens lie inside them;
+- every created page is either in the pool (mapped nowhere) or mapped exactly once;
+  `created <= budget`;
+- `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
+  changes (the check runs before anything is touched);
+- a free slot keeps its pages (deferred reclamation); pages are taken back from free slots only
+  when the pool and the budget cannot cover a request, or on `trim()`;
+- every public method holds one re-entrant lock, so the background mapping thread of
+  `step_async` and the caller never interleave.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from vattention.kvcache.layout import CacheLayout
+from vattention.kvcache.pool import PagePool
+from vattention.kvcache.spec import KVCacheSpec
+from vattention.kvcache.stats import KVCacheStats
+from vattention.memory.backend import MemoryBackend, make_backend
+from vattention.memory.errors import OutOfKVMemory
+
+Lengths = Mapping[int, int] | Sequence[int]
+
+
+class VirtualKVCache:
+    """A KV cache contiguous in virtual memory, backed on demand by physical pages."""
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        backend: str | MemoryBackend = "cpu",
+        *,
+        device: str | torch.device | None = None,
+        budget_bytes: int | None = None,
+        budget_fraction: float | None = None,
+        pool_batch: int = 8,
+        lookahead_pages: int = 2,
+    ) -> None:
+        if not isinstance(spec, KVCacheSpec):
+            raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
+        if budget_bytes is not None and budget_fraction is not None:
+            raise ValueError("give budget_bytes or budget_fraction, not both")
+        if budget_fraction is not None and not 0.0 < budget_fraction <= 1.0:
+            raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        if lookahead_pages < 0:
+            raise ValueError(f"lookahead_pages must be >= 0, got {lookahead_pages}")
+        self.spec = spec
+        self._owns_backend = not isinstance(backend, MemoryBackend)
+        self._backend = make_backend(backend, spec.page_size, device)
+        self.layout = CacheLayout(spec, self._backend.page_size)
+        self.page_size = self._backend.page_size
+        self.device = self._backend.device
+        self.lookahead_pages = lookahead_pages
+        nbuf = self.layout.num_buffers
+        max_pages = self.layout.pages_per_slot * spec.max_slots * nbuf
+        if budget_bytes is None:
+            fraction = 0.9 if budget_fraction is None else budget_fraction
+            budget_bytes = int(self._backend.free_memory() * fraction)
+        self._pool = PagePool(self._backend, min(max_pages, budget_bytes // self.page_size), pool_batch)
+        self._lock = threading.RLock()
+        self._closed = False
+        self._base = self._backend.reserve(self.layout.total_bytes)
+        try:
+            raw = self._backend.tensor(self._base, self.layout.total_bytes)
+            self._k, self._v = self.layout.views(raw)
+        except BaseException:
+            self._backend.release_range(self._base, self.layout.total_bytes)
+            raise
+        n = spec.max_slots
+        self._pages: list[list[list[int]]] = [[] for _ in range(n)]  # slot -> page -> buffers
+        self._lengths = [0] * n
+        self._used = [False] * n
+        self._map_calls = self._unmap_calls = self._access_calls = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    # -- tensors ----------------------------------------------------------------------------
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """K of `layer`: `[max_slots, max_seq_len, kv_heads, head_dim]`, a view that never moves."""
+        self._check_layer(layer)
+        return self._k[layer]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        return self._v[layer]
+
+    # -- slots ------------------------------------------------------------------------------
+    def alloc_slot(self) -> int:
+        """A free slot, preferring the one with the most pages still mapped."""
+        with self._lock:
+            self._check_open()
+            free = [s for s in range(self.spec.max_slots) if not self._used[s]]
+            if not free:
+                raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
+            slot = max(free, key=lambda s: (len(self._pages[s]), -s))
+            self._used[slot] = True
+            self._lengths[slot] = 0
+            return slot
+
+    def free_slot(self, slot: int) -> None:
+        """Give a slot back; its pages stay mapped for the next request (deferred reclamation)."""
+        with self._lock:
+            self._check_slot(slot)
+            self._used[slot] = False
+            self._lengths[slot] = 0
+
+    @property
+    def num_free_slots(self) -> int:
+        return self._used.count(False)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def mapped_pages(self, slot: int) -> int:
+        """Pages mapped per buffer for `slot`."""
+        return len(self._pages[slot])
+
+    # -- backing ----------------------------------------------------------------------------
+    def ensure(self, slot: int, num_tokens: int) -> None:
+        """Back tokens `[0, num_tokens)` of `slot` in every layer, or raise `OutOfKVMemory`."""
+        self.step({slot: num_tokens})
+
+    def step(self, lengths: Lengths) -> None:
+        """Batched `ensure` for every slot in `lengths`; all-or-nothing."""
+        targets = self._normalize(lengths)
+        with self._lock:
+            self._back({s: self.layout.pages_for(n) for s, n in targets.items()})
+            for s, n in targets.items():
+                self._lengths[s] = n
+
+    def step_async(self, lengths: Lengths) -> None:
+        """Start `step(lengths)` plus eager look-ahead on the background thread; `wait()` joins.
+
+        Arguments are checked here, in the caller; `OutOfKVMemory` surfaces from `wait()`."""
+        targets = self._normalize(lengths)
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattention-map")
+        self._pending = self._executor.submit(self._step_and_look_ahead, targets)
+
+    def wait(self) -> None:
+        """Join the background step started by `step_async` (re-raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def can_fit(self, lengths: Lengths) -> bool:
+        """Whether `step(lengths)` would succeed now (nothing is changed)."""
+        targets = self._normalize(lengths)
+        with self._lock:
+            need = self._pages_needed({s: self.layout.pages_for(n) for s, n in targets.items()})
+            return need <= self._pool.obtainable + self._reclaimable()
+
+    def prefill_pool(self, num_pages: int) -> None:
+        """Create up to `num_pages` free pages now (within the budget), off the critical path."""
+        with self._lock:
+            self._check_open()
+            self._pool.refill(num_pages)
+
+    def trim(self) -> int:
+        """Unmap every free slot's pages and destroy every pooled page; returns bytes released."""
+        self.wait()
+        with self._lock:
+            self._check_open()
+            self._backend.synchronize()
+            for s in range(self.spec.max_slots):
+                if not self._used[s]:
+                    self._unmap_tail(s, len(self._pages[s]))
+            return self._pool.release_free() * self.page_size
+
+    # -- internals --------------------------------------------------------------------------
+    def _step_and_look_ahead(self, targets: dict[int, int]) -> None:
+        with self._lock:
+            pages = {s: self.layout.pages_for(n) for s, n in targets.items()}
+            self._back(pages)
+            for s, n in targets.items():
+                self._lengths[s] = n
+            if self.lookahead_pages:
+                cap = self.layout.pages_per_slot
+                ahead = {s: min(cap, p + self.lookahead_pages) for s, p in pages.items()}
+                if self._pages_needed(ahead) <= self._pool.obtainable:
+                    self._back(ahead, reclaim=False)
+            self._pool.refill(self._pool.batch)
+
+    def _pages_needed(self, pages: dict[int, int]) -> int:
+        extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
+        return extra * self.layout.num_buffers
+
+    def _reclaimable(self) -> int:
+        n = sum(len(self._pages[s]) for s in range(self.spec.max_slots) if not self._used[s])
+        return n * self.layout.num_buffers
+
+    def _back(self, pages: dict[int, int], reclaim: bool = True) -> None:
+        """Map pages so each slot in `pages` has at least that many; all-or-nothing."""
+        self._check_open()
+        need = self._pages_needed(pages)
+        if need == 0:
+            return
+        reclaimable = self._reclaimable() if reclaim else 0
+        if need > self._pool.obtainable + reclaimable:
+            self._raise_oom(need, self._pool.obtainable + reclaimable)
+        if need > len(self._pool.free):
+            self._pool.refill(need)  # creation may hit device OOM, which lowers the budget
+        if need > len(self._pool.free) + reclaimable:
+            self._raise_oom(need, len(self._pool.free) + reclaimable)
+        if need > len(self._pool.free):
+            self._reclaim(need - len(self._pool.free))
+        handles = self._pool.take(need)
+        done: list[tuple[int, int]] = []  # (slot, first new page) for rollback
+        try:
+            for slot, target in pages.items():
+                start = len(self._pages[slot])
+                if target <= start:
+                    continue
+                done.append((slot, start))
+                self._map_range(slot, start, target, handles)
+        except BaseException:
+            for slot, start in done:
+                self._unmap_tail(slot, len(self._pages[slot]) - start)
+            self._pool.give(handles)
+            raise
+
+    def _map_range(self, slot: int, start: int, stop: int, handles: list[int]) -> None:
+        nbuf, ps = self.layout.num_buffers, self.page_size
+        for page in range(start, stop):
+            row: list[int] = []
+            self._pages[slot].append(row)
+            for buf in range(nbuf):
+                handle = handles.pop()
+                self._backend.map(self._base + self.layout.page_offset(buf, slot, page), handle)
+                row.append(handle)
+                self._map_calls += 1
+        for buf in range(nbuf):
+            self._backend.set_access(self._base + self.layout.page_offset(buf, slot, start),
+                                     (stop - start) * ps)
+            self._access_calls += 1
+
+    def _unmap_tail(self, slot: int, count: int) -> None:
+        """Unmap the last `count` pages of `slot` into the pool."""
+        pages = self._pages[slot]
+        for _ in range(count):
+            page = len(pages) - 1
+            row = pages[-1]
+            while row:
+                buf = len(row) - 1
+                self._backend.unmap(self._base + self.layout.page_offset(buf, slot, page))
+                self._unmap_calls += 1
+                self._pool.give([row.pop()])
+            pages.pop()
+
+    def _reclaim(self, need: int) -> None:
+        """Take at least `need` pages back from free slots, smallest slots first."""
+        nbuf = self.layout.num_buffers
+        free = [s for s in range(self.spec.max_slots) if not self._used[s] and self._pages[s]]
+        self._backend.synchronize()
+        for s in sorted(free, key=lambda s: len(self._pages[s])):
+            if need <= 0:
+                break
+            count = min(len(self._pages[s]), -(-need // nbuf))
+            self._unmap_tail(s, count)
+            need -= count * nbuf
+
+    def _raise_oom(self, need: int, available: int) -> None:
+        raise OutOfKVMemory(
+            f"KV cache out of memory: {need} pages of {self.page_size} bytes asked, "
+            f"{available} free (budget {self._pool.budget} pages)",
+            pages_needed=need, pages_available=available)
+
+    def _normalize(self, lengths: Lengths) -> dict[int, int]:
+        if isinstance(lengths, Mapping):
+            items = list(lengths.items())
+        elif isinstance(lengths, Sequence):
+            if len(lengths) != self.spec.max_slots:
+                raise ValueError(f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}")
+            items = [(s, n) for s, n in enumerate(lengths) if n or self._used[s]]
+        else:
+            raise TypeError(f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}")
+        out: dict[int, int] = {}
+        for s, n in items:
+            self._check_slot(s)
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.spec.max_seq_len:
+                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={self.spec.max_seq_len}]")
+            out[s] = n
+        return out
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the KV cache is closed")
+
+    def _check_slot(self, slot: int) -> None:
+        self._check_open()
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.spec.max_slots:
+            raise ValueError(f"slot {slot!r} is out of range [0, {self.spec.max_slots})")
+        if not self._used[slot]:
+            raise ValueError(f"slot {slot} is not allocated (freed twice, or never allocated?)")
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.spec.num_layers:
+            raise ValueError(f"layer {layer} is out of range [0, {self.spec.num_layers})")
+
+    # -- accounting -------------------------------------------------------------------------
+    def stats(self) -> KVCacheStats:
+        with self._lock:
+            ps, nbuf = self.page_size, self.layout.num_buffers
+            used = [s for s in range(self.spec.max_slots) if self._used[s]]
+            used_pages = sum(len(self._pages[s]) for s in used) * nbuf
+            live = sum(self._lengths[s] for s in used) * self.layout.buffer_token_bytes * nbuf
+            return KVCacheStats(
+                page_size=ps,
+                budget_bytes=self._pool.budget * ps,
+                created_bytes=self._pool.created * ps,
+                mapped_bytes=(used_pages + self._reclaimable()) * ps,
+                live_bytes=live,
+                used_mapped_bytes=used_pages * ps,
+                reclaimable_bytes=self._reclaimable() * ps,
+                pool_free_bytes=len(self._pool.free) * ps,
+                slots_used=len(used),
+                slots_free=self.spec.max_slots - len(used),
+                map_calls=self._map_calls,
+                unmap_calls=self._unmap_calls,
+                set_access_calls=self._access_calls,
+                create_calls=self._pool.create_calls,
+                destroy_calls=self._pool.destroy_calls,
+            )
+
+    def check_integrity(self) -> None:
+        """Raise `RuntimeError` listing every broken invariant (for tests and debugging)."""
+        with self._lock:
+            problems: list[str] = []
+            nbuf = self.layout.num_buffers
+            mapped = [h for rows in self._pages for row in rows for h in row]
+            if any(len(row) != nbuf for rows in self._pages for row in rows):
+                problems.append("a page index is mapped in some buffers only")
+            handles = mapped + self._pool.free
+            if len(set(handles)) != len(handles):
+                problems.append("a page is mapped twice or both mapped and pooled")
+            if len(handles) != self._pool.created:
+                problems.append(f"{len(handles)} pages accounted, {self._pool.created} created")
+            if self._pool.created > self._pool.budget:
+                problems.append("more pages created than the budget")
+            for s in range(self.spec.max_slots):
+                cap = len(self._pages[s]) * self.page_size // self.layout.buffer_token_bytes
+                if self._lengths[s] > cap:
+                    problems.append(f"slot {s}: {self._lengths[s]} live tokens beyond its pages")
+                if not self._used[s] and self._lengths[s]:
+                    problems.append(f"free slot {s} has live tokens")
+            backend = self._backend
+            if self._owns_backend and getattr(backend, "num_mappings", len(mapped)) != len(mapped):
+                problems.append("backend mappings differ from the cache's")
+            if self._owns_backend and getattr(backend, "num_pages", self._pool.created) != self._pool.created:
+                problems.append("backend pages differ from the cache's")
+            if problems:
+                raise RuntimeError("KV cache integrity: " + "; ".join(problems))
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Return every page and the virtual range; idempotent. Views must not be used after."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        except OutOfKVMemory:
+            pass
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        with self._lock:
+            self._backend.synchronize()
+            for s in range(self.spec.max_slots):
+                self._unmap_tail(s, len(self._pages[s]))
+            self._pool.release_free()
+            self._k, self._v = [], []
+            self._backend.release_range(self._base, self.layout.total_bytes)
+            if self._owns_backend:
+                self._backend.close()
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> VirtualKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
