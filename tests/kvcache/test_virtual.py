@@ -1,0 +1,298 @@
+"""VirtualKVCache behaviour on every backend: data, layouts, slots, budget, async, teardown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tests.kvcache.helpers import BACKENDS, make_spec
+from vattention import KVCacheSpec, OutOfKVMemory, VirtualKVCache
+
+
+def tokens_per_page(cache: VirtualKVCache) -> int:
+    return int(cache.layout.tokens_per_page)
+
+
+def fill(cache: VirtualKVCache, slot: int, start: int, stop: int, seed: int) -> None:
+    for layer in range(cache.spec.num_layers):
+        for i, t in enumerate((cache.k_cache(layer), cache.v_cache(layer))):
+            g = torch.Generator().manual_seed(seed * 1000 + layer * 10 + i)
+            vals = torch.randn(stop - start, *t.shape[2:], generator=g).to(t.dtype)
+            t[slot, start:stop] = vals.to(t.device)
+
+
+def expected(cache: VirtualKVCache, start: int, stop: int, seed: int) -> list[torch.Tensor]:
+    out = []
+    for layer in range(cache.spec.num_layers):
+        for i, t in enumerate((cache.k_cache(layer), cache.v_cache(layer))):
+            g = torch.Generator().manual_seed(seed * 1000 + layer * 10 + i)
+            out.append(torch.randn(stop - start, *t.shape[2:], generator=g).to(t.dtype))
+    return out
+
+
+def read(cache: VirtualKVCache, slot: int, start: int, stop: int) -> list[torch.Tensor]:
+    return [t[slot, start:stop].cpu() for layer in range(cache.spec.num_layers)
+            for t in (cache.k_cache(layer), cache.v_cache(layer))]
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+def test_data_survives_growth_free_reuse_and_reclaim(kind: str, layout: str) -> None:
+    spec = make_spec(kind, layout)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        tpp = tokens_per_page(cache)
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        n1 = min(tpp + 3, spec.max_seq_len)
+        cache.ensure(a, n1)
+        fill(cache, a, 0, n1, seed=1)
+        cache.ensure(b, 5)
+        fill(cache, b, 0, 5, seed=2)
+        cache.ensure(a, spec.max_seq_len)  # grow a across more pages
+        fill(cache, a, n1, spec.max_seq_len, seed=3)
+        assert_same(read(cache, a, 0, n1), expected(cache, 0, n1, 1))
+        assert_same(read(cache, a, n1, spec.max_seq_len), expected(cache, n1, spec.max_seq_len, 3))
+        assert_same(read(cache, b, 0, 5), expected(cache, 0, 5, 2))
+        # Free a: its pages stay mapped, and the next allocation gets it back with the data.
+        cache.free_slot(a)
+        assert cache.stats().reclaimable_bytes > 0
+        again = cache.alloc_slot()
+        assert again == a
+        cache.ensure(again, n1)
+        assert_same(read(cache, again, 0, n1), expected(cache, 0, n1, 1))
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_layouts_agree(kind: str) -> None:
+    spec_x = make_spec(kind, "cross_layer")
+    spec_p = make_spec(kind, "per_layer")
+    with VirtualKVCache(spec_x, kind, budget_bytes=1 << 40) as cx, \
+            VirtualKVCache(spec_p, kind, budget_bytes=1 << 40) as cp:
+        for cache in (cx, cp):
+            s = cache.alloc_slot()
+            cache.ensure(s, 123)
+            fill(cache, s, 0, 123, seed=7)
+        assert_same(read(cx, 0, 0, 123), read(cp, 0, 0, 123))
+        for layer in range(spec_x.num_layers):
+            # Never let pytest repr a cache view: it would read unmapped memory.
+            kx, kp = cx.k_cache(layer), cp.k_cache(layer)
+            shape = (spec_x.max_slots, spec_x.max_seq_len, spec_x.num_kv_heads, spec_x.head_dim)
+            assert tuple(kx.shape) == shape and tuple(kp.shape) == shape
+            row = spec_x.num_kv_heads * spec_x.head_dim
+            # cross-layer: consecutive tokens of one layer are `layers` rows apart.
+            assert kx.stride()[1:] == (spec_x.num_layers * row, spec_x.head_dim, 1)
+            assert kp.stride()[1:] == (row, spec_x.head_dim, 1)
+            assert kx.data_ptr() % 16 == 0 and kp.data_ptr() % 16 == 0
+        # A cross-layer page holds `layers` times fewer tokens than a per-layer page... per buffer,
+        # but the per-layer layout maps 2*layers buffers instead of 2.
+        assert cp.layout.num_buffers == spec_x.num_layers * cx.layout.num_buffers
+        assert cp.stats().mapped_bytes >= cx.stats().mapped_bytes
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_views_never_move(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        ptrs = [cache.k_cache(i).data_ptr() for i in range(spec.num_layers)]
+        s = cache.alloc_slot()
+        cache.ensure(s, spec.max_seq_len)
+        cache.free_slot(s)
+        cache.trim()
+        assert ptrs == [cache.k_cache(i).data_ptr() for i in range(spec.num_layers)]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_alloc_prefers_slot_with_most_pages(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        slots = [cache.alloc_slot() for _ in range(3)]
+        cache.ensure(slots[0], 1)
+        cache.ensure(slots[1], spec.max_seq_len)
+        for s in slots:
+            cache.free_slot(s)
+        assert cache.alloc_slot() == slots[1]
+        assert cache.alloc_slot() == slots[0]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_out_of_memory_is_all_or_nothing(kind: str) -> None:
+    spec = make_spec(kind)
+    probe = VirtualKVCache(spec, kind, budget_bytes=0)
+    per_page = probe.layout.num_buffers * probe.page_size
+    probe.close()
+    budget = 3 * per_page  # room for 3 page-rows (every buffer) in all
+    with VirtualKVCache(spec, kind, budget_bytes=budget) as cache:
+        tpp = tokens_per_page(cache)
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        cache.ensure(a, 2 * tpp)
+        fill(cache, a, 0, 2 * tpp, seed=5)
+        before = cache.stats()
+        with pytest.raises(OutOfKVMemory) as err:
+            cache.step({a: 2 * tpp, b: 2 * tpp})  # needs 2 more page-rows, 1 left
+        assert "asked" in str(err.value) and err.value.pages_needed > err.value.pages_available
+        assert cache.stats() == before
+        assert cache.mapped_pages(b) == 0 and cache.length(b) == 0
+        assert_same(read(cache, a, 0, 2 * tpp), expected(cache, 0, 2 * tpp, 5))
+        cache.ensure(b, tpp)  # what fits still works
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_reclaims_free_slots_only_when_pool_runs_dry(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        per_row = cache.layout.num_buffers * cache.page_size
+    with VirtualKVCache(spec, kind, budget_bytes=4 * per_row, pool_batch=1) as cache:
+        tpp = tokens_per_page(cache)
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * tpp)
+        cache.free_slot(a)
+        b = cache.alloc_slot()
+        assert b == a  # most pages
+        c = cache.alloc_slot()
+        cache.ensure(c, tpp)  # from the budget: a's pages stay
+        assert cache.mapped_pages(b) == 3
+        cache.free_slot(b)
+        d = cache.alloc_slot()
+        assert d == b
+        e = cache.alloc_slot()
+        cache.free_slot(d)
+        cache.ensure(e, 2 * tpp)  # budget used up: must reclaim from free slot d
+        assert cache.mapped_pages(d) == 1 and cache.mapped_pages(e) == 2
+        assert cache.stats().unmap_calls == 2 * cache.layout.num_buffers
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_trim_returns_memory(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        cache.ensure(a, spec.max_seq_len)
+        cache.ensure(b, 10)
+        cache.prefill_pool(4)
+        cache.free_slot(a)
+        kept = cache.stats().used_mapped_bytes
+        released = cache.trim()
+        st = cache.stats()
+        assert released > 0
+        assert st.created_bytes == st.mapped_bytes == kept
+        assert st.pool_free_bytes == 0 and st.reclaimable_bytes == 0
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_pages=2) as cache:
+        tpp = tokens_per_page(cache)
+        s = cache.alloc_slot()
+        cache.step_async({s: 1})
+        cache.wait()
+        assert cache.length(s) == 1
+        assert cache.mapped_pages(s) == min(3, cache.layout.pages_per_slot)  # 1 + look-ahead
+        cache.step_async([tpp + 1 if i == s else 0 for i in range(spec.max_slots)])
+        cache.wait()
+        assert cache.length(s) == tpp + 1
+    with VirtualKVCache(spec, kind, budget_bytes=0) as cache:
+        s = cache.alloc_slot()
+        cache.step_async({s: 1})
+        with pytest.raises(OutOfKVMemory):
+            cache.wait()
+        cache.wait()  # the error is reported once
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_concurrent_use_keeps_accounting(kind: str) -> None:
+    spec = make_spec(kind, max_slots=8)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        errors: list[BaseException] = []
+
+        def worker(seed: int) -> None:
+            try:
+                for i in range(20):
+                    s = cache.alloc_slot()
+                    cache.ensure(s, (seed * 37 + i * 11) % spec.max_seq_len + 1)
+                    cache.free_slot(s)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        keep = cache.alloc_slot()
+        for t in threads:
+            t.start()
+        for n in range(1, 200, 17):
+            cache.step_async({keep: n})
+            cache.wait()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert cache.num_free_slots == spec.max_slots - 1
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_bad_arguments_raise_clear_errors(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:
+        s = cache.alloc_slot()
+        before = cache.stats()
+        with pytest.raises(ValueError, match="out of range"):
+            cache.ensure(spec.max_slots, 1)
+        with pytest.raises(ValueError, match="out of range"):
+            cache.ensure(-1, 1)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            cache.ensure(s, spec.max_seq_len + 1)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            cache.ensure(s, -3)
+        with pytest.raises(ValueError, match="not allocated"):
+            cache.ensure((s + 1) % spec.max_slots, 1)
+        with pytest.raises(ValueError, match="entries"):
+            cache.step([1, 2])
+        with pytest.raises(TypeError):
+            cache.step(5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="max_seq_len"):
+            cache.step_async({s: spec.max_seq_len + 1})
+        with pytest.raises(ValueError, match="layer"):
+            cache.k_cache(spec.num_layers)
+        assert cache.stats() == before
+        cache.free_slot(s)
+        after_free = cache.stats()
+        with pytest.raises(ValueError, match="freed twice"):
+            cache.free_slot(s)
+        assert cache.stats() == after_free
+        for _ in range(spec.max_slots):
+            cache.alloc_slot()
+        with pytest.raises(OutOfKVMemory, match="no free slot"):
+            cache.alloc_slot()
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.alloc_slot()
+    with pytest.raises(ValueError, match="budget_fraction"):
+        VirtualKVCache(spec, kind, budget_fraction=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        VirtualKVCache(spec, kind, budget_bytes=1, budget_fraction=0.5)
+    with pytest.raises(TypeError, match="KVCacheSpec"):
+        VirtualKVCache("spec", kind)  # type: ignore[arg-type]
+
+
+def test_spec_validation() -> None:
+    ok = dict(num_layers=2, num_kv_heads=2, head_dim=8, max_slots=2, max_seq_len=16)
+    assert KVCacheSpec(**ok, dtype="bf16").dtype == torch.bfloat16  # type: ignore[arg-type]
+    for field, bad in [("num_layers", 0), ("head_dim", -1), ("max_slots", 1.5), ("max_seq_len", True)]:
+        with pytest.raises(ValueError, match=field):
+            KVCacheSpec(**{**ok, field: bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layout"):
+        KVCacheSpec(**ok, layout="paged")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="power of two"):
+        KVCacheSpec(**ok, page_size=3000)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dtype"):
+        KVCacheSpec(**ok, dtype="int8")  # type: ignore[arg-type]
