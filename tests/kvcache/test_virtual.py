@@ -33,13 +33,16 @@ def expected(cache: VirtualKVCache, start: int, stop: int, seed: int) -> list[to
 
 
 def read(cache: VirtualKVCache, slot: int, start: int, stop: int) -> list[torch.Tensor]:
-    return [t[slot, start:stop].cpu() for layer in range(cache.spec.num_layers)
-            for t in (cache.k_cache(layer), cache.v_cache(layer))]
+    return [
+        t[slot, start:stop].cpu()
+        for layer in range(cache.spec.num_layers)
+        for t in (cache.k_cache(layer), cache.v_cache(layer))
+    ]
 
 
 def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert torch.equal(x, y)
 
 
@@ -74,8 +77,10 @@ def test_data_survives_growth_free_reuse_and_reclaim(kind: str, layout: str) -> 
 def test_layouts_agree(kind: str) -> None:
     spec_x = make_spec(kind, "cross_layer")
     spec_p = make_spec(kind, "per_layer")
-    with VirtualKVCache(spec_x, kind, budget_bytes=1 << 40) as cx, \
-            VirtualKVCache(spec_p, kind, budget_bytes=1 << 40) as cp:
+    with (
+        VirtualKVCache(spec_x, kind, budget_bytes=1 << 40) as cx,
+        VirtualKVCache(spec_p, kind, budget_bytes=1 << 40) as cp,
+    ):
         for cache in (cx, cp):
             s = cache.alloc_slot()
             cache.ensure(s, 123)
@@ -287,7 +292,12 @@ def test_bad_arguments_raise_clear_errors(kind: str) -> None:
 def test_spec_validation() -> None:
     ok = dict(num_layers=2, num_kv_heads=2, head_dim=8, max_slots=2, max_seq_len=16)
     assert KVCacheSpec(**ok, dtype="bf16").dtype == torch.bfloat16  # type: ignore[arg-type]
-    for field, bad in [("num_layers", 0), ("head_dim", -1), ("max_slots", 1.5), ("max_seq_len", True)]:
+    for field, bad in [
+        ("num_layers", 0),
+        ("head_dim", -1),
+        ("max_slots", 1.5),
+        ("max_seq_len", True),
+    ]:
         with pytest.raises(ValueError, match=field):
             KVCacheSpec(**{**ok, field: bad})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layout"):

@@ -21,8 +21,12 @@ KIND = "cpu"
 
 def _snapshot(cache: VirtualKVCache) -> tuple[object, ...]:
     n = cache.spec.max_slots
-    return (cache.stats(), tuple(cache.mapped_pages(s) for s in range(n)),
-            tuple(cache.length(s) for s in range(n)), cache.num_free_slots)
+    return (
+        cache.stats(),
+        tuple(cache.mapped_pages(s) for s in range(n)),
+        tuple(cache.length(s) for s in range(n)),
+        cache.num_free_slots,
+    )
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -33,14 +37,23 @@ class CacheMachine(RuleBasedStateMachine):
         self.lengths: dict[int, int] = {}  # model: used slot -> live tokens
         self.marks: dict[int, float] = {}  # used slot -> value written at its last live token
 
-    @rule(layout=st.sampled_from(["cross_layer", "per_layer"]), budget_rows=st.integers(0, 24),
-          batch=st.integers(1, 4), ahead=st.integers(0, 3))
+    @rule(
+        layout=st.sampled_from(["cross_layer", "per_layer"]),
+        budget_rows=st.integers(0, 24),
+        batch=st.integers(1, 4),
+        ahead=st.integers(0, 3),
+    )
     @precondition(lambda self: self.cache is None)
     def create(self, layout: str, budget_rows: int, batch: int, ahead: int) -> None:
         spec = make_spec(KIND, layout, max_slots=5, max_seq_len=400)
         probe_bytes = 2 * (spec.num_layers if layout == "per_layer" else 1) * 64 * 1024
-        self.cache = VirtualKVCache(spec, KIND, budget_bytes=budget_rows * probe_bytes,
-                                    pool_batch=batch, lookahead_pages=ahead)
+        self.cache = VirtualKVCache(
+            spec,
+            KIND,
+            budget_bytes=budget_rows * probe_bytes,
+            pool_batch=batch,
+            lookahead_pages=ahead,
+        )
 
     def _mark(self, slot: int, n: int) -> None:
         assert self.cache is not None
@@ -130,7 +143,9 @@ class CacheMachine(RuleBasedStateMachine):
         for s, n in self.lengths.items():
             assert cache.length(s) == n
             assert cache.mapped_pages(s) >= cache.layout.pages_for(n)
-        live = sum(self.lengths.values()) * cache.layout.buffer_token_bytes * cache.layout.num_buffers
+        live = (
+            sum(self.lengths.values()) * cache.layout.buffer_token_bytes * cache.layout.num_buffers
+        )
         assert stats.live_bytes == live
         assert stats.created_bytes == stats.mapped_bytes + stats.pool_free_bytes
         assert stats.created_bytes <= stats.budget_bytes
@@ -146,7 +161,9 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
+    max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestVirtualKVCacheStateful = CacheMachine.TestCase

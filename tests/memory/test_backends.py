@@ -28,7 +28,7 @@ def test_one_page_aliased_at_two_addresses(kind: str) -> None:
         b.set_access(base, ps)
         b.set_access(base + 5 * ps, ps)
         view = b.tensor(base, 8 * ps)
-        first, second = view[:ps], view[5 * ps:6 * ps]
+        first, second = view[:ps], view[5 * ps : 6 * ps]
         first.copy_(torch.arange(ps, dtype=torch.int64).remainder(251).to(torch.uint8).to(b.device))
         assert torch.equal(second.cpu(), first.cpu())
         second.fill_(9)  # write through the other address

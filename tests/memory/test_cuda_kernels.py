@@ -40,8 +40,14 @@ def test_torch_kernels_read_vmm_memory_like_plain_memory() -> None:
         slots = [cache.alloc_slot() for _ in range(spec.max_slots)]
         cache.step({s: spec.max_seq_len for s in slots})
         for layer in range(spec.num_layers):
-            src = torch.randn(spec.max_slots, spec.max_seq_len, spec.num_kv_heads, spec.head_dim,
-                              device="cuda", dtype=spec.dtype)
+            src = torch.randn(
+                spec.max_slots,
+                spec.max_seq_len,
+                spec.num_kv_heads,
+                spec.head_dim,
+                device="cuda",
+                dtype=spec.dtype,
+            )
             cache.k_cache(layer).copy_(src)
             assert torch.equal(cache.k_cache(layer).clone(), src)
             assert torch.allclose(cache.k_cache(layer).float().sum(), src.float().sum())

@@ -77,19 +77,21 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """Build the metadata of one step (host lists -> device tensors, one copy each)."""
         if not (len(slots) == len(context_lens) == len(query_lens)) or not slots:
-            raise ValueError("slots, context_lens and query_lens must be non-empty and equal length")
+            raise ValueError(
+                "slots, context_lens and query_lens must be non-empty and equal length"
+            )
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot appears twice in one batch: {list(slots)}")
-        for c, q in zip(context_lens, query_lens):
+        for c, q in zip(context_lens, query_lens, strict=False):
             if c < 0 or q < 1:
                 raise ValueError(f"need context_len >= 0 and query_len >= 1, got {c}, {q}")
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=False)]
         starts = [0]
         for q in query_lens:
             starts.append(starts[-1] + q)
         tok_slots: list[int] = []
         tok_pos: list[int] = []
-        for s, c, q in zip(slots, context_lens, query_lens):
+        for s, c, q in zip(slots, context_lens, query_lens, strict=False):
             tok_slots.extend([s] * q)
             tok_pos.extend(range(c, c + q))
         dev = torch.device(device)
@@ -109,7 +111,7 @@ class AttentionMetadata:
             rows = [list(row) + [0] * (width - len(row)) for row in block_tables]
             bt = i32([x for row in rows for x in row]).view(len(rows), width)
             flat = []
-            for row, c, q in zip(block_tables, context_lens, query_lens):
+            for row, c, q in zip(block_tables, context_lens, query_lens, strict=False):
                 for p in range(c, c + q):
                     flat.append(row[p // block_size] * block_size + p % block_size)
             mapping = i64(flat)
@@ -150,7 +152,9 @@ class AttentionBackend(ABC):
         scale: float | None = None,
     ) -> None:
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+            raise ValueError(
+                f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+            )
         self.cache = cache
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -158,7 +162,9 @@ class AttentionBackend(ABC):
         self.scale = scale if scale is not None else head_dim**-0.5
 
     @abstractmethod
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    def write_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
         """Store the new tokens' K and V at their positions in the cache."""
 
     @abstractmethod

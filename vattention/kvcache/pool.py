@@ -58,9 +58,11 @@ class PagePool:
             raise OutOfKVMemory(
                 f"page pool: {n} pages asked, {len(self.free)} obtainable "
                 f"(budget {self.budget} pages, {self.created} created)",
-                pages_needed=n, pages_available=len(self.free))
+                pages_needed=n,
+                pages_available=len(self.free),
+            )
         taken = self.free[-n:] if n else []
-        del self.free[len(self.free) - n:]
+        del self.free[len(self.free) - n :]
         return taken
 
     def give(self, handles: list[int]) -> None:

@@ -33,9 +33,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(
-            f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}"
-        ) from None
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Invariants (checked by `check_integrity`):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,7 +72,9 @@ class VirtualKVCache:
         if budget_bytes is None:
             fraction = 0.9 if budget_fraction is None else budget_fraction
             budget_bytes = int(self._backend.free_memory() * fraction)
-        self._pool = PagePool(self._backend, min(max_pages, budget_bytes // self.page_size), pool_batch)
+        self._pool = PagePool(
+            self._backend, min(max_pages, budget_bytes // self.page_size), pool_batch
+        )
         self._lock = threading.RLock()
         self._closed = False
         self._base = self._backend.reserve(self.layout.total_bytes)
@@ -246,8 +249,9 @@ class VirtualKVCache:
                 row.append(handle)
                 self._map_calls += 1
         for buf in range(nbuf):
-            self._backend.set_access(self._base + self.layout.page_offset(buf, slot, start),
-                                     (stop - start) * ps)
+            self._backend.set_access(
+                self._base + self.layout.page_offset(buf, slot, start), (stop - start) * ps
+            )
             self._access_calls += 1
 
     def _unmap_tail(self, slot: int, count: int) -> None:
@@ -279,22 +283,30 @@ class VirtualKVCache:
         raise OutOfKVMemory(
             f"KV cache out of memory: {need} pages of {self.page_size} bytes asked, "
             f"{available} free (budget {self._pool.budget} pages)",
-            pages_needed=need, pages_available=available)
+            pages_needed=need,
+            pages_available=available,
+        )
 
     def _normalize(self, lengths: Lengths) -> dict[int, int]:
         if isinstance(lengths, Mapping):
             items = list(lengths.items())
         elif isinstance(lengths, Sequence):
             if len(lengths) != self.spec.max_slots:
-                raise ValueError(f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}")
+                raise ValueError(
+                    f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}"
+                )
             items = [(s, n) for s, n in enumerate(lengths) if n or self._used[s]]
         else:
-            raise TypeError(f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}")
+            raise TypeError(
+                f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
+            )
         out: dict[int, int] = {}
         for s, n in items:
             self._check_slot(s)
             if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.spec.max_seq_len:
-                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={self.spec.max_seq_len}]")
+                raise ValueError(
+                    f"slot {s}: {n!r} tokens is outside [0, max_seq_len={self.spec.max_seq_len}]"
+                )
             out[s] = n
         return out
 
@@ -304,7 +316,11 @@ class VirtualKVCache:
 
     def _check_slot(self, slot: int) -> None:
         self._check_open()
-        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < self.spec.max_slots:
+        if (
+            not isinstance(slot, int)
+            or isinstance(slot, bool)
+            or not 0 <= slot < self.spec.max_slots
+        ):
             raise ValueError(f"slot {slot!r} is out of range [0, {self.spec.max_slots})")
         if not self._used[slot]:
             raise ValueError(f"slot {slot} is not allocated (freed twice, or never allocated?)")
@@ -362,7 +378,10 @@ class VirtualKVCache:
             backend = self._backend
             if self._owns_backend and getattr(backend, "num_mappings", len(mapped)) != len(mapped):
                 problems.append("backend mappings differ from the cache's")
-            if self._owns_backend and getattr(backend, "num_pages", self._pool.created) != self._pool.created:
+            if (
+                self._owns_backend
+                and getattr(backend, "num_pages", self._pool.created) != self._pool.created
+            ):
                 problems.append("backend pages differ from the cache's")
             if problems:
                 raise RuntimeError("KV cache integrity: " + "; ".join(problems))
@@ -372,10 +391,8 @@ class VirtualKVCache:
         """Return every page and the virtual range; idempotent. Views must not be used after."""
         if self._closed:
             return
-        try:
+        with contextlib.suppress(OutOfKVMemory):
             self.wait()
-        except OutOfKVMemory:
-            pass
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         with self._lock:

@@ -78,8 +78,9 @@ class MemoryBackend(ABC):
     def free_memory(self) -> int:
         """Bytes of physical memory the device has free now."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op where the device is the host
         """Wait until earlier device work is done (before unmapping what kernels may read)."""
+        return None
 
     @abstractmethod
     def close(self) -> None:
@@ -93,7 +94,9 @@ class MemoryBackend(ABC):
 
 
 def make_backend(
-    kind: str | MemoryBackend, page_size: int | None = None, device: str | torch.device | None = None
+    kind: str | MemoryBackend,
+    page_size: int | None = None,
+    device: str | torch.device | None = None,
 ) -> MemoryBackend:
     """Build a backend by name: "cpu", "cuda" (or "cuda:N"), or pass one through."""
     if isinstance(kind, MemoryBackend):

@@ -30,7 +30,14 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.fallocate.restype = ctypes.c_int
@@ -39,7 +46,9 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 DEFAULT_PAGE_SIZE = 2 << 20
 
 
-def _mmap(addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int, call: str) -> int:
+def _mmap(
+    addr: int | None, length: int, prot: int, flags: int, fd: int, offset: int, call: str
+) -> int:
     res = _libc.mmap(addr, length, prot, flags, fd, offset)
     if res is None or res == MAP_FAILED:
         err = ctypes.get_errno()
@@ -67,7 +76,9 @@ class CpuBackend(MemoryBackend):
         os_page = os.sysconf("SC_PAGE_SIZE")
         page_size = DEFAULT_PAGE_SIZE if page_size is None else page_size
         if page_size % os_page:
-            raise ValueError(f"page_size {page_size} is not a multiple of the OS page size {os_page}")
+            raise ValueError(
+                f"page_size {page_size} is not a multiple of the OS page size {os_page}"
+            )
         super().__init__(page_size, torch.device("cpu"))
         if not hasattr(os, "memfd_create"):
             raise MemoryBackendError("the CPU backend needs Linux memfd_create")
@@ -86,7 +97,9 @@ class CpuBackend(MemoryBackend):
 
     def _check_aligned(self, value: int, what: str) -> None:
         if value % self.page_size:
-            raise ValueError(f"{what} {value:#x} is not a multiple of the page size {self.page_size}")
+            raise ValueError(
+                f"{what} {value:#x} is not a multiple of the page size {self.page_size}"
+            )
 
     def reserve(self, nbytes: int) -> int:
         self._check_open()
@@ -94,8 +107,15 @@ class CpuBackend(MemoryBackend):
         if nbytes <= 0:
             raise ValueError(f"reservation size must be positive, got {nbytes}")
         # Over-reserve by one page so the base can be aligned to the page size.
-        raw = _mmap(None, nbytes + self.page_size, PROT_NONE,
-                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0, "reserve")
+        raw = _mmap(
+            None,
+            nbytes + self.page_size,
+            PROT_NONE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+            -1,
+            0,
+            "reserve",
+        )
         base = (raw + self.page_size - 1) // self.page_size * self.page_size
         if base > raw:
             _libc.munmap(raw, base - raw)
@@ -139,10 +159,16 @@ class CpuBackend(MemoryBackend):
                 raise ValueError(f"page {handle} does not exist (destroyed twice?)")
             if handle in self._mapped.values():
                 raise ValueError(f"page {handle} is still mapped")
-            rc = _libc.fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                 handle * self.page_size, self.page_size)
+            rc = _libc.fallocate(
+                self._fd,
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                handle * self.page_size,
+                self.page_size,
+            )
             if rc != 0:
-                raise MemoryBackendError(f"destroy_page: fallocate(PUNCH_HOLE) failed (errno {ctypes.get_errno()})")
+                raise MemoryBackendError(
+                    f"destroy_page: fallocate(PUNCH_HOLE) failed (errno {ctypes.get_errno()})"
+                )
             self._live.discard(handle)
             self._free_indices.append(handle)
 
@@ -159,16 +185,30 @@ class CpuBackend(MemoryBackend):
                 raise ValueError(f"page {handle} does not exist")
             if addr in self._mapped:
                 raise ValueError(f"address {addr:#x} is already mapped")
-            _mmap(addr, self.page_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                  self._fd, handle * self.page_size, "map")
+            _mmap(
+                addr,
+                self.page_size,
+                PROT_READ | PROT_WRITE,
+                MAP_SHARED | MAP_FIXED,
+                self._fd,
+                handle * self.page_size,
+                "map",
+            )
             self._mapped[addr] = handle
 
     def unmap(self, addr: int) -> None:
         with self._lock:
             if addr not in self._mapped:
                 raise ValueError(f"nothing is mapped at {addr:#x}")
-            _mmap(addr, self.page_size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
-                  -1, 0, "unmap")
+            _mmap(
+                addr,
+                self.page_size,
+                PROT_NONE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
+                -1,
+                0,
+                "unmap",
+            )
             del self._mapped[addr]
 
     def set_access(self, addr: int, nbytes: int) -> None:

@@ -58,7 +58,9 @@ class CudaBackend(MemoryBackend):
         try:
             (err,) = cu.cuInit(0)
         except Exception as e:  # DynamicLibNotFoundError and friends: no driver installed
-            raise NoCudaDriverError(f"no CUDA driver on this machine ({type(e).__name__}: {e})") from e
+            raise NoCudaDriverError(
+                f"no CUDA driver on this machine ({type(e).__name__}: {e})"
+            ) from e
         self._check(err, "cuInit")
         dev = torch.device(device)
         if dev.type != "cuda":
@@ -80,13 +82,19 @@ class CudaBackend(MemoryBackend):
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         prop.location.id = index
         self._prop = prop
-        gran = int(self._call(
-            cu.cuMemGetAllocationGranularity(
-                prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity"))
+        gran = int(
+            self._call(
+                cu.cuMemGetAllocationGranularity(
+                    prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+                ),
+                "cuMemGetAllocationGranularity",
+            )
+        )
         page_size = gran if page_size is None else page_size
         if page_size % gran:
-            raise ValueError(f"page_size {page_size} is not a multiple of the driver granularity {gran}")
+            raise ValueError(
+                f"page_size {page_size} is not a multiple of the driver granularity {gran}"
+            )
         super().__init__(page_size, dev)
         self.granularity = gran
         access = cu.CUmemAccessDesc()
@@ -125,7 +133,9 @@ class CudaBackend(MemoryBackend):
 
     def _aligned(self, value: int, what: str) -> None:
         if value % self.page_size:
-            raise ValueError(f"{what} {value:#x} is not a multiple of the page size {self.page_size}")
+            raise ValueError(
+                f"{what} {value:#x} is not a multiple of the page size {self.page_size}"
+            )
 
     # -- virtual ranges -------------------------------------------------------------------
     def reserve(self, nbytes: int) -> int:
@@ -133,8 +143,11 @@ class CudaBackend(MemoryBackend):
         self._aligned(nbytes, "reservation size")
         if nbytes <= 0:
             raise ValueError(f"reservation size must be positive, got {nbytes}")
-        ptr = int(self._call(self._cu.cuMemAddressReserve(nbytes, self.page_size, 0, 0),
-                             "cuMemAddressReserve"))
+        ptr = int(
+            self._call(
+                self._cu.cuMemAddressReserve(nbytes, self.page_size, 0, 0), "cuMemAddressReserve"
+            )
+        )
         with self._lock:
             self._ranges[ptr] = nbytes
         return ptr
@@ -154,7 +167,9 @@ class CudaBackend(MemoryBackend):
         self._check_open()
         err, handle = self._cu.cuMemCreate(self.page_size, self._prop, 0)
         if err == self._cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY:
-            raise OutOfKVMemory(f"cuMemCreate: the device has no memory left for a {self.page_size}-byte page")
+            raise OutOfKVMemory(
+                f"cuMemCreate: the device has no memory left for a {self.page_size}-byte page"
+            )
         self._check(err, "cuMemCreate")
         key = int(handle)
         with self._lock:

@@ -1,0 +1,364 @@
+"""Memory-library benchmark: VMM call latencies, mapping throughput, and the step time of a
+GPU workload that needs new pages every step (synchronous mapping vs `step_async` vs a fully
+pre-mapped cache).
+
+Run on the GPU:  python benchmarks/bench_memory.py --out benchmarks/results/memory
+On the CPU (smoke test of the same code on the mmap backend):  python benchmarks/bench_memory.py --quick
+
+Warm-up is excluded everywhere; latencies are medians over many calls; step times are the mean
+of the timed steps (each step ends in a device synchronize, as an engine's sampling does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vattention import KVCacheSpec, VirtualKVCache  # noqa: E402
+from vattention.memory.backend import MemoryBackend, make_backend  # noqa: E402
+
+
+def banner(device: str) -> dict[str, str]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else platform.processor() or "cpu",
+    }
+    if device == "cuda":
+        info["cuda"] = str(torch.version.cuda)
+        try:
+            from cuda.bindings import driver
+
+            info["driver"] = str(driver.cuDriverGetVersion()[1])
+        except Exception:  # pragma: no cover
+            pass
+    return info
+
+
+def _median_us(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e6
+
+
+def call_latencies(backend: MemoryBackend, n: int) -> dict[str, float]:
+    """Median per-page latency (us) of each backend call, measured one call at a time."""
+    ps = backend.page_size
+    base = backend.reserve(n * ps)
+    t = time.perf_counter
+    create, mapping, access, unmap, destroy = [], [], [], [], []
+    pages = []
+    for _ in range(n):
+        s = t()
+        pages.append(backend.create_page())
+        create.append(t() - s)  # noqa: E702
+    for i, p in enumerate(pages):
+        s = t()
+        backend.map(base + i * ps, p)
+        mapping.append(t() - s)  # noqa: E702
+        s = t()
+        backend.set_access(base + i * ps, ps)
+        access.append(t() - s)  # noqa: E702
+    for i in range(n):
+        s = t()
+        backend.unmap(base + i * ps)
+        unmap.append(t() - s)  # noqa: E702
+    # set-access over a whole contiguous range in one call
+    for i, p in enumerate(pages):
+        backend.map(base + i * ps, p)
+    s = t()
+    backend.set_access(base, n * ps)
+    ranged = (t() - s) / n  # noqa: E702
+    for i in range(n):
+        backend.unmap(base + i * ps)
+    for p in pages:
+        s = t()
+        backend.destroy_page(p)
+        destroy.append(t() - s)  # noqa: E702
+    backend.release_range(base, n * ps)
+    return {
+        "create_us": _median_us(create[n // 8 :]),  # the first creations are slower: warm-up
+        "create_first_us": create[0] * 1e6,
+        "map_us": _median_us(mapping),
+        "set_access_us": _median_us(access),
+        "set_access_ranged_us_per_page": ranged * 1e6,
+        "unmap_us": _median_us(unmap),
+        "release_us": _median_us(destroy),
+    }
+
+
+def mapping_throughput(spec: KVCacheSpec, device: str, pool_ready: bool) -> dict[str, float]:
+    """Back every slot to its full length through `step`; pages/s and GB/s mapped."""
+    with VirtualKVCache(
+        spec,
+        device,
+        budget_fraction=0.5 if device == "cuda" else None,
+        budget_bytes=None if device == "cuda" else 1 << 33,
+    ) as cache:
+        slots = [cache.alloc_slot() for _ in range(spec.max_slots)]
+        pages = cache.layout.pages_per_slot * cache.layout.num_buffers * len(slots)
+        if pool_ready:
+            cache.prefill_pool(pages)
+        start = time.perf_counter()
+        cache.step({s: spec.max_seq_len for s in slots})
+        cache._backend.synchronize()
+        dt = time.perf_counter() - start
+        return {
+            "pages": pages,
+            "seconds": dt,
+            "pages_per_s": pages / dt,
+            "GB_per_s": pages * cache.page_size / dt / 1e9,
+        }
+
+
+@dataclass
+class Workload:
+    """A Llama-3-8B-shaped decode step: the model's matmuls plus KV writes into new pages."""
+
+    batch: int
+    hidden: int
+    inter: int
+    layers: int
+    device: str
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        g = torch.Generator(device=self.device).manual_seed(0)
+
+        def w(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g, device=self.device, dtype=self.dtype) * 0.02
+
+        h, i = self.hidden, self.inter
+        self.weights = [
+            (w(h, h + 2 * 1024), w(h, h), w(h, 2 * i), w(i, h)) for _ in range(self.layers)
+        ]
+        self.x = torch.randn(self.batch, h, generator=g, device=self.device, dtype=self.dtype)
+
+    def run(self, cache: VirtualKVCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        x = self.x
+        spec = cache.spec
+        for layer, (qkv, o, gate_up, down) in enumerate(self.weights):
+            y = x @ qkv
+            k = y[:, self.hidden : self.hidden + spec.num_kv_heads * spec.head_dim]
+            kv = k.reshape(-1, spec.num_kv_heads, spec.head_dim)
+            cache.k_cache(layer)[slots, positions] = kv  # touches the newest pages
+            cache.v_cache(layer)[slots, positions] = kv
+            x = y[:, : self.hidden] @ o
+            x = (x @ gate_up)[:, : self.inter] @ down
+        self.out = x
+
+
+def step_times(
+    spec: KVCacheSpec,
+    device: str,
+    mode: str,
+    steps: int,
+    warmup: int,
+    tokens_per_step: int,
+    work: Workload,
+) -> dict[str, float]:
+    """Mean step time for one mapping mode over `steps` timed steps."""
+    gen = torch.Generator().manual_seed(1)
+    tpp = int(spec.page_size or 0) or 0
+    with VirtualKVCache(
+        spec,
+        device,
+        budget_bytes=None if device == "cuda" else 1 << 34,
+        budget_fraction=0.5 if device == "cuda" else None,
+    ) as cache:
+        tpp = int(cache.layout.tokens_per_page)
+        slots = [cache.alloc_slot() for _ in range(work.batch)]
+        # Stagger lengths so slots cross page boundaries on different steps.
+        start = [int(x) for x in torch.randint(tpp, 4 * tpp, (work.batch,), generator=gen)]
+        total = warmup + steps + 1
+        if mode == "premapped":
+            cache.step(
+                {
+                    s: min(spec.max_seq_len, start[i] + total * tokens_per_step)
+                    for i, s in enumerate(slots)
+                }
+            )
+        else:
+            cache.step({s: start[i] for i, s in enumerate(slots)})
+        slot_t = torch.tensor(slots, device=device)
+        sync = cache._backend.synchronize
+        times: list[float] = []
+        calls0 = cache.stats().map_calls
+        lengths = list(start)
+        if mode == "async":
+            cache.step_async({s: lengths[i] + tokens_per_step for i, s in enumerate(slots)})
+        for it in range(warmup + steps):
+            if it == warmup:
+                calls0 = cache.stats().map_calls
+            t0 = time.perf_counter()
+            nxt = [n + tokens_per_step for n in lengths]
+            if mode == "sync":
+                cache.step({s: nxt[i] for i, s in enumerate(slots)})
+            elif mode == "async":
+                cache.wait()  # pages for this step were mapped during the previous one
+            pos = torch.tensor([n + tokens_per_step - 1 for n in lengths], device=device)
+            work.run(cache, slot_t, pos)
+            if mode == "async":
+                cache.step_async({s: nxt[i] + tokens_per_step for i, s in enumerate(slots)})
+            sync()
+            times.append(time.perf_counter() - t0)
+            lengths = nxt
+        cache.wait()
+        timed = times[warmup:]
+        return {
+            "mean_ms": statistics.fmean(timed) * 1e3,
+            "median_ms": statistics.median(timed) * 1e3,
+            "p99_ms": sorted(timed)[int(0.99 * (len(timed) - 1))] * 1e3,
+            "map_calls_per_step": (cache.stats().map_calls - calls0) / steps,
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    ap.add_argument("--out", default=None, help="folder for results.json and results.md")
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    dev = args.device
+    quick = args.quick or dev == "cpu"
+    info = banner(dev)
+    page = None if dev == "cuda" else 64 * 1024
+    if quick:
+        layers, heads, dim, hidden, inter, batch, steps = 2, 2, 64, 256, 512, 8, 20
+        dtype = torch.float32
+    else:
+        layers, heads, dim, hidden, inter, batch, steps = 32, 8, 128, 4096, 14336, 64, args.steps
+        dtype = torch.bfloat16
+    print("# bench_memory")
+    print(
+        "config:",
+        json.dumps(
+            {
+                "device": dev,
+                **info,
+                "layers": layers,
+                "kv_heads": heads,
+                "head_dim": dim,
+                "dtype": str(dtype),
+                "batch": batch,
+                "steps": steps,
+            }
+        ),
+    )
+    results: dict[str, object] = {"info": info}
+    backend = make_backend(dev, page_size=page)
+    results["latency_us"] = call_latencies(backend, 64 if quick else 512)
+    backend.close()
+    print(
+        "per-page latency (us, median):",
+        json.dumps({k: round(v, 2) for k, v in results["latency_us"].items()}),
+    )  # type: ignore[union-attr]
+
+    thr: dict[str, object] = {}
+    for layout in ("cross_layer", "per_layer"):
+        spec = KVCacheSpec(
+            num_layers=layers,
+            num_kv_heads=heads,
+            head_dim=dim,
+            max_slots=8,
+            max_seq_len=2048 if quick else 32768,
+            dtype=dtype,
+            page_size=page,
+            layout=layout,
+        )
+        for pool_ready in (False, True):
+            r = mapping_throughput(spec, dev, pool_ready)
+            thr[f"{layout}/{'pooled' if pool_ready else 'create+map'}"] = r
+            print(
+                f"mapping throughput {layout:11s} {'pool ready' if pool_ready else 'create+map':10s}: "
+                f"{r['pages_per_s']:10.0f} pages/s  {r['GB_per_s']:7.2f} GB/s"
+            )
+    results["throughput"] = thr
+
+    work = Workload(batch, hidden, inter, layers, dev, dtype)
+    rows = []
+    for layout in ("cross_layer", "per_layer"):
+        for tps in (1, 8):
+            spec = KVCacheSpec(
+                num_layers=layers,
+                num_kv_heads=heads,
+                head_dim=dim,
+                max_slots=batch,
+                max_seq_len=(4096 if quick else 16384),
+                dtype=dtype,
+                page_size=page,
+                layout=layout,
+            )
+            r = {
+                m: step_times(spec, dev, m, steps, 20 if not quick else 3, tps, work)
+                for m in ("premapped", "sync", "async")
+            }
+            base = r["premapped"]["mean_ms"]
+            row = {
+                "layout": layout,
+                "tokens_per_step": tps,
+                **{f"{m}_ms": r[m]["mean_ms"] for m in r},
+                "sync_overhead": r["sync"]["mean_ms"] / base - 1,
+                "async_overhead": r["async"]["mean_ms"] / base - 1,
+                "map_calls_per_step": r["sync"]["map_calls_per_step"],
+                "detail": r,
+            }
+            rows.append(row)
+            print(
+                f"step time {layout:11s} +{tps} tok/step: premapped {base:7.3f} ms | sync "
+                f"{r['sync']['mean_ms']:7.3f} ms ({row['sync_overhead']:+.2%}) | async "
+                f"{r['async']['mean_ms']:7.3f} ms ({row['async_overhead']:+.2%}) | "
+                f"{row['map_calls_per_step']:.1f} map calls/step"
+            )
+    results["step"] = rows
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(render_markdown(results, " ".join(sys.argv)))
+    print("\n" + render_markdown(results, " ".join(sys.argv)))
+
+
+def render_markdown(results: dict, command: str) -> str:  # type: ignore[type-arg]
+    lat = results["latency_us"]
+    lines = [
+        f"# Memory benchmark\n\nCommand: `{command}`  \nEnvironment: `{json.dumps(results['info'])}`\n",
+        "## Per-page latency (median, us, through the backend's Python API)\n",
+        "| create | map | set-access (one page) | set-access (per page, one call over the range) | unmap | release |",
+        "|---|---|---|---|---|---|",
+        f"| {lat['create_us']:.1f} | {lat['map_us']:.1f} | {lat['set_access_us']:.1f} | "
+        f"{lat['set_access_ranged_us_per_page']:.2f} | {lat['unmap_us']:.1f} | {lat['release_us']:.1f} |\n",
+        "## Mapping throughput (`step` backing 8 slots to full length)\n",
+        "| layout / pool | pages/s | GB/s |",
+        "|---|---|---|",
+    ]
+    for k, v in results["throughput"].items():
+        lines.append(f"| {k} | {v['pages_per_s']:.0f} | {v['GB_per_s']:.2f} |")
+    lines += [
+        "\n## Step time of a workload that needs new pages every step\n",
+        "| layout | tokens/step | pre-mapped ms | sync ms (overhead) | step_async ms (overhead) | map calls/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["step"]:
+        lines.append(
+            f"| {r['layout']} | {r['tokens_per_step']} | {r['premapped_ms']:.3f} | "
+            f"{r['sync_ms']:.3f} ({r['sync_overhead']:+.2%}) | {r['async_ms']:.3f} "
+            f"({r['async_overhead']:+.2%}) | {r['map_calls_per_step']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
