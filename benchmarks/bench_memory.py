@@ -97,6 +97,35 @@ def call_latencies(backend: MemoryBackend, n: int) -> dict[str, float]:
     }
 
 
+def busy_gpu_mapping(backend: MemoryBackend, n: int) -> dict[str, float]:
+    """Map + grant `n` pages while the GPU runs a queue of matmuls: do the calls wait for it?"""
+    ps = backend.page_size
+    base = backend.reserve(n * ps)
+    pages = [backend.create_page() for _ in range(n)]
+    a = torch.randn(8192, 8192, device=backend.device, dtype=torch.bfloat16)
+    out: dict[str, float] = {}
+    for label, busy in (("idle", False), ("busy", True)):
+        torch.cuda.synchronize()
+        if busy:
+            for _ in range(30):
+                a @ a
+        t0 = time.perf_counter()
+        for i, p in enumerate(pages):
+            backend.map(base + i * ps, p)
+            backend.set_access(base + i * ps, ps)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        for i in range(n):
+            backend.unmap(base + i * ps)
+        out[f"{label}_map_grant_us_per_page"] = (t1 - t0) / n * 1e6
+        out[f"{label}_gpu_tail_ms"] = (t2 - t1) * 1e3
+    for p in pages:
+        backend.destroy_page(p)
+    backend.release_range(base, n * ps)
+    return out
+
+
 def mapping_throughput(spec: KVCacheSpec, device: str, pool_ready: bool) -> dict[str, float]:
     """Back every slot to its full length through `step`; pages/s and GB/s mapped."""
     with VirtualKVCache(
@@ -206,10 +235,10 @@ def step_times(
                 cache.step({s: nxt[i] for i, s in enumerate(slots)})
             elif mode == "async":
                 cache.wait()  # pages for this step were mapped during the previous one
+                # Map what the next step needs while this one launches and runs.
+                cache.step_async({s: nxt[i] + tokens_per_step for i, s in enumerate(slots)})
             pos = torch.tensor([n + tokens_per_step - 1 for n in lengths], device=device)
             work.run(cache, slot_t, pos)
-            if mode == "async":
-                cache.step_async({s: nxt[i] + tokens_per_step for i, s in enumerate(slots)})
             sync()
             times.append(time.perf_counter() - t0)
             lengths = nxt

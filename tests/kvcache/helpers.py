@@ -33,7 +33,7 @@ def make_spec(kind: str, layout: str = "cross_layer", **overrides: object) -> KV
             num_kv_heads=8,
             head_dim=128,
             max_slots=4,
-            max_seq_len=700,
+            max_seq_len=2000,
             dtype=torch.float16,
             page_size=None,
         )

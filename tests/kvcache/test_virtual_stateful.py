@@ -8,15 +8,12 @@ written into used slots must survive whatever happened to other slots, and every
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tests.kvcache.helpers import make_spec
+from tests.kvcache.helpers import CPU_PAGE, make_spec
 from vattention import OutOfKVMemory, VirtualKVCache
-
-KIND = "cpu"
 
 
 def _snapshot(cache: VirtualKVCache) -> tuple[object, ...]:
@@ -30,6 +27,8 @@ def _snapshot(cache: VirtualKVCache) -> tuple[object, ...]:
 
 
 class CacheMachine(RuleBasedStateMachine):
+    kind = "cpu"
+
     def __init__(self) -> None:
         super().__init__()
         self.layout = "cross_layer"
@@ -45,11 +44,12 @@ class CacheMachine(RuleBasedStateMachine):
     )
     @precondition(lambda self: self.cache is None)
     def create(self, layout: str, budget_rows: int, batch: int, ahead: int) -> None:
-        spec = make_spec(KIND, layout, max_slots=5, max_seq_len=400)
-        probe_bytes = 2 * (spec.num_layers if layout == "per_layer" else 1) * 64 * 1024
+        spec = make_spec(self.kind, layout, max_slots=5, max_seq_len=400)
+        page = CPU_PAGE if self.kind == "cpu" else 2 << 20
+        probe_bytes = 2 * (spec.num_layers if layout == "per_layer" else 1) * page
         self.cache = VirtualKVCache(
             spec,
-            KIND,
+            self.kind,
             budget_bytes=budget_rows * probe_bytes,
             pool_batch=batch,
             lookahead_pages=ahead,
@@ -60,7 +60,7 @@ class CacheMachine(RuleBasedStateMachine):
         if n == 0:
             self.marks.pop(slot, None)
             return
-        value = float(slot * 1000 + n)
+        value = float(slot * 400 + n)  # exact in fp16 too (<= 2048)
         self.cache.k_cache(self.cache.spec.num_layers - 1)[slot, n - 1, 0, 0] = value
         self.cache.v_cache(0)[slot, n - 1, -1, -1] = -value
         self.marks[slot] = value
@@ -160,15 +160,19 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.cache.closed
 
 
-CacheMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=150,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+CacheMachine.TestCase.settings = SETTINGS
 TestVirtualKVCacheStateful = CacheMachine.TestCase
 
 
-def test_model_dtype_is_float32() -> None:
-    # The marks above compare floats exactly: keep the CPU spec in float32.
-    assert make_spec(KIND).dtype == torch.float32
+class CudaCacheMachine(CacheMachine):
+    kind = "cuda"
+
+
+CudaCacheMachine.TestCase.settings = settings(SETTINGS, max_examples=40)
+TestVirtualKVCacheStatefulCuda = pytest.mark.gpu(CudaCacheMachine.TestCase)

@@ -87,6 +87,7 @@ class VirtualKVCache:
         n = spec.max_slots
         self._pages: list[list[list[int]]] = [[] for _ in range(n)]  # slot -> page -> buffers
         self._lengths = [0] * n
+        self._cap_tokens = [0] * n  # tokens the mapped pages of each slot can hold
         self._used = [False] * n
         self._map_calls = self._unmap_calls = self._access_calls = 0
         self._executor: ThreadPoolExecutor | None = None
@@ -142,13 +143,15 @@ class VirtualKVCache:
         """Batched `ensure` for every slot in `lengths`; all-or-nothing."""
         targets = self._normalize(lengths)
         with self._lock:
-            self._back({s: self.layout.pages_for(n) for s, n in targets.items()})
+            self._back(self._growth(targets))
             for s, n in targets.items():
                 self._lengths[s] = n
 
     def step_async(self, lengths: Lengths) -> None:
-        """Start `step(lengths)` plus eager look-ahead on the background thread; `wait()` joins.
+        """Start `step(lengths)` on the background thread; `wait()` joins.
 
+        A slot that must grow gets `lookahead_pages` more pages in the same mapping call when the
+        pool can spare them without reclaiming (eager allocation), so most steps map nothing.
         Arguments are checked here, in the caller; `OutOfKVMemory` surfaces from `wait()`."""
         targets = self._normalize(lengths)
         self.wait()
@@ -166,7 +169,7 @@ class VirtualKVCache:
         """Whether `step(lengths)` would succeed now (nothing is changed)."""
         targets = self._normalize(lengths)
         with self._lock:
-            need = self._pages_needed({s: self.layout.pages_for(n) for s, n in targets.items()})
+            need = self._pages_needed(self._growth(targets))
             return need <= self._pool.obtainable + self._reclaimable()
 
     def prefill_pool(self, num_pages: int) -> None:
@@ -187,18 +190,24 @@ class VirtualKVCache:
             return self._pool.release_free() * self.page_size
 
     # -- internals --------------------------------------------------------------------------
+    def _growth(self, targets: dict[int, int]) -> dict[int, int]:
+        """Page counts for the slots whose pages do not yet cover their target length."""
+        cap, pages_for = self._cap_tokens, self.layout.pages_for
+        return {s: pages_for(n) for s, n in targets.items() if n > cap[s]}
+
     def _step_and_look_ahead(self, targets: dict[int, int]) -> None:
         with self._lock:
-            pages = {s: self.layout.pages_for(n) for s, n in targets.items()}
-            self._back(pages)
+            grow = self._growth(targets)
+            self._back(grow)
             for s, n in targets.items():
                 self._lengths[s] = n
-            if self.lookahead_pages:
+            if grow and self.lookahead_pages:
                 cap = self.layout.pages_per_slot
-                ahead = {s: min(cap, p + self.lookahead_pages) for s, p in pages.items()}
+                ahead = {s: min(cap, p + self.lookahead_pages) for s, p in grow.items()}
                 if self._pages_needed(ahead) <= self._pool.obtainable:
                     self._back(ahead, reclaim=False)
-            self._pool.refill(self._pool.batch)
+            if len(self._pool.free) < self._pool.batch:
+                self._pool.refill(self._pool.batch)
 
     def _pages_needed(self, pages: dict[int, int]) -> int:
         extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
@@ -248,6 +257,7 @@ class VirtualKVCache:
                 self._backend.map(self._base + self.layout.page_offset(buf, slot, page), handle)
                 row.append(handle)
                 self._map_calls += 1
+        self._cap_tokens[slot] = stop * ps // self.layout.buffer_token_bytes
         for buf in range(nbuf):
             self._backend.set_access(
                 self._base + self.layout.page_offset(buf, slot, start), (stop - start) * ps
@@ -266,6 +276,7 @@ class VirtualKVCache:
                 self._unmap_calls += 1
                 self._pool.give([row.pop()])
             pages.pop()
+        self._cap_tokens[slot] = len(pages) * self.page_size // self.layout.buffer_token_bytes
 
     def _reclaim(self, need: int) -> None:
         """Take at least `need` pages back from free slots, smallest slots first."""
@@ -301,13 +312,15 @@ class VirtualKVCache:
                 f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
             )
         out: dict[int, int] = {}
+        used, top, max_len = self._used, self.spec.max_slots, self.spec.max_seq_len
         for s, n in items:
-            self._check_slot(s)
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.spec.max_seq_len:
-                raise ValueError(
-                    f"slot {s}: {n!r} tokens is outside [0, max_seq_len={self.spec.max_seq_len}]"
-                )
+            # Fast path for plain ints; anything else gets the detailed checks and errors.
+            if type(s) is not int or not 0 <= s < top or not used[s]:
+                self._check_slot(s)
+            if type(n) is not int or not 0 <= n <= max_len:
+                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={max_len}]")
             out[s] = n
+        self._check_open()
         return out
 
     def _check_open(self) -> None:
@@ -371,6 +384,8 @@ class VirtualKVCache:
                 problems.append("more pages created than the budget")
             for s in range(self.spec.max_slots):
                 cap = len(self._pages[s]) * self.page_size // self.layout.buffer_token_bytes
+                if self._cap_tokens[s] != cap:
+                    problems.append(f"slot {s}: capacity {self._cap_tokens[s]} != {cap} tokens")
                 if self._lengths[s] > cap:
                     problems.append(f"slot {s}: {self._lengths[s]} live tokens beyond its pages")
                 if not self._used[s] and self._lengths[s]:
