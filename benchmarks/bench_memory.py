@@ -195,8 +195,13 @@ def step_times(
     warmup: int,
     tokens_per_step: int,
     work: Workload,
+    graph: bool = False,
+    churn_pages: int = 0,
 ) -> dict[str, float]:
-    """Mean step time for one mapping mode over `steps` timed steps."""
+    """Mean step time for one mapping mode over `steps` timed steps.
+
+    With `graph`, the step's kernels are one CUDA-graph replay (as the engine's decode runs),
+    which is valid across steps because the cache's addresses never move."""
     gen = torch.Generator().manual_seed(1)
     tpp = int(spec.page_size or 0) or 0
     with VirtualKVCache(
@@ -210,7 +215,7 @@ def step_times(
         # Stagger lengths so slots cross page boundaries on different steps.
         start = [int(x) for x in torch.randint(tpp, 4 * tpp, (work.batch,), generator=gen)]
         total = warmup + steps + 1
-        if mode == "premapped":
+        if mode in ("premapped", "churn"):
             cache.step(
                 {
                     s: min(spec.max_seq_len, start[i] + total * tokens_per_step)
@@ -220,7 +225,38 @@ def step_times(
         else:
             cache.step({s: start[i] for i, s in enumerate(slots)})
         slot_t = torch.tensor(slots, device=device)
+        pos_t = torch.tensor([n + tokens_per_step - 1 for n in start], device=device)
+        replay = None
+        if graph:
+            cache.step({s: start[i] + tokens_per_step for i, s in enumerate(slots)})
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                work.run(cache, slot_t, pos_t)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                work.run(cache, slot_t, pos_t)
+            replay = g.replay
+            pos_host = torch.empty(len(slots), dtype=torch.int64, pin_memory=True)
         sync = cache._backend.synchronize
+        churn = None
+        if mode == "churn":  # pre-mapped, plus unrelated map/grant/unmap work on a thread
+            from concurrent.futures import ThreadPoolExecutor
+
+            be = cache._backend
+            scratch = be.reserve(churn_pages * be.page_size)
+            scratch_pages = [be.create_page() for _ in range(churn_pages)]
+            pool = ThreadPoolExecutor(1)
+
+            def churn_job() -> None:
+                for i, p in enumerate(scratch_pages):
+                    be.map(scratch + i * be.page_size, p)
+                    be.set_access(scratch + i * be.page_size, be.page_size)
+                for i in range(churn_pages):
+                    be.unmap(scratch + i * be.page_size)
+
+            churn = pool
         times: list[float] = []
         calls0 = cache.stats().map_calls
         lengths = list(start)
@@ -237,12 +273,27 @@ def step_times(
                 cache.wait()  # pages for this step were mapped during the previous one
                 # Map what the next step needs while this one launches and runs.
                 cache.step_async({s: nxt[i] + tokens_per_step for i, s in enumerate(slots)})
-            pos = torch.tensor([n + tokens_per_step - 1 for n in lengths], device=device)
-            work.run(cache, slot_t, pos)
+            elif churn is not None:
+                job = churn.submit(churn_job)
+            new_pos = [n + tokens_per_step - 1 for n in lengths]
+            if replay is not None:
+                pos_host.copy_(torch.tensor(new_pos))
+                pos_t.copy_(pos_host, non_blocking=True)
+                replay()
+            else:
+                pos_t.copy_(torch.tensor(new_pos))
+                work.run(cache, slot_t, pos_t)
+            if churn is not None:
+                job.result()
             sync()
             times.append(time.perf_counter() - t0)
             lengths = nxt
         cache.wait()
+        if churn is not None:
+            churn.shutdown()
+            for p in scratch_pages:
+                cache._backend.destroy_page(p)
+            cache._backend.release_range(scratch, churn_pages * cache._backend.page_size)
         timed = times[warmup:]
         return {
             "mean_ms": statistics.fmean(timed) * 1e3,
@@ -288,6 +339,9 @@ def main() -> None:
     results: dict[str, object] = {"info": info}
     backend = make_backend(dev, page_size=page)
     results["latency_us"] = call_latencies(backend, 64 if quick else 512)
+    if dev == "cuda":
+        results["busy_gpu"] = busy_gpu_mapping(backend, 32)
+        print("map+grant while the GPU is busy:", json.dumps(results["busy_gpu"]))
     backend.close()
     print(
         "per-page latency (us, median):",
@@ -317,40 +371,61 @@ def main() -> None:
 
     work = Workload(batch, hidden, inter, layers, dev, dtype)
     rows = []
-    for layout in ("cross_layer", "per_layer"):
-        for tps in (1, 8):
-            spec = KVCacheSpec(
-                num_layers=layers,
-                num_kv_heads=heads,
-                head_dim=dim,
-                max_slots=batch,
-                max_seq_len=(4096 if quick else 16384),
-                dtype=dtype,
-                page_size=page,
-                layout=layout,
-            )
-            r = {
-                m: step_times(spec, dev, m, steps, 20 if not quick else 3, tps, work)
-                for m in ("premapped", "sync", "async")
-            }
-            base = r["premapped"]["mean_ms"]
-            row = {
-                "layout": layout,
-                "tokens_per_step": tps,
-                **{f"{m}_ms": r[m]["mean_ms"] for m in r},
-                "sync_overhead": r["sync"]["mean_ms"] / base - 1,
-                "async_overhead": r["async"]["mean_ms"] / base - 1,
-                "map_calls_per_step": r["sync"]["map_calls_per_step"],
-                "detail": r,
-            }
-            rows.append(row)
-            print(
-                f"step time {layout:11s} +{tps} tok/step: premapped {base:7.3f} ms | sync "
-                f"{r['sync']['mean_ms']:7.3f} ms ({row['sync_overhead']:+.2%}) | async "
-                f"{r['async']['mean_ms']:7.3f} ms ({row['async_overhead']:+.2%}) | "
-                f"{row['map_calls_per_step']:.1f} map calls/step"
-            )
+    for graph in (False, True) if dev == "cuda" else (False,):
+        for layout in ("cross_layer", "per_layer"):
+            for tps in (1, 8):
+                spec = KVCacheSpec(
+                    num_layers=layers,
+                    num_kv_heads=heads,
+                    head_dim=dim,
+                    max_slots=batch,
+                    max_seq_len=(4096 if quick else 16384),
+                    dtype=dtype,
+                    page_size=page,
+                    layout=layout,
+                )
+                r = {
+                    m: step_times(spec, dev, m, steps, 20 if not quick else 3, tps, work, graph)
+                    for m in ("premapped", "sync", "async")
+                }
+                base = r["premapped"]["mean_ms"]
+                row = {
+                    "launch": "cuda-graph" if graph else "eager",
+                    "layout": layout,
+                    "tokens_per_step": tps,
+                    **{f"{m}_ms": r[m]["mean_ms"] for m in r},
+                    "sync_overhead": r["sync"]["mean_ms"] / base - 1,
+                    "async_overhead": r["async"]["mean_ms"] / base - 1,
+                    "map_calls_per_step": r["sync"]["map_calls_per_step"],
+                    "detail": r,
+                }
+                rows.append(row)
+                print(
+                    f"step time {row['launch']:10s} {layout:11s} +{tps} tok/step: premapped "
+                    f"{base:7.3f} ms | sync {r['sync']['mean_ms']:7.3f} ms "
+                    f"({row['sync_overhead']:+.2%}) | async {r['async']['mean_ms']:7.3f} ms "
+                    f"({row['async_overhead']:+.2%}) | {row['map_calls_per_step']:.1f} map calls/step"
+                )
     results["step"] = rows
+    if dev == "cuda":
+        spec = KVCacheSpec(
+            num_layers=layers,
+            num_kv_heads=heads,
+            head_dim=dim,
+            max_slots=batch,
+            max_seq_len=16384,
+            dtype=dtype,
+            page_size=page,
+        )
+        inter_rows = []
+        for k in (0, 4, 16, 64):
+            mode = "churn" if k else "premapped"
+            r = step_times(spec, dev, mode, steps, 20, 1, work, True, k)
+            inter_rows.append({"pages_per_step": k, **r})
+            print(
+                f"interference: {k:3d} map+grant+unmap per step on a thread: {r['mean_ms']:.3f} ms"
+            )
+        results["interference"] = inter_rows
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -375,14 +450,23 @@ def render_markdown(results: dict, command: str) -> str:  # type: ignore[type-ar
     ]
     for k, v in results["throughput"].items():
         lines.append(f"| {k} | {v['pages_per_s']:.0f} | {v['GB_per_s']:.2f} |")
+    if "interference" in results:
+        lines += [
+            "\n## GPU cost of unrelated mapping work (pre-mapped cache, CUDA graph, a thread "
+            "maps+grants+unmaps N scratch pages per step)\n",
+            "| N pages/step | step ms | median ms |",
+            "|---|---|---|",
+        ]
+        for r in results["interference"]:
+            lines.append(f"| {r['pages_per_step']} | {r['mean_ms']:.3f} | {r['median_ms']:.3f} |")
     lines += [
         "\n## Step time of a workload that needs new pages every step\n",
-        "| layout | tokens/step | pre-mapped ms | sync ms (overhead) | step_async ms (overhead) | map calls/step |",
-        "|---|---|---|---|---|---|",
+        "| launch | layout | tokens/step | pre-mapped ms | sync ms (overhead) | step_async ms (overhead) | map calls/step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results["step"]:
         lines.append(
-            f"| {r['layout']} | {r['tokens_per_step']} | {r['premapped_ms']:.3f} | "
+            f"| {r['launch']} | {r['layout']} | {r['tokens_per_step']} | {r['premapped_ms']:.3f} | "
             f"{r['sync_ms']:.3f} ({r['sync_overhead']:+.2%}) | {r['async_ms']:.3f} "
             f"({r['async_overhead']:+.2%}) | {r['map_calls_per_step']:.1f} |"
         )

@@ -37,7 +37,7 @@ def run_demo(
         page_size=2 << 20,
     )
     mib = 1 << 20
-    with VirtualKVCache(spec, device, budget_bytes=budget_mib * mib, lookahead_pages=1) as cache:
+    with VirtualKVCache(spec, device, budget_bytes=budget_mib * mib, lookahead_tokens=128) as cache:
         print(
             f"KV cache: {spec.num_layers} layers x {spec.num_kv_heads} KV heads x {spec.head_dim} "
             f"({spec.dtype}), {spec.max_slots} slots x {spec.max_seq_len} tokens, layout {layout}"

@@ -197,13 +197,15 @@ def test_trim_returns_memory(kind: str) -> None:
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str) -> None:
     spec = make_spec(kind)
-    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_pages=2) as cache:
-        tpp = tokens_per_page(cache)
+    probe = VirtualKVCache(spec, kind, budget_bytes=0)
+    tpp = tokens_per_page(probe)
+    probe.close()
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=2 * tpp) as cache:
         s = cache.alloc_slot()
         cache.step_async({s: 1})
         cache.wait()
         assert cache.length(s) == 1
-        assert cache.mapped_pages(s) == min(3, cache.layout.pages_per_slot)  # 1 + look-ahead
+        assert cache.mapped_pages(s) == cache.layout.pages_for(1 + 2 * tpp)  # eager look-ahead
         cache.step_async([tpp + 1 if i == s else 0 for i in range(spec.max_slots)])
         cache.wait()
         assert cache.length(s) == tpp + 1

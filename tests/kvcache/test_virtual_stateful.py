@@ -52,7 +52,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.kind,
             budget_bytes=budget_rows * probe_bytes,
             pool_batch=batch,
-            lookahead_pages=ahead,
+            lookahead_tokens=ahead * 64,
         )
 
     def _mark(self, slot: int, n: int) -> None:

@@ -48,7 +48,8 @@ class VirtualKVCache:
         budget_bytes: int | None = None,
         budget_fraction: float | None = None,
         pool_batch: int = 8,
-        lookahead_pages: int = 2,
+        lookahead_tokens: int = 128,
+        eager_map_calls: int = 16,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
@@ -58,15 +59,18 @@ class VirtualKVCache:
             raise ValueError(f"budget_fraction must be in (0, 1], got {budget_fraction}")
         if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
-        if lookahead_pages < 0:
-            raise ValueError(f"lookahead_pages must be >= 0, got {lookahead_pages}")
+        if lookahead_tokens < 0:
+            raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead_tokens}")
         self.spec = spec
         self._owns_backend = not isinstance(backend, MemoryBackend)
         self._backend = make_backend(backend, spec.page_size, device)
         self.layout = CacheLayout(spec, self._backend.page_size)
         self.page_size = self._backend.page_size
         self.device = self._backend.device
-        self.lookahead_pages = lookahead_pages
+        self.lookahead_tokens = lookahead_tokens
+        if eager_map_calls < 1:
+            raise ValueError(f"eager_map_calls must be >= 1, got {eager_map_calls}")
+        self.eager_map_calls = eager_map_calls
         nbuf = self.layout.num_buffers
         max_pages = self.layout.pages_per_slot * spec.max_slots * nbuf
         if budget_bytes is None:
@@ -150,8 +154,11 @@ class VirtualKVCache:
     def step_async(self, lengths: Lengths) -> None:
         """Start `step(lengths)` on the background thread; `wait()` joins.
 
-        A slot that must grow gets `lookahead_pages` more pages in the same mapping call when the
-        pool can spare them without reclaiming (eager allocation), so most steps map nothing.
+        After backing what `lengths` asks, the same job maps ahead (eager allocation): every used
+        slot is backed `lookahead_tokens` beyond its length, least spare first, at most
+        `eager_map_calls` map calls per job and only from the pool and the budget (never by
+        reclaiming). Steady-state decoding thus finds its pages already mapped, and the mapping
+        work is spread over steps in small pieces that overlap the GPU's work.
         Arguments are checked here, in the caller; `OutOfKVMemory` surfaces from `wait()`."""
         targets = self._normalize(lengths)
         self.wait()
@@ -197,17 +204,37 @@ class VirtualKVCache:
 
     def _step_and_look_ahead(self, targets: dict[int, int]) -> None:
         with self._lock:
-            grow = self._growth(targets)
-            self._back(grow)
+            self._back(self._growth(targets))
             for s, n in targets.items():
                 self._lengths[s] = n
-            if grow and self.lookahead_pages:
-                cap = self.layout.pages_per_slot
-                ahead = {s: min(cap, p + self.lookahead_pages) for s, p in grow.items()}
-                if self._pages_needed(ahead) <= self._pool.obtainable:
-                    self._back(ahead, reclaim=False)
+            self._map_ahead()
             if len(self._pool.free) < self._pool.batch:
                 self._pool.refill(self._pool.batch)
+
+    def _map_ahead(self) -> None:
+        """Eager allocation within a per-job budget of map calls (see `step_async`)."""
+        if not self.lookahead_tokens:
+            return
+        nbuf, pages_for = self.layout.num_buffers, self.layout.pages_for
+        top, look, cap, lengths = (
+            self.spec.max_seq_len,
+            self.lookahead_tokens,
+            self._cap_tokens,
+            self._lengths,
+        )
+        wanted: list[tuple[int, int, int]] = []  # (spare tokens, slot, pages wanted)
+        for s in range(self.spec.max_slots):
+            if self._used[s]:
+                horizon = min(top, lengths[s] + look)
+                if cap[s] < horizon:
+                    wanted.append((cap[s] - lengths[s], s, pages_for(horizon)))
+        rows = max(1, self.eager_map_calls // nbuf)
+        for _, s, want in sorted(wanted):
+            add = min(want - len(self._pages[s]), rows)
+            if rows <= 0 or add * nbuf > self._pool.obtainable:
+                break
+            self._back({s: len(self._pages[s]) + add}, reclaim=False)
+            rows -= add
 
     def _pages_needed(self, pages: dict[int, int]) -> int:
         extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
