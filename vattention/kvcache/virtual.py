@@ -204,6 +204,8 @@ class VirtualKVCache:
 
     def _step_and_look_ahead(self, targets: dict[int, int]) -> None:
         with self._lock:
+            # A slot freed since `step_async` was called is left alone (it has no live tokens).
+            targets = {s: n for s, n in targets.items() if self._used[s]}
             self._back(self._growth(targets))
             for s, n in targets.items():
                 self._lengths[s] = n

@@ -1,0 +1,143 @@
+"""`LlamaForCausalLM`: one implementation for Llama 2/3, Mistral, Qwen2 and Yi.
+
+Inputs are token-flattened: `input_ids [T]` and `positions [T]` (normally
+`meta.token_positions`) of every new token of a mixed prefill/decode batch. Attention layer `i`
+hands `q [T, Hq, D]`, `k`/`v [T, Hkv, D]` (already rotated) to `attn.forward(i, q, k, v, meta)`,
+which writes the KV cache and attends. Parameter names follow the Hugging Face checkpoint names,
+except the fused `qkv_proj` (= [q; k; v]) and `gate_up_proj` (= [gate; up]).
+Invariant: `forward` has no data-dependent Python control flow, so it can be CUDA-graph captured.
+Not applied here: `config.sliding_window` (recorded for the engine; prompts longer than the window
+would need a windowed attention backend).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vattention.attention.base import AttentionBackend, AttentionMetadata
+from vattention.models.config import ModelConfig
+from vattention.models.layers import FusedLinear, RMSNorm, silu_and_mul
+from vattention.models.rope import RotaryEmbedding, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.sizes = [config.q_size, config.kv_size, config.kv_size]
+        self.qkv_proj = FusedLinear(config.hidden_size, self.sizes, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = attn.forward(self.layer_idx, q, k, v, meta)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = FusedLinear(config.hidden_size, [inter, inter], bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.lookup(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta, attn)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder stack plus LM head (tied to the embedding when `tie_word_embeddings`)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def init_buffers(self) -> None:
+        """Compute non-parameter state (the RoPE cache) on the model's device."""
+        self.model.rotary_emb.init_cache()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        """Hidden states `[T, hidden]` (final-normed) of every new token."""
+        return self.model(input_ids, positions, meta, attn)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, hidden]` -> float32 logits `[N, vocab]` (pass only the rows to sample)."""
+        return F.linear(hidden, self.head_weight()).float()
+
+
+def last_token_indices(meta: AttentionMetadata) -> torch.Tensor:
+    """Row of each request's last new token in the flattened batch (for `compute_logits`)."""
+    return (meta.query_start_loc[1:] - 1).long()
