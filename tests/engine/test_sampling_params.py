@@ -1,0 +1,66 @@
+"""SamplingParams: defaults, normalisation and clear errors for bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from vattention import SamplingParams
+
+
+def test_defaults_and_flags() -> None:
+    p = SamplingParams()
+    assert (p.n, p.temperature, p.top_k, p.top_p, p.min_p) == (1, 1.0, -1, 1.0, 0.0)
+    assert p.max_tokens == 16 and p.stop == () and p.stop_token_ids == () and p.logprobs is None
+    assert not p.greedy and not p.needs_top_k and not p.needs_top_p and not p.needs_min_p
+    q = SamplingParams(temperature=0, top_k=5, top_p=0.9, min_p=0.1)
+    assert q.greedy and q.needs_top_k and q.needs_top_p and q.needs_min_p
+    assert SamplingParams(temperature=1e-7).greedy
+    assert not SamplingParams(top_k=0).needs_top_k
+
+
+def test_lists_become_tuples_and_params_are_frozen() -> None:
+    p = SamplingParams(stop_token_ids=[3, 4], stop="###")
+    assert p.stop_token_ids == (3, 4) and p.stop == ("###",)
+    assert SamplingParams(stop=["a", "bc"]).stop == ("a", "bc")
+    assert hash(p) == hash(SamplingParams(stop_token_ids=(3, 4), stop=("###",)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.temperature = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n": 2}, ValueError, "n=2 is not supported"),
+        ({"n": 1.0}, TypeError, "n must be an int"),
+        ({"temperature": -0.1}, ValueError, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be finite"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a number"),
+        ({"top_k": -2}, ValueError, "top_k must be -1 or 0"),
+        ({"top_k": 2.5}, TypeError, "top_k must be an int"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"min_p": -0.1}, ValueError, r"min_p must be in \[0, 1\]"),
+        ({"seed": "7"}, TypeError, "seed must be an int"),
+        ({"seed": True}, TypeError, "seed must be an int"),
+        ({"max_tokens": 0}, ValueError, "max_tokens must be >= 1"),
+        ({"max_tokens": True}, TypeError, "max_tokens must be an int"),
+        ({"stop_token_ids": [1, -1]}, ValueError, "stop_token_ids must be non-negative"),
+        ({"stop_token_ids": 5}, TypeError, "stop_token_ids must be a sequence"),
+        ({"stop": [""]}, ValueError, "stop strings must not be empty"),
+        ({"stop": [1]}, TypeError, "stop strings must be str"),
+        ({"ignore_eos": 1}, TypeError, "ignore_eos must be a bool"),
+        ({"logprobs": -1}, ValueError, "logprobs must be >= 0"),
+        ({"logprobs": 1.0}, TypeError, "logprobs must be an int"),
+        ({"skip_special_tokens": None}, TypeError, "skip_special_tokens must be a bool"),
+    ],
+)
+def test_bad_values_name_the_problem(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_edge_values_are_accepted() -> None:
+    SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=1.0, max_tokens=None, logprobs=0)
+    SamplingParams(top_k=1, top_p=1e-6, seed=0, stop_token_ids=None, stop=None)

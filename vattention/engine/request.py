@@ -1,0 +1,182 @@
+"""`Request`: one generation request's tokens, progress and lifecycle, as the scheduler sees it.
+
+Lifecycle: WAITING -> RUNNING (holds a KV slot) -> FINISHED, with RUNNING -> PREEMPTED ->
+RUNNING when the KV cache runs out of memory (recompute: the slot is freed and the prompt plus
+the tokens generated so far are prefilled again).
+
+Invariants:
+- `all_token_ids == prompt_token_ids + output_token_ids`; `num_tokens` is its length;
+- `0 <= num_computed_tokens <= num_tokens`: the first `num_computed_tokens` tokens have their K/V
+  in the cache at `slot` (vLLM v1's meaning); it is 0 whenever the request holds no slot;
+- `slot is not None` exactly while RUNNING;
+- a finished request has a `finish_reason` and never changes again; preemption keeps the output
+  tokens, the text and the seeded generator, so a resumed request continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vattention.engine.detokenizer import IncrementalDetokenizer
+from vattention.engine.logprobs import TokenLogprobs
+from vattention.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request ended; values are what the API reports."""
+
+    STOP = "stop"  # end-of-sequence, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's length limit
+    ABORT = "abort"  # cancelled by the caller
+    KV_MEMORY = "kv memory"  # the request alone does not fit in the KV cache
+
+
+class Request:
+    """A request's prompt, params, generated tokens and scheduling state."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        eos_token_ids: int | Sequence[int] | None = None,
+        tokenizer: Any = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        try:
+            prompt = [operator.index(t) for t in prompt_token_ids]
+        except TypeError:
+            raise TypeError(f"request {request_id}: prompt token ids must be ints") from None
+        if not prompt:
+            raise ValueError(f"request {request_id}: the prompt has no tokens")
+        if min(prompt) < 0:
+            raise ValueError(f"request {request_id}: negative prompt token id {min(prompt)}")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.stop and tokenizer is None:
+            raise ValueError(f"request {request_id}: stop strings need a tokenizer")
+        self.request_id = request_id
+        self.prompt_token_ids: tuple[int, ...] = tuple(prompt)
+        self.params = params
+        self.eos_token_ids = _id_set(eos_token_ids)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.output_token_ids: list[int] = []
+        self._all_token_ids = prompt
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: int | str | None = None  # the stop token or string that matched
+        self.slot: int | None = None
+        self.num_preemptions = 0
+        self.output_logprobs: list[TokenLogprobs] | None = (
+            [] if params.logprobs is not None else None
+        )
+        self.detokenizer = (
+            None
+            if tokenizer is None
+            else IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
+        )
+        self._generator: torch.Generator | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens},"
+            f" output={self.num_output_tokens}, computed={self.num_computed_tokens}, slot={self.slot})"
+        )
+
+    # -- tokens -----------------------------------------------------------------------------
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt then output token ids (the live list: read it, do not change it)."""
+        return self._all_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self._all_token_ids) - self.num_computed_tokens
+
+    def append_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
+        """Add a sampled token (and its log-probabilities); return the text it added."""
+        self.output_token_ids.append(token_id)
+        self._all_token_ids.append(token_id)
+        if self.output_logprobs is not None and logprobs is not None:
+            self.output_logprobs.append(logprobs)
+        return "" if self.detokenizer is None else self.detokenizer.push(token_id)
+
+    # -- text -------------------------------------------------------------------------------
+    @property
+    def output_text(self) -> str:
+        """Text of the output so far (stop strings trimmed); "" without a tokenizer."""
+        return "" if self.detokenizer is None else self.detokenizer.text
+
+    def stream_text(self) -> str:
+        """Text safe to show while running: holds back what could still become a stop string."""
+        text = self.output_text
+        if self.is_finished or not self.params.stop:
+            return text
+        hold = max(len(s) for s in self.params.stop) - 1
+        return text[: len(text) - hold] if hold else text
+
+    def trim_text(self, length: int) -> None:
+        """Cut the output text to its first `length` characters (a stop string matched there)."""
+        if self.detokenizer is not None:
+            self.detokenizer.text = self.detokenizer.text[:length]
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def generator(self, device: torch.device | str) -> torch.Generator | None:
+        """This request's own generator (created on first use, seeded) or None if unseeded."""
+        if self.params.seed is None:
+            return None
+        device = torch.device(device)
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        elif self._generator.device.type != device.type:
+            raise ValueError(
+                f"request {self.request_id}: its generator lives on {self._generator.device}, "
+                f"asked for {device}"
+            )
+        return self._generator
+
+
+def _id_set(ids: int | Sequence[int] | None) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    if isinstance(ids, int):
+        ids = [ids]
+    out = frozenset(ids)
+    for t in out:
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"eos token ids must be non-negative ints, got {t!r}")
+    return out

@@ -1,0 +1,153 @@
+"""`SamplingParams`: how one request's tokens are chosen and when its generation stops.
+
+Invariants: a `SamplingParams` is frozen and validated at construction, so everything downstream
+(sampler, scheduler, stop checks) trusts it: `n == 1`; `temperature >= 0` (0 means greedy);
+`top_k` is -1 or 0 (off) or a positive count; `0 < top_p <= 1`; `0 <= min_p <= 1`;
+`max_tokens` is None (until the model's length limit) or positive; `stop_token_ids` and `stop`
+are tuples (lists are accepted and converted); `logprobs` is None (off) or the number of top
+alternatives returned with each sampled token's own log-probability (0 = the sampled one only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Temperatures below this are treated as greedy (dividing by them would overflow float32).
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping options (a subset of vLLM's, same meanings).
+
+    n: completions per prompt; only 1 is supported.
+    temperature: 0 picks the most likely token (greedy, exact argmax); > 0 samples
+        (values below 1e-5 count as 0).
+    top_k: keep the k most likely tokens; -1 or 0 keeps all.
+    top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
+    min_p: drop tokens whose probability is below min_p times the most likely one's.
+    seed: per-request seed; the request's tokens then do not depend on the rest of the batch.
+    max_tokens: most tokens to generate; None stops only at the model's length limit.
+    stop_token_ids: tokens that end generation (kept in the output token ids).
+    stop: strings that end generation (trimmed from the output text); needs a tokenizer.
+    ignore_eos: keep generating past the end-of-sequence token.
+    logprobs: None, or return each sampled token's log-probability plus this many top ones.
+    skip_special_tokens: leave special tokens out of the output text.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop_token_ids: tuple[int, ...] = field(default=())
+    stop: tuple[str, ...] = field(default=())
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n):
+            raise TypeError(f"n must be an int, got {type(self.n).__name__}")
+        if self.n != 1:
+            raise ValueError(f"n={self.n} is not supported: only one completion per request (n=1)")
+        self._check_real("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not _is_int(self.top_k):
+            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or a positive count, got {self.top_k}")
+        self._check_real("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self._check_real("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.max_tokens is not None:
+            if not _is_int(self.max_tokens):
+                raise TypeError(
+                    f"max_tokens must be an int or None, got {type(self.max_tokens).__name__}"
+                )
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        object.__setattr__(self, "stop_token_ids", self._token_ids(self.stop_token_ids))
+        object.__setattr__(self, "stop", self._stop_strings(self.stop))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs):
+                raise TypeError(
+                    f"logprobs must be an int or None, got {type(self.logprobs).__name__}"
+                )
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise TypeError("skip_special_tokens must be a bool")
+
+    @staticmethod
+    def _check_real(name: str, value: Any) -> None:
+        if not _is_real(value):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+
+    @staticmethod
+    def _token_ids(ids: Iterable[int] | None) -> tuple[int, ...]:
+        if ids is None:
+            return ()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"stop_token_ids must be a sequence of ints, got {ids!r}")
+        out = tuple(ids)
+        for t in out:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+        return out
+
+    @staticmethod
+    def _stop_strings(stop: str | Iterable[str] | None) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, Iterable):
+            raise TypeError(f"stop must be a string or a sequence of strings, got {stop!r}")
+        out = tuple(stop)
+        for s in out:
+            if not isinstance(s, str):
+                raise TypeError(f"stop strings must be str, got {type(s).__name__}")
+            if not s:
+                raise ValueError("stop strings must not be empty")
+        return out
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are picked by exact argmax (temperature 0, or below 1e-5)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def needs_top_k(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def needs_top_p(self) -> bool:
+        return self.top_p < 1.0
+
+    @property
+    def needs_min_p(self) -> bool:
+        return self.min_p > 0.0

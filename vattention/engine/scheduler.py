@@ -1,0 +1,292 @@
+"""The scheduler: continuous batching with chunked prefill under a token budget (vLLM v1 shape).
+
+There are no prefill and decode phases. Every request has `num_computed_tokens` (tokens whose
+K/V is in the cache) and each step lets running requests catch up towards `num_tokens`: first
+the decoding ones (one token each), then unfinished prefills in chunks, then waiting requests
+are admitted first-come first-served, all within `max_num_batched_tokens` and `max_num_seqs`.
+
+Memory: before a row is scheduled, `cache.ensure(slot, context_len)` backs it (running rows are
+first tried together with the cache's batched `step(lengths)`, when it has one). On
+`OutOfKVMemory` the most recently admitted running request is preempted (recompute: its slot is
+freed, `num_computed_tokens` goes back to 0, its output is kept, and it waits at the head of the
+queue to be prefilled again), then the call is retried. A request that cannot fit even when it
+is the only one holding memory ends with `FinishReason.KV_MEMORY`. No step admits new requests
+after it had to preempt.
+
+Invariants: every request is in exactly one of `waiting` (no slot), `running` (holds a slot) or
+finished (no slot, gone from `requests`); `running` is in admission order; the oldest running
+request always makes progress, so every request eventually finishes; `schedule()` and
+`update()` alternate.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from vattention.engine.logprobs import Logprobs
+from vattention.engine.request import FinishReason, Request, RequestStatus
+from vattention.engine.scheduling import (
+    KVCacheManager,
+    ScheduledRequest,
+    SchedulerConfig,
+    SchedulerOutput,
+    next_lengths,
+)
+from vattention.engine.stop import check_stop
+from vattention.memory.errors import OutOfKVMemory
+
+
+class Scheduler:
+    """Decides each step's batch and keeps every request's progress."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        if not isinstance(config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig, got {type(config).__name__}")
+        if not isinstance(kv_cache, KVCacheManager):
+            raise TypeError("kv_cache must have alloc_slot(), free_slot(slot) and ensure(slot, n)")
+        cache_len = getattr(getattr(kv_cache, "spec", None), "max_seq_len", None)
+        if isinstance(cache_len, int) and config.max_model_len > cache_len:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the cache's max_seq_len {cache_len}"
+            )
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._finished: list[Request] = []  # ended since the last update()
+        self._pending: SchedulerOutput | None = None
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (FCFS)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"expected a Request, got {type(request).__name__}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.num_output_tokens:
+            raise ValueError(f"request {request.request_id} was already scheduled")
+        if request.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"request {request.request_id}: the prompt has {request.num_prompt_tokens} tokens;"
+                f" max_model_len {self.config.max_model_len} leaves no room for output"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now (`FinishReason.ABORT`); False if it is unknown or already over."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._finish(request, FinishReason.ABORT)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's rows and back them in the cache; see the module docstring."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called again before update() of the previous step")
+        out = SchedulerOutput()
+        step: dict[str, ScheduledRequest] = {}
+        budget = self.config.max_num_batched_tokens
+
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        plan = _plan(decodes + prefills, budget)
+        if self._back_all(plan):  # the common case: one batched call backs every row
+            for r, n in plan:
+                step[r.request_id] = self._row(r, n)
+                budget -= n
+        else:
+            for r in decodes + prefills:
+                if budget == 0:
+                    break
+                if r.status is not RequestStatus.RUNNING:
+                    continue  # preempted (or ended) earlier in this step
+                n = min(r.num_uncomputed_tokens, budget)
+                budget += self._back(r, r.num_computed_tokens + n, step, out)
+                if r.status is RequestStatus.RUNNING:
+                    step[r.request_id] = self._row(r, n)
+                    budget -= n
+
+        while not out.preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            r = self.waiting[0]
+            n = min(r.num_tokens, budget)
+            admitted = self._admit(r, n, out)
+            if r.is_finished:
+                continue  # too big even alone; try the next one
+            if not admitted:
+                break
+            step[r.request_id] = self._row(r, n)
+            budget -= n
+
+        out.scheduled = list(step.values())
+        out.next_lengths = next_lengths(out.scheduled, self.config.max_model_len)
+        self._pending = out
+        return out
+
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Sequence[int] | torch.Tensor,
+        logprobs: Logprobs | None = None,
+    ) -> list[Request]:
+        """Record that `output` ran: advance progress, append the sampled tokens (one per
+        `output.sampling` row, in order), apply stop conditions and free finished slots.
+
+        Returns every request that ended since the previous update (including aborted ones and
+        those that ended while scheduling)."""
+        if output is not self._pending:
+            raise ValueError("update() must get the output of the last schedule()")
+        rows = output.sampling
+        ids = (
+            sampled_token_ids.tolist()
+            if isinstance(sampled_token_ids, torch.Tensor)
+            else list(sampled_token_ids)
+        )
+        if len(ids) != len(rows):
+            raise ValueError(f"got {len(ids)} sampled tokens for {len(rows)} sampling rows")
+        lp = None if logprobs is None else logprobs.to_host()
+        if lp is not None and len(lp.sampled) != len(rows):
+            raise ValueError(f"got log-probabilities for {len(lp.sampled)} rows, not {len(rows)}")
+        self._pending = None
+        for s in output.scheduled:
+            if s.request.status is RequestStatus.RUNNING:
+                s.request.num_computed_tokens = s.context_len
+        max_len = self.config.max_model_len
+        for i, (s, token) in enumerate(zip(rows, ids, strict=True)):
+            r = s.request
+            if r.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            token = int(token)
+            k = r.params.logprobs
+            text = r.append_output(
+                token, None if lp is None or k is None else lp.entry(i, token, k)
+            )
+            reason = check_stop(r, token, text, max_len)
+            if reason is not None:
+                self._finish(r, reason)
+        finished, self._finished = self._finished, []
+        return finished
+
+    # -- internals --------------------------------------------------------------------------
+    def _row(self, r: Request, n: int) -> ScheduledRequest:
+        end = r.num_computed_tokens + n
+        return ScheduledRequest(r, _slot(r), n, end, sample=end == r.num_tokens)
+
+    def _back_all(self, plan: list[tuple[Request, int]]) -> bool:
+        """Back every planned row at once with the cache's batched, all-or-nothing `step`
+        (when it has one); False if it has none or it ran out of memory (nothing changed)."""
+        batched = getattr(self.kv_cache, "step", None)
+        if not plan or not callable(batched):
+            return False
+        try:
+            batched({_slot(r): r.num_computed_tokens + n for r, n in plan})
+        except OutOfKVMemory:
+            return False
+        return True
+
+    def _back(
+        self, r: Request, num_tokens: int, step: dict[str, ScheduledRequest], out: SchedulerOutput
+    ) -> int:
+        """`ensure` r's first num_tokens, preempting the newest running requests as needed.
+
+        Leaves r RUNNING on success. Returns the tokens given back to the budget by victims that
+        had already been scheduled in this step."""
+        refund = 0
+        while True:
+            try:
+                self.kv_cache.ensure(_slot(r), num_tokens)
+                return refund
+            except OutOfKVMemory:
+                victim = self.running[-1]
+                if victim is r and len(self.running) == 1:
+                    self._finish(r, FinishReason.KV_MEMORY)
+                    out.finished.append(r)
+                    return refund
+                dropped = step.pop(victim.request_id, None)
+                refund += dropped.num_new_tokens if dropped is not None else 0
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is r:
+                    return refund
+
+    def _admit(self, r: Request, n: int, out: SchedulerOutput) -> bool:
+        """Give the head of `waiting` a slot backing its first n tokens.
+
+        False when it cannot be admitted now (no slot or no memory); a request that cannot fit
+        even with nothing else running is finished with `FinishReason.KV_MEMORY`."""
+        try:
+            slot = self.kv_cache.alloc_slot()
+        except OutOfKVMemory:
+            return False
+        try:
+            self.kv_cache.ensure(slot, n)
+        except OutOfKVMemory:
+            self.kv_cache.free_slot(slot)
+            if not self.running:  # alone and still too big: it never fits
+                self._finish(r, FinishReason.KV_MEMORY)
+                out.finished.append(r)
+            return False  # otherwise wait for running requests to give memory back
+        self.waiting.popleft()
+        r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, 0
+        self.running.append(r)
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.kv_cache.free_slot(_slot(r))
+        r.slot, r.num_computed_tokens = None, 0
+        r.status = RequestStatus.PREEMPTED
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _finish(self, r: Request, reason: FinishReason) -> None:
+        if r.status is RequestStatus.FINISHED:
+            return
+        if r.status is RequestStatus.RUNNING:
+            self.running.remove(r)
+            self.kv_cache.free_slot(_slot(r))
+        else:
+            self.waiting.remove(r)
+        r.slot, r.num_computed_tokens = None, 0
+        r.status, r.finish_reason = RequestStatus.FINISHED, reason
+        self.requests.pop(r.request_id, None)
+        self._finished.append(r)
+
+
+def _slot(r: Request) -> int:
+    if r.slot is None:
+        raise RuntimeError(f"request {r.request_id} is running without a slot")
+    return r.slot
+
+
+def _plan(ordered: list[Request], budget: int) -> list[tuple[Request, int]]:
+    """(request, new tokens) for each request in order until the budget runs out."""
+    plan = []
+    for r in ordered:
+        if budget == 0:
+            break
+        n = min(r.num_uncomputed_tokens, budget)
+        plan.append((r, n))
+        budget -= n
+    return plan

@@ -1,0 +1,126 @@
+"""What the scheduler is configured with, what it needs from a KV cache, and what it hands out.
+
+Invariants of a `SchedulerOutput` (built by `Scheduler.schedule`):
+- each request appears at most once; decode rows (one new token) come first, then prefill
+  chunks, then newly admitted requests, in admission order within each group;
+- `sum(num_new_tokens) == num_batched_tokens <= max_num_batched_tokens`;
+- for every row, tokens `[0, context_len)` of its slot are backed by the cache
+  (`ensure(slot, context_len)` succeeded) and `context_len - num_new_tokens` of them already hold
+  K/V; the row's new tokens are `request.all_token_ids[context_len - num_new_tokens:context_len]`;
+- a row samples (`sample`) exactly when `context_len == request.num_tokens`; the sampler's rows
+  are `output.sampling` in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from vattention.engine.request import Request
+
+
+@runtime_checkable
+class KVCacheManager(Protocol):
+    """The part of a KV cache the scheduler uses (`VirtualKVCache` and `PagedKVCache` have it).
+
+    `alloc_slot` raises `OutOfKVMemory` when no slot is free; `ensure(slot, n)` backs tokens
+    `[0, n)` of the slot all-or-nothing and raises `OutOfKVMemory` when it cannot.
+    """
+
+    def alloc_slot(self) -> int: ...
+
+    def free_slot(self, slot: int) -> None: ...
+
+    def ensure(self, slot: int, num_tokens: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """max_num_seqs: most running requests (slots in use); max_num_batched_tokens: token budget
+    of one step (decode tokens plus prefill chunks); max_model_len: most tokens (prompt plus
+    output) one request may reach."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs"
+                f" ({self.max_num_seqs}), so every running request can decode in every step"
+            )
+        if self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2 (a prompt token and an output token)")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One row of a step: `num_new_tokens` tokens of `request`, ending at `context_len`."""
+
+    request: Request
+    slot: int
+    num_new_tokens: int
+    context_len: int  # tokens with K/V in the cache once this step ran
+    sample: bool  # whether this row reaches the end of the known tokens (a token is sampled)
+
+    @property
+    def start(self) -> int:
+        """Tokens already holding K/V before this step (the position of the first new token)."""
+        return self.context_len - self.num_new_tokens
+
+    def token_ids(self) -> list[int]:
+        """The token ids this row feeds to the model."""
+        return self.request.all_token_ids[self.start : self.context_len]
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's batch, plus what changed while it was built."""
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)  # lost their slot in this step
+    finished: list[Request] = field(default_factory=list)  # ended while scheduling (kv memory)
+    # Lengths (tokens to back) each scheduled slot will need in the next step if it keeps
+    # running: a hint for `cache.step_async`. Requests sure to end this step are left out; a
+    # slot whose request stops on a token may still be freed by `update`.
+    next_lengths: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def sampling(self) -> list[ScheduledRequest]:
+        """The rows that sample a token, in batch order (the sampler's rows)."""
+        return [s for s in self.scheduled if s.sample]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+def next_lengths(rows: list[ScheduledRequest], max_model_len: int) -> dict[int, int]:
+    """Slot -> tokens to back for the next step, if each row's request keeps running: one more
+    token after sampling, or the next chunk (as large as this one) of an unfinished prefill.
+    Rows whose next token surely ends them (max_tokens, max_model_len) are left out."""
+    lengths: dict[int, int] = {}
+    for s in rows:
+        r = s.request
+        if not s.sample:
+            remaining = r.num_tokens - s.context_len
+            lengths[s.slot] = s.context_len + min(remaining, s.num_new_tokens)
+            continue
+        max_tokens = r.params.max_tokens
+        if max_tokens is not None and r.num_output_tokens + 1 >= max_tokens:
+            continue
+        if r.num_tokens + 1 >= max_model_len:
+            continue
+        lengths[s.slot] = s.context_len + 1
+    return lengths

@@ -1,0 +1,55 @@
+"""Stop conditions, checked after each sampled token is appended to a request.
+
+Order (the first that holds decides): end-of-sequence token (unless `ignore_eos`), a stop token
+id, a stop string (searched only where the new text could complete one; the output text is cut
+just before it), `max_tokens` generated, the model's length limit reached. The matching stop
+token or string is recorded in `request.stop_reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vattention.engine.request import FinishReason, Request
+
+
+def find_stop_string(text: str, num_new_chars: int, stops: Sequence[str]) -> tuple[int, str] | None:
+    """The earliest stop string that ends in the last `num_new_chars` characters of `text`.
+
+    Returns (index where it starts, the string) or None. Older text was searched before, so
+    only matches that overlap the new characters are looked for.
+    """
+    if num_new_chars <= 0 or not stops:
+        return None
+    longest = max(len(s) for s in stops)
+    start = max(0, len(text) - num_new_chars - longest + 1)
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best
+
+
+def check_stop(
+    request: Request, token_id: int, new_text: str, max_model_len: int
+) -> FinishReason | None:
+    """Why `request` must stop after `token_id` (just appended, adding `new_text`), or None."""
+    params = request.params
+    if not params.ignore_eos and token_id in request.eos_token_ids:
+        request.stop_reason = None
+        return FinishReason.STOP
+    if token_id in params.stop_token_ids:
+        request.stop_reason = token_id
+        return FinishReason.STOP
+    if params.stop:
+        hit = find_stop_string(request.output_text, len(new_text), params.stop)
+        if hit is not None:
+            request.trim_text(hit[0])
+            request.stop_reason = hit[1]
+            return FinishReason.STOP
+    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        return FinishReason.LENGTH
+    if request.num_tokens >= max_model_len:
+        return FinishReason.LENGTH
+    return None
