@@ -1,0 +1,76 @@
+"""End to end on the CPU: `LLM.generate` greedy output equals Hugging Face's, token for token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from llm_helpers import hf_greedy, prompts, save_tiny
+
+from vattention import LLM, SamplingParams
+
+CACHES = ["vattention", pytest.param("paged", marks=pytest.mark.paged)]
+NEW = 24
+
+
+def _llm(path: Path, kv_cache: str, **kw: object) -> LLM:
+    opts: dict[str, object] = dict(
+        kv_cache=kv_cache, dtype="float32", device="cpu", max_model_len=128, max_num_seqs=4,
+        max_num_batched_tokens=32, kv_page_size=64 * 1024, block_size=16,
+    )
+    opts.update(kw)
+    return LLM(str(path), **opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_greedy_matches_hf(tmp_path: Path, kind: str, kv_cache: str) -> None:
+    hf = save_tiny(kind, tmp_path / kind)
+    batch = prompts(6)
+    want = [hf_greedy(hf, p, NEW) for p in batch]
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    with _llm(tmp_path / kind, kv_cache) as llm:
+        outs = llm.generate(batch, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert [o.prompt_token_ids for o in outs] == batch
+
+
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_preemption_gives_the_same_outputs(tmp_path: Path, kv_cache: str) -> None:
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = prompts(6, seed=3, low=20, high=60)
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    with _llm(tmp_path / "m", kv_cache) as llm:
+        free = llm.generate(batch, params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions == 0
+    # A budget of 6 pages of 64 KiB: far less than 4 requests of up to 84 tokens need at once.
+    with _llm(tmp_path / "m", kv_cache, kv_cache_memory=6 * 64 * 1024) as llm:
+        tight = llm.generate(batch, params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in free]
+    assert [o.token_ids for o in free][:2] == [hf_greedy(hf, p, NEW) for p in batch[:2]]
+
+
+def test_generate_accepts_prompt_forms_and_rejects_bad_input(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m")
+    params = SamplingParams(temperature=0, max_tokens=3)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        one = llm.generate([5, 6, 7], params, use_tqdm=False)
+        assert len(one) == 1 and len(one[0].token_ids) <= 3
+        two = llm.generate([{"prompt_token_ids": [1, 2]}, [3, 4, 5]], [params, params], use_tqdm=False)
+        assert len(two) == 2
+        with pytest.raises(ValueError, match="vocabulary"):
+            llm.generate([[1, 2, 10_000]], params, use_tqdm=False)
+        with pytest.raises(ValueError, match="sampling params"):
+            llm.generate([[1, 2], [3]], [params], use_tqdm=False)
+        with pytest.raises(ValueError, match="at least one prompt"):
+            llm.generate([], params, use_tqdm=False)
+        # The engine is still usable and holds no request after the errors.
+        assert not llm.engine.has_unfinished_requests()
+        again = llm.generate([[9, 9, 9]], params, use_tqdm=False)
+        assert len(again) == 1
+    with pytest.raises(TypeError, match="unknown LLM option"):
+        LLM(str(tmp_path / "m"), no_such_option=1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        LLM(str(tmp_path / "m"), kv_cache="nope", device="cpu")

@@ -1,0 +1,109 @@
+"""`LLM`: the offline API in the shape vLLM users know.
+
+    llm = LLM(model="path/to/hf-dir", kv_cache="vattention")
+    outputs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(outputs[0].outputs[0].text)
+
+Prompts may be strings, token-id lists, or dicts with "prompt" or "prompt_token_ids"; outputs come
+back in the order of the prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vattention.engine.llm_engine import EngineConfig, LLMEngine
+from vattention.engine.outputs import RequestOutput
+from vattention.engine.sampling_params import SamplingParams
+
+PromptLike = str | Sequence[int] | dict[str, Any]
+
+
+class LLM:
+    """Load a model once, then `generate` batches of prompts with continuous batching."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        known = {f.name for f in fields(EngineConfig)} - {"model"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown LLM option(s) {unknown}; known: {sorted(known)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate a completion for every prompt; returns them in the prompts' order."""
+        items = _as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"{len(params)} sampling params for {len(items)} prompts")
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("the engine still has requests from an interrupted generate()")
+        ids: list[str] = []
+        try:
+            for item, p in zip(items, params):
+                ids.append(engine.add_request(item, p))
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            engine.step()  # collect the aborted requests
+            raise
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    bar.update(1)
+        finally:
+            bar.close()
+        return [done[rid] for rid in ids]
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_prompt_list(prompts: PromptLike | Sequence[PromptLike]) -> list[str | list[int]]:
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    elif isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
+        prompts = [prompts]  # a single prompt of token ids
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("generate() needs at least one prompt")
+    out: list[str | list[int]] = []
+    for p in prompts:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                p = p["prompt_token_ids"]
+            elif "prompt" in p:
+                p = p["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, Sequence) and all(isinstance(t, int) for t in p):
+            out.append(list(p))
+        else:
+            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+    return out

@@ -1,0 +1,218 @@
+"""`LLMEngine`: model, KV cache, scheduler, runner and sampler wired together, one step at a time.
+
+A step: join the cache's background mapping -> `scheduler.schedule()` (backs every row, preempts
+on `OutOfKVMemory`) -> `runner.execute()` (starts mapping the next step's pages, runs the
+forward pass, samples) -> join the mapping again (before any slot is freed) ->
+`scheduler.update()` (appends tokens, applies stop conditions, frees finished slots).
+
+Memory: the KV budget is what is left on the device after the weights, times
+`gpu_memory_utilization` (or `kv_cache_memory` bytes). With `kv_cache="vattention"` that budget
+caps *physical* pages only: every slot still gets `max_model_len` tokens of virtual space. With
+`kv_cache="paged"` it is cut into blocks up front, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vattention.attention import create_backend
+from vattention.engine.model_runner import ModelRunner, default_graph_sizes
+from vattention.engine.outputs import RequestOutput
+from vattention.engine.request import Request
+from vattention.engine.sampler import Sampler
+from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.scheduler import Scheduler
+from vattention.engine.scheduling import SchedulerConfig
+from vattention.kvcache.spec import parse_dtype
+from vattention.models.loader import load_model
+from vattention.models.tokenizer import load_tokenizer
+
+KV_CACHES = ("vattention", "paged")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything `LLMEngine` is built from (validated here, with clear errors)."""
+
+    model: str
+    kv_cache: str = "vattention"
+    dtype: str | None = None
+    device: str | None = None
+    load_format: str = "auto"
+    seed: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes; overrides gpu_memory_utilization
+    attention_backend: str | None = None
+    block_size: int = 16
+    kv_layout: str = "cross_layer"
+    kv_page_size: int | None = None  # bytes; None = the backend's (2 MiB)
+    enforce_eager: bool = False
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+
+
+class LLMEngine:
+    """Continuous batching over one model; `add_request` then `step()` until idle."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        dtype = parse_dtype(config.dtype) if config.dtype not in (None, "auto") else None
+        self.model = load_model(config.model, dtype, device, config.load_format, config.seed)
+        mcfg = self.model.config
+        self.model_config = mcfg
+        max_len = config.max_model_len or mcfg.max_position_embeddings
+        if max_len > mcfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_len} exceeds the model's max_position_embeddings "
+                f"{mcfg.max_position_embeddings}"
+            )
+        self.max_model_len = max_len
+        self.tokenizer: Any = _tokenizer_or_none(config.tokenizer or config.model)
+        eos = set(mcfg.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int):
+            eos.add(tok_eos)
+        self.eos_token_ids = tuple(sorted(eos))
+        use_graphs = device.type == "cuda" and not config.enforce_eager
+        self.cache = self._make_cache(config, max_len, extra_slots=1 if use_graphs else 0)
+        backend = config.attention_backend or ("paged_triton" if config.kv_cache == "paged" else "auto")
+        if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
+            backend = "paged_torch"
+        self.attn = create_backend(
+            backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+        )
+        batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, max(batched, config.max_num_seqs), max_len),
+            self.cache,
+        )
+        dummy = None
+        if use_graphs:
+            dummy = self.cache.alloc_slot()  # padding rows of CUDA graphs point here
+            self.cache.ensure(dummy, 1)
+        self.runner = ModelRunner(
+            self.model,
+            self.cache,
+            self.attn,
+            Sampler(seed=config.seed),
+            device,
+            max_len,
+            default_graph_sizes(config.max_num_seqs) if use_graphs else (),
+            dummy,
+        )
+        self._ids = itertools.count()
+        self._prompts: dict[str, str | None] = {}
+
+    def _make_cache(self, config: EngineConfig, max_len: int, extra_slots: int) -> Any:
+        mcfg = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        spec = mcfg.kv_cache_spec(
+            config.max_num_seqs + extra_slots, max_len, dtype, config.kv_layout, config.kv_page_size
+        )
+        if config.kv_cache_memory is not None:
+            budget = config.kv_cache_memory
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free = torch.cuda.mem_get_info(self.device)[0]
+            # Leave room for activations, logits and graphs: a share of the weights' size.
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            budget = int(free * config.gpu_memory_utilization) - weights // 8 - (1 << 30)
+        else:
+            budget = 2 << 30
+        if budget <= 0:
+            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
+        if config.kv_cache == "vattention":
+            from vattention.kvcache.virtual import VirtualKVCache
+
+            backend = "cuda" if self.device.type == "cuda" else "cpu"
+            return VirtualKVCache(spec, backend, device=self.device, budget_bytes=budget)
+        from vattention.kvcache.paged import PagedKVCache
+
+        return PagedKVCache(
+            spec, block_size=config.block_size, budget_bytes=budget, device=self.device
+        )
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = SamplingParams() if params is None else params
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            ids = list(self.tokenizer.encode(prompt))
+            text: str | None = prompt
+        else:
+            ids, text = list(prompt), None
+        vocab = self.model_config.vocab_size
+        if ids and (max(ids) >= vocab):
+            raise ValueError(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
+        rid = request_id if request_id is not None else str(next(self._ids))
+        request = Request(
+            rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer
+        )
+        self.scheduler.add_request(request)
+        self._prompts[rid] = text
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns the requests that finished in it."""
+        self.runner.join_mapping()
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            finished = self.scheduler.update(out, [])
+        else:
+            sampled = self.runner.execute(out)
+            token_ids = sampled.token_ids.tolist()
+            self.runner.join_mapping()  # before update() frees slots
+            finished = self.scheduler.update(out, token_ids, sampled.logprobs)
+        return [RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished]
+
+    def close(self) -> None:
+        close = getattr(self.cache, "close", None)
+        if close is not None:
+            self.runner.join_mapping()
+            self.runner.graphs = None
+            close()
+
+
+def _tokenizer_or_none(path: str) -> Any:
+    """The model's tokenizer, a byte-level fallback for checkpoints without one, or None when
+    even that cannot cover the vocabulary (then prompts must be token ids)."""
+    try:
+        return load_tokenizer(path, fallback=True)
+    except ValueError:
+        return None

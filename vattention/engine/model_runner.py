@@ -1,0 +1,243 @@
+"""The model runner: one forward pass per scheduler step.
+
+Per step, `execute(out)`:
+1. builds the token ids and `AttentionMetadata` once (host lists, one device copy each);
+2. hands the cache the lengths the *next* step will need (`step_async`), so page mapping runs on
+   the cache's background thread while this step's kernels run;
+3. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly;
+4. computes logits for the sampling rows only and samples them.
+
+CUDA graphs are captured once per batch-size bucket for decode-only batches. They stay valid for
+the whole run because the KV cache's tensors never move (the virtual range is reserved once);
+the graphs read per-step metadata from static buffers that `execute` refills. Padding rows of a
+bucket point at a dedicated dummy slot that has one backed token, so they read and write only
+memory that is mapped and belongs to nobody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from vattention.attention.base import AttentionBackend, AttentionMetadata
+from vattention.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
+from vattention.engine.scheduling import SchedulerOutput
+from vattention.memory.errors import OutOfKVMemory
+from vattention.models.llama import LlamaForCausalLM
+
+
+def default_graph_sizes(max_num_seqs: int) -> list[int]:
+    """Batch-size buckets for decode graphs: 1, 2, 4, 8, then every 8 up to `max_num_seqs`."""
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class ModelRunner:
+    """Runs a model over a KV cache through an attention backend, step by step."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache: Any,
+        attn: AttentionBackend,
+        sampler: Sampler,
+        device: torch.device,
+        max_model_len: int,
+        graph_sizes: Sequence[int] = (),
+        dummy_slot: int | None = None,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.attn = attn
+        self.sampler = sampler
+        self.device = device
+        self.max_model_len = max_model_len
+        self.block_size = int(getattr(cache, "block_size", 0)) if attn.paged else 0
+        self.graphs: _DecodeGraphs | None = None
+        if graph_sizes:
+            if device.type != "cuda":
+                raise ValueError("CUDA graphs need a CUDA device")
+            if dummy_slot is None:
+                raise ValueError("CUDA graphs need a dummy slot for padding rows")
+            self.graphs = _DecodeGraphs(self, sorted(set(graph_sizes)), dummy_slot)
+
+    # -- one step ---------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata]:
+        rows = out.scheduled
+        ids: list[int] = []
+        for row in rows:
+            ids.extend(row.token_ids())
+        slots = [row.slot for row in rows]
+        tables = self.cache.block_tables(slots) if self.attn.paged else None
+        meta = AttentionMetadata.build(
+            slots,
+            [row.start for row in rows],
+            [row.num_new_tokens for row in rows],
+            self.device,
+            block_tables=tables,
+            block_size=self.block_size,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        return input_ids, meta
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+        """Run the step's forward pass and sample its sampling rows."""
+        rows = out.scheduled
+        if not rows:
+            raise ValueError("execute() needs a non-empty SchedulerOutput")
+        if out.next_lengths and hasattr(self.cache, "step_async"):
+            self.cache.step_async(out.next_lengths)  # maps during this step's kernels
+        decode_only = all(r.num_new_tokens == 1 for r in rows)
+        if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
+            logits = self.graphs.run(out)
+        else:
+            input_ids, meta = self.prepare(out)
+            hidden = self.model(input_ids, meta.token_positions, meta, self.attn)
+            sample_rows = [i for i, r in enumerate(rows) if r.sample]
+            if len(sample_rows) == len(rows):
+                index = (meta.query_start_loc[1:] - 1).long()
+            else:
+                ends = [int(x) - 1 for x in _cumsum([r.num_new_tokens for r in rows])]
+                index = torch.tensor(
+                [ends[i] for i in sample_rows], dtype=torch.int64, device=self.device
+            )
+            logits = self.model.compute_logits(hidden[index])
+        requests = [r.request for r in rows if r.sample]
+        if not requests:  # only unfinished prefill chunks: nothing to sample
+            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+        smeta = SamplingMetadata.for_requests(requests, self.device)
+        return self.sampler(logits, smeta)
+
+    def join_mapping(self) -> None:
+        """Wait for the background mapping of `step_async`; its shortage is not an error here
+        (the scheduler backs every row itself and preempts when memory is short)."""
+        wait = getattr(self.cache, "wait", None)
+        if wait is None:
+            return
+        try:
+            wait()
+        except OutOfKVMemory:
+            pass
+
+
+def _cumsum(xs: list[int]) -> list[int]:
+    total, out = 0, []
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+class _DecodeGraphs:
+    """CUDA graphs of the decode forward pass (model + logits), one per batch-size bucket."""
+
+    def __init__(self, runner: ModelRunner, sizes: list[int], dummy_slot: int) -> None:
+        self.runner = runner
+        self.sizes = sizes
+        self.max_size = sizes[-1]
+        self.dummy_slot = dummy_slot
+        dev = runner.device
+        n = self.max_size
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slots = torch.full((n,), dummy_slot, dtype=torch.int32, device=dev)
+        self.token_slots = torch.full((n,), dummy_slot, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_tables: torch.Tensor | None = None
+        self.slot_mapping: torch.Tensor | None = None
+        self.dummy_row: list[int] = []
+        if runner.attn.paged:
+            bs = runner.block_size
+            width = -(-runner.max_model_len // bs)
+            self.dummy_row = list(runner.cache.block_table(dummy_slot))
+            table = (self.dummy_row + [self.dummy_row[0]] * width)[:width]
+            self.block_tables = torch.tensor([table] * n, dtype=torch.int32, device=dev)
+            self.slot_mapping = torch.full((n,), table[0] * bs, dtype=torch.int64, device=dev)
+        self.pinned = torch.empty((5, n), dtype=torch.int64, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.metas: dict[int, AttentionMetadata] = {}
+        self._capture()
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slots=self.slots[:b],
+            query_start_loc=self.query_start[: b + 1],
+            seq_lens=self.seq_lens[:b],
+            context_lens=self.context_lens[:b],
+            token_slots=self.token_slots[:b],
+            token_positions=self.positions[:b],
+            max_query_len=1,
+            max_seq_len=self.runner.max_model_len,
+            slots_host=[self.dummy_slot] * b,
+            query_lens_host=[1] * b,
+            seq_lens_host=[self.runner.max_model_len] * b,
+            block_tables=None if self.block_tables is None else self.block_tables[:b],
+            slot_mapping=None if self.slot_mapping is None else self.slot_mapping[:b],
+            block_size=self.runner.block_size,
+        )
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = self.metas[b]
+        model = self.runner.model
+        hidden = model(self.input_ids[:b], self.positions[:b], meta, self.runner.attn)
+        return model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            self.metas[b] = self._meta(b)
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: compile kernels, settle allocator
+                    self._forward(b)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[b] = self._forward(b)
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        rows = out.scheduled
+        n = len(rows)
+        b = next(s for s in self.sizes if s >= n)
+        host = self.pinned
+        host[0, :b] = 0
+        host[1, :b] = 0
+        host[2, :b] = self.dummy_slot
+        host[3, :b] = 1
+        for i, r in enumerate(rows):
+            host[0, i] = r.request.all_token_ids[r.start]
+            host[1, i] = r.start
+            host[2, i] = r.slot
+            host[3, i] = r.context_len
+        self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
+        self.positions[:b].copy_(host[1, :b], non_blocking=True)
+        self.slots[:b].copy_(host[2, :b], non_blocking=True)
+        self.token_slots[:b].copy_(host[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(host[3, :b], non_blocking=True)
+        self.context_lens[:b].copy_(host[1, :b], non_blocking=True)
+        if self.block_tables is not None and self.slot_mapping is not None:
+            bs = self.runner.block_size
+            width = self.block_tables.shape[1]
+            tables = self.runner.cache.block_tables([r.slot for r in rows])
+            fill = self.dummy_row[0]
+            padded = [list(t) + [fill] * (width - len(t)) for t in tables]
+            padded += [[fill] * width] * (b - n)
+            mapping = [t[r.start // bs] * bs + r.start % bs for t, r in zip(padded, rows)]
+            mapping += [fill * bs] * (b - n)
+            self.block_tables[:b].copy_(torch.tensor(padded, dtype=torch.int32), non_blocking=True)
+            self.slot_mapping[:b].copy_(torch.tensor(mapping, dtype=torch.int64), non_blocking=True)
+        self.graphs[b].replay()
+        return self.logits[b][:n]

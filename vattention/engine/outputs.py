@@ -1,0 +1,59 @@
+"""What a finished (or streaming) request returns, in the shape vLLM users know.
+
+`RequestOutput.outputs[0]` is the completion; `text` and `token_ids` are shortcuts to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vattention.engine.logprobs import TokenLogprobs
+from vattention.engine.request import Request
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop", "length", "abort", "kv memory"; None while running
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_preemptions: int = 0
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @classmethod
+    def from_request(cls, request: Request, prompt: str | None = None) -> RequestOutput:
+        reason = request.finish_reason.value if request.finish_reason is not None else None
+        completion = CompletionOutput(
+            index=0,
+            text=request.output_text if request.is_finished else request.stream_text(),
+            token_ids=list(request.output_token_ids),
+            finish_reason=reason,
+            stop_reason=request.stop_reason,
+            logprobs=None if request.output_logprobs is None else list(request.output_logprobs),
+        )
+        return cls(
+            request_id=request.request_id,
+            prompt=prompt,
+            prompt_token_ids=list(request.prompt_token_ids),
+            outputs=[completion],
+            finished=request.is_finished,
+            num_preemptions=request.num_preemptions,
+        )
