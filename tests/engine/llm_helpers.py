@@ -61,7 +61,9 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> lis
     return out[0, len(prompt) :].tolist()
 
 
-def prompts(n: int, seed: int = 1, low: int = 3, high: int = 40, vocab: int = 128) -> list[list[int]]:
+def prompts(
+    n: int, seed: int = 1, low: int = 3, high: int = 40, vocab: int = 128
+) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (n,), generator=gen).tolist()
     return [torch.randint(1, vocab, (k,), generator=gen).tolist() for k in lengths]

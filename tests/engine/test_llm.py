@@ -15,8 +15,14 @@ NEW = 24
 
 def _llm(path: Path, kv_cache: str, **kw: object) -> LLM:
     opts: dict[str, object] = dict(
-        kv_cache=kv_cache, dtype="float32", device="cpu", max_model_len=128, max_num_seqs=4,
-        max_num_batched_tokens=32, kv_page_size=64 * 1024, block_size=16,
+        kv_cache=kv_cache,
+        dtype="float32",
+        device="cpu",
+        max_model_len=128,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        kv_page_size=64 * 1024,
+        block_size=16,
     )
     opts.update(kw)
     return LLM(str(path), **opts)  # type: ignore[arg-type]
@@ -58,7 +64,9 @@ def test_generate_accepts_prompt_forms_and_rejects_bad_input(tmp_path: Path) -> 
     with _llm(tmp_path / "m", "vattention") as llm:
         one = llm.generate([5, 6, 7], params, use_tqdm=False)
         assert len(one) == 1 and len(one[0].token_ids) <= 3
-        two = llm.generate([{"prompt_token_ids": [1, 2]}, [3, 4, 5]], [params, params], use_tqdm=False)
+        two = llm.generate(
+            [{"prompt_token_ids": [1, 2]}, [3, 4, 5]], [params, params], use_tqdm=False
+        )
         assert len(two) == 2
         with pytest.raises(ValueError, match="vocabulary"):
             llm.generate([[1, 2, 10_000]], params, use_tqdm=False)

@@ -56,7 +56,7 @@ class LLM:
             raise RuntimeError("the engine still has requests from an interrupted generate()")
         ids: list[str] = []
         try:
-            for item, p in zip(items, params):
+            for item, p in zip(items, params, strict=False):
                 ids.append(engine.add_request(item, p))
         except BaseException:
             for rid in ids:
@@ -85,14 +85,18 @@ class LLM:
 
 
 def _as_prompt_list(prompts: PromptLike | Sequence[PromptLike]) -> list[str | list[int]]:
+    items: Sequence[Any]
     if isinstance(prompts, (str, dict)):
-        prompts = [prompts]
+        items = [prompts]
     elif isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int):
-        prompts = [prompts]  # a single prompt of token ids
-    if not isinstance(prompts, Sequence) or not prompts:
+        items = [prompts]  # a single prompt of token ids
+    elif isinstance(prompts, Sequence) and prompts:
+        items = prompts
+    else:
         raise ValueError("generate() needs at least one prompt")
     out: list[str | list[int]] = []
-    for p in prompts:
+    p: Any
+    for p in items:
         if isinstance(p, dict):
             if "prompt_token_ids" in p:
                 p = p["prompt_token_ids"]
@@ -105,5 +109,7 @@ def _as_prompt_list(prompts: PromptLike | Sequence[PromptLike]) -> list[str | li
         elif isinstance(p, Sequence) and all(isinstance(t, int) for t in p):
             out.append(list(p))
         else:
-            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+            raise TypeError(
+                f"a prompt must be a string or a list of token ids, got {type(p).__name__}"
+            )
     return out

@@ -97,7 +97,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.cache = self._make_cache(config, max_len, extra_slots=1 if use_graphs else 0)
-        backend = config.attention_backend or ("paged_triton" if config.kv_cache == "paged" else "auto")
+        backend = config.attention_backend or (
+            "paged_triton" if config.kv_cache == "paged" else "auto"
+        )
         if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
             backend = "paged_torch"
         self.attn = create_backend(
@@ -199,7 +201,9 @@ class LLMEngine:
             token_ids = sampled.token_ids.tolist()
             self.runner.join_mapping()  # before update() frees slots
             finished = self.scheduler.update(out, token_ids, sampled.logprobs)
-        return [RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished]
+        return [
+            RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished
+        ]
 
     def close(self) -> None:
         close = getattr(self.cache, "close", None)

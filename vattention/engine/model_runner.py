@@ -16,6 +16,7 @@ memory that is mapped and belongs to nobody.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,8 +106,8 @@ class ModelRunner:
             else:
                 ends = [int(x) - 1 for x in _cumsum([r.num_new_tokens for r in rows])]
                 index = torch.tensor(
-                [ends[i] for i in sample_rows], dtype=torch.int64, device=self.device
-            )
+                    [ends[i] for i in sample_rows], dtype=torch.int64, device=self.device
+                )
             logits = self.model.compute_logits(hidden[index])
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
@@ -120,10 +121,8 @@ class ModelRunner:
         wait = getattr(self.cache, "wait", None)
         if wait is None:
             return
-        try:
+        with contextlib.suppress(OutOfKVMemory):
             wait()
-        except OutOfKVMemory:
-            pass
 
 
 def _cumsum(xs: list[int]) -> list[int]:
@@ -235,7 +234,9 @@ class _DecodeGraphs:
             fill = self.dummy_row[0]
             padded = [list(t) + [fill] * (width - len(t)) for t in tables]
             padded += [[fill] * width] * (b - n)
-            mapping = [t[r.start // bs] * bs + r.start % bs for t, r in zip(padded, rows)]
+            mapping = [
+                t[r.start // bs] * bs + r.start % bs for t, r in zip(padded, rows, strict=False)
+            ]
             mapping += [fill * bs] * (b - n)
             self.block_tables[:b].copy_(torch.tensor(padded, dtype=torch.int32), non_blocking=True)
             self.slot_mapping[:b].copy_(torch.tensor(mapping, dtype=torch.int64), non_blocking=True)

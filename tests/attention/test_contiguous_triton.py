@@ -1,0 +1,119 @@
+"""The Triton split-K decode kernel: split handling, launch knobs, heuristics, 64-bit offsets.
+
+CPU tests run under the Triton interpreter with tiny shapes; `gpu` tests use realistic ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import DenseKVCache, random_requests, reference_attention
+
+from vattention.attention.decode_kernels import decode_attention, default_num_splits
+
+
+def decode_case(
+    cache: DenseKVCache,
+    slots: list[int],
+    seq_lens: list[int],
+    num_heads: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fill the slots with random K/V; return (q, slots, seq_lens as device tensors, reference)."""
+    k_cache = cache.k_cache(0)
+    dtype, device = k_cache.dtype, k_cache.device
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = random_requests(seq_lens, num_kv_heads, head_dim, dtype, device, gen)
+    for slot, k, v in zip(slots, keys, values, strict=True):
+        cache.k_cache(0)[slot, : k.shape[0]] = k
+        cache.v_cache(0)[slot, : v.shape[0]] = v
+    q = torch.randn(len(slots), num_heads, head_dim, generator=gen).to(device, dtype)
+    expected = reference_attention(q, keys, values, [1] * len(slots), head_dim**-0.5)
+    s = torch.tensor(slots, dtype=torch.int32, device=device)
+    n = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    return q, s, n, expected
+
+
+@pytest.mark.parametrize(("num_splits", "layout"), [
+    (1, "per_layer"), (2, "per_layer"), (7, "per_layer"), (3, "cross_layer"), (3, "padded"),
+])  # fmt: skip
+def test_any_split_count_gives_the_same_answer(num_splits: int, layout: str) -> None:
+    """Short requests leave most splits empty; long ones use all; results must not change."""
+    cache = DenseKVCache(1, 4, 80, 2, 16, torch.float32, "cpu", layout)
+    slots, seq_lens = [2, 0, 3], [1, 37, 80]
+    q, s, n, expected = decode_case(cache, slots, seq_lens, num_heads=8)
+    out = decode_attention(
+        q, cache.k_cache(0), cache.v_cache(0), s, n, 16**-0.5, 80, num_splits=num_splits, block_n=16
+    )
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 32])
+def test_group_sizes_including_non_powers_of_two(group: int) -> None:
+    cache = DenseKVCache(1, 2, 40, 1, 16, torch.float32, "cpu", "per_layer")
+    q, s, n, expected = decode_case(cache, [1, 0], [40, 17], num_heads=group)
+    out = decode_attention(q, cache.k_cache(0), cache.v_cache(0), s, n, 16**-0.5, 40, block_n=16)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+
+
+def test_default_splits_fill_the_gpu_and_respect_the_context() -> None:
+    # B=64 x 8 kv heads already gives 512 programs: two splits reach 4 per SM on 132 SMs.
+    assert default_num_splits(64, 8, 8192, 64, 132) == 2
+    # One request with a long context: many splits, each still >= 4 tiles.
+    splits = default_num_splits(1, 8, 32768, 64, 132)
+    assert splits * 8 >= 4 * 132 and 32768 / splits >= 4 * 64
+    # Short contexts are never cut below 4 tiles per split.
+    assert default_num_splits(1, 1, 100, 64, 132) == 1
+    assert default_num_splits(1, 1, 1, 64, 132) == 1
+
+
+def test_rejects_bad_shapes() -> None:
+    cache = DenseKVCache(1, 2, 16, 1, 16, torch.float32, "cpu", "per_layer")
+    q = torch.zeros(1, 4, 16)
+    i = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="contiguous last"):
+        decode_attention(q, cache.k_cache(0).transpose(2, 3), cache.v_cache(0), i, i + 1, 1.0, 1)
+    odd = DenseKVCache(1, 2, 16, 1, 12, torch.float32, "cpu", "per_layer")
+    with pytest.raises(ValueError, match="power-of-two"):
+        decode_attention(torch.zeros(1, 4, 12), odd.k_cache(0), odd.v_cache(0), i, i + 1, 1.0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "num_kv_heads", "group", "max_len"), [
+    (64, 8, 4, 8192), (1, 8, 4, 32768), (3, 2, 8, 20000), (128, 1, 1, 700),
+])  # fmt: skip
+def test_gpu_realistic_shapes(
+    dtype: torch.dtype, batch: int, num_kv_heads: int, group: int, max_len: int
+) -> None:
+    cache = DenseKVCache(1, batch, max_len, num_kv_heads, 128, dtype, "cuda", "cross_layer")
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    seq_lens[0] = max_len
+    slots = torch.randperm(batch, generator=gen).tolist()
+    q, s, n, expected = decode_case(cache, slots, seq_lens, num_kv_heads * group)
+    out = decode_attention(q, cache.k_cache(0), cache.v_cache(0), s, n, 128**-0.5, max_len)
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_two_to_the_31_elements() -> None:
+    """A slot that starts beyond 2^31 elements of the base (a large virtual cache) is read right."""
+    slot_stride = 2**30 + 1024
+    size = 2 * slot_stride + 256 * 1024
+    views = [
+        torch.full((size,), float("nan"), dtype=torch.bfloat16, device="cuda").as_strided(
+            (3, 256, 8, 128), (slot_stride, 1024, 128, 1)
+        )
+        for _ in range(2)
+    ]
+
+    class Cache(DenseKVCache):
+        def __init__(self) -> None:
+            self._k, self._v = [views[0]], [views[1]]
+
+    q, s, n, expected = decode_case(Cache(), [2], [256], num_heads=32)
+    out = decode_attention(q, views[0], views[1], s, n, 128**-0.5, 256, num_splits=4)
+    torch.testing.assert_close(out.double(), expected, atol=4e-2, rtol=0)

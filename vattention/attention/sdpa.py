@@ -1,0 +1,126 @@
+"""`sdpa`: `F.scaled_dot_product_attention` (GQA-native) reading slot views of the cache in place.
+
+- A uniform batch (equal lengths, consecutive slots; see `contiguous.Uniform`) is one call over
+  the dense view `cache[first:first + B, :seq_len].transpose(1, 2)`: the gpt-fast contract.
+- Otherwise one call per request over `cache[slot:slot + 1, :seq_len].transpose(1, 2)`.
+- On CUDA, prefills prefer the cuDNN kernel (fresh prompts, `is_causal`), and chunked prefills
+  use `causal_lower_right` (flash); torch falls back to the next usable kernel by itself.
+Only rows `[0, seq_len)` of each slot are read, so unbacked rows are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from vattention.attention.base import AttentionMetadata, register_backend
+from vattention.attention.contiguous import (
+    ContiguousBackend,
+    Uniform,
+    causal_bool_mask,
+    uniform_batch,
+)
+
+_PREFILL_ORDER = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+@contextlib.contextmanager
+def prefer_cudnn(enabled: bool) -> Iterator[None]:
+    """Make cuDNN the first choice of SDPA inside the block (no-op when `enabled` is False)."""
+    if not enabled:
+        yield
+        return
+    ctx: contextlib.AbstractContextManager[object]
+    try:
+        ctx = sdpa_kernel(_PREFILL_ORDER, set_priority=True)
+    except TypeError:  # torch without set_priority: keep its default order
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def sdpa_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, context_len: int
+) -> torch.Tensor:
+    """SDPA on `[B, H, n, D]` queries over `[B, Hkv, S, D]` keys, query j at `context_len + j`."""
+    n, seq_len = q.shape[2], k.shape[2]
+    mask: object = None
+    if n > 1 and context_len > 0:
+        fused = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+        mask = causal_lower_right(n, seq_len) if fused else causal_bool_mask(n, seq_len, q.device)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,  # type: ignore[arg-type]
+        is_causal=n > 1 and context_len == 0,
+        scale=scale,
+        enable_gqa=True,
+    )
+
+
+def sdpa_requests(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    starts: list[int],
+    requests: Iterable[int],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Fill `out`'s rows of each request in `requests`: one SDPA call over its slot view."""
+    for i in requests:
+        slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
+        a, b = starts[i], starts[i + 1]
+        o = sdpa_causal(
+            q[a:b].transpose(0, 1).unsqueeze(0),
+            k_cache[slot : slot + 1, :seq_len].transpose(1, 2),
+            v_cache[slot : slot + 1, :seq_len].transpose(1, 2),
+            scale,
+            seq_len - (b - a),
+        )
+        out[a:b] = o.squeeze(0).transpose(0, 1)
+
+
+@register_backend
+class SDPABackend(ContiguousBackend):
+    """Torch SDPA over the contiguous cache: one call per uniform batch or per request."""
+
+    name = "sdpa"
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.check_q(q, meta)
+        k_cache, v_cache = self.layer_kv(layer)
+        uniform = self._plan(meta, "uniform", lambda: uniform_batch(meta))
+        with prefer_cudnn(q.is_cuda and meta.max_query_len > 1):
+            if uniform is not None:
+                return self._attend_uniform(q, k_cache, v_cache, uniform)
+            out = torch.empty_like(q)
+            starts = self.starts(meta)
+            sdpa_requests(q, k_cache, v_cache, meta, starts, range(meta.num_seqs), self.scale, out)
+            return out
+
+    def _attend_uniform(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, u: Uniform
+    ) -> torch.Tensor:
+        rows = slice(u.first_slot, u.first_slot + u.num_seqs)
+        qb = q.view(u.num_seqs, u.query_len, self.num_heads, self.head_dim).transpose(1, 2)
+        o = sdpa_causal(
+            qb,
+            k_cache[rows, : u.seq_len].transpose(1, 2),
+            v_cache[rows, : u.seq_len].transpose(1, 2),
+            self.scale,
+            u.context_len,
+        )
+        return o.transpose(1, 2).reshape(q.shape)
