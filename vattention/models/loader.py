@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -165,26 +165,43 @@ def expected_tensor_names(model: LlamaForCausalLM) -> set[str]:
 @torch.no_grad()
 def load_safetensors(model: LlamaForCausalLM, directory: Path) -> None:
     """Copy every checkpoint tensor into its (slice of a) parameter, checking shapes and coverage."""
+
+    def tensors() -> Iterator[tuple[str, str, torch.Tensor]]:
+        for file in checkpoint_files(directory):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if _target(model, params, hf_name) is not None:
+                        yield file.name, hf_name, f.get_tensor(hf_name)
+
+    params = dict(model.named_parameters())
+    _load(model, tensors(), f"checkpoint {str(directory)!r}")
+
+
+@torch.no_grad()
+def load_hf_state_dict(model: LlamaForCausalLM, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Fill `model` from a Hugging Face model's `state_dict()` (same names as its checkpoints)."""
+    _load(model, (("state_dict", k, v) for k, v in state_dict.items()), "state dict")
+
+
+def _load(
+    model: LlamaForCausalLM, tensors: Iterable[tuple[str, str, torch.Tensor]], source: str
+) -> None:
     device = model.head_weight().device
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    for file in checkpoint_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                target = _target(model, params, hf_name)
-                if target is None:
-                    continue
-                param, start, rows = target
-                tensor = f.get_tensor(hf_name)
-                want = (rows, *param.shape[1:])
-                if tuple(tensor.shape) != want:
-                    raise ValueError(
-                        f"tensor {hf_name!r} in {file.name} has shape {tuple(tensor.shape)}, "
-                        f"expected {want}"
-                    )
-                param[start : start + rows].copy_(tensor.to(device))
-                loaded.add(hf_name)
+    for where, hf_name, tensor in tensors:
+        target = _target(model, params, hf_name)
+        if target is None:
+            continue
+        param, start, rows = target
+        want = (rows, *param.shape[1:])
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"tensor {hf_name!r} in {where} has shape {tuple(tensor.shape)}, expected {want}"
+            )
+        param[start : start + rows].copy_(tensor.to(device))
+        loaded.add(hf_name)
     missing = sorted(expected_tensor_names(model) - loaded)
     if missing:
         shown = missing[:8] + (["..."] if len(missing) > 8 else [])
-        raise ValueError(f"checkpoint {str(directory)!r} lacks {len(missing)} tensor(s): {shown}")
+        raise ValueError(f"{source} lacks {len(missing)} tensor(s): {shown}")
