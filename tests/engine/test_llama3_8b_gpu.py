@@ -1,8 +1,9 @@
 """GPU: the llama-3-8b preset (random weights, bf16) through our engine path matches HF logits.
 
 Prefill two prompts of different lengths, then decode three greedy tokens through the real
-`VirtualKVCache` on CUDA and the default (`auto`) attention backend; at every step the logits of
-each request must match HF transformers' within bf16 tolerance.
+`VirtualKVCache` on CUDA and the default (`auto`) attention backend. "Within bf16 tolerance" is
+measured, not guessed: at every step our bf16 logits must be as close to HF's float32 logits as
+HF's own bf16 logits are (within 1.5x, or 2% relative), and must pick the same greedy token.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def test_llama3_8b_preset_matches_hf_in_bf16() -> None:
     )
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+        hf32 = transformers.LlamaForCausalLM(hf_cfg).eval()
     ours = load_model("llama-3-8b", torch.bfloat16, "cuda", load_format="dummy")
-    load_hf_state_dict(ours, hf.state_dict())
+    load_hf_state_dict(ours, hf32.state_dict())
+    with torch.device("cuda"):
+        hf16 = transformers.LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    hf16.load_state_dict(hf32.state_dict())
     spec = c.kv_cache_spec(max_slots=4, max_seq_len=256, dtype=torch.bfloat16)
     with VirtualKVCache(spec, "cuda", budget_bytes=4 << 30) as cache:
         attn = create_backend("auto", cache, c.num_heads, c.num_kv_heads, c.head_dim)
@@ -61,7 +65,11 @@ def test_llama3_8b_preset_matches_hf_in_bf16() -> None:
             hidden = ours(ids, meta.token_positions, meta, attn)
             logits = ours.compute_logits(hidden[(meta.query_start_loc[1:] - 1).long()])
             for i, seq in enumerate(seqs):
-                ref = hf(torch.tensor([seq], device="cuda")).logits[0, -1].float()
+                x = torch.tensor([seq], device="cuda")
+                ref = hf32(x).logits[0, -1].float()
+                hf_err = _rel(hf16(x).logits[0, -1], ref)
+                err = _rel(logits[i], ref)
                 assert torch.isfinite(logits[i]).all()
-                assert _rel(logits[i], ref) < 2e-2, (step, i, _rel(logits[i], ref))
+                assert err <= max(1.5 * hf_err, 2e-2), (step, i, err, hf_err)
+                assert int(logits[i].argmax()) == int(ref.argmax()), (step, i)
                 seq.append(int(ref.argmax()))
