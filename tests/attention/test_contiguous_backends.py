@@ -37,8 +37,16 @@ GPU_CASES = {
     "mixed": ([3, 0, 8, 1, 6], [0, 900, 1700, 128, 0], [200, 1, 1, 333, 1]),
     "max_len": ([10], [3000], [1096]),
 }
-ALL_BACKENDS = ["torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "fa2_varlen"]
-CPU_BACKENDS = ["torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode"]
+# "auto:..." are `auto` with options: its mixed-batch split (prefill by SDPA, decode rows by
+# Triton in one launch) and its whole-batch FA2 varlen route.
+VARIANTS = {
+    "auto:triton": ("auto", {"decode": "triton_decode"}),
+    "auto:fa2": ("auto", {"prefill": "fa2_varlen"}),
+}
+ALL_BACKENDS = [
+    "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "fa2_varlen", "auto:triton", "auto:fa2"
+]  # fmt: skip
+CPU_BACKENDS = ["torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "auto:triton"]
 # GQA ratios on the per-layer layout, every layout at ratio 4.
 CPU_SHAPES = [
     (1, "per_layer"),
@@ -79,7 +87,8 @@ def run_case(
     v_new = torch.cat([v[c:] for v, c in zip(values, context_lens, strict=True)])
     q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(device, dtype)
     meta = AttentionMetadata.build(slots, context_lens, query_lens, device=device)
-    backend = create_backend(backend_name, cache, num_heads, num_kv_heads, head_dim)
+    name, options = VARIANTS.get(backend_name, (backend_name, {}))
+    backend = create_backend(name, cache, num_heads, num_kv_heads, head_dim, **options)
 
     out = backend.forward(LAYER, q, k_new, v_new, meta)
 

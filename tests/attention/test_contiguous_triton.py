@@ -117,3 +117,18 @@ def test_gpu_offsets_past_two_to_the_31_elements() -> None:
     q, s, n, expected = decode_case(Cache(), [2], [256], num_heads=32)
     out = decode_attention(q, views[0], views[1], s, n, 128**-0.5, 256, num_splits=4)
     torch.testing.assert_close(out.double(), expected, atol=4e-2, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_zero_length_rows_give_zeros_not_nan(num_splits: int) -> None:
+    """CUDA-graph padding rows may carry seq_len 0: they must not produce NaN."""
+    cache = DenseKVCache(1, 2, 32, 1, 16, torch.float32, "cpu", "per_layer")
+    q, s, n, expected = decode_case(cache, [0], [20], num_heads=2)
+    q2 = torch.cat([q, q])
+    s2 = torch.tensor([0, 1], dtype=torch.int32)
+    n2 = torch.tensor([20, 0], dtype=torch.int32)
+    out = decode_attention(
+        q2, cache.k_cache(0), cache.v_cache(0), s2, n2, 0.25, 32, num_splits=num_splits, block_n=16
+    )
+    torch.testing.assert_close(out[:1].double(), expected, atol=2e-5, rtol=0)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))

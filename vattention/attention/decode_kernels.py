@@ -111,9 +111,10 @@ def _combine_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     s_mask = offs_s < NUM_SPLITS
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: split 0 always holds the first token
-    w = tl.exp2(lse - m)
-    w = w / tl.sum(w, 0)
+    m = tl.max(lse, 0)  # finite unless seq_len == 0 (a padding row): then output zeros
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    total = tl.sum(w, 0)
+    w = w / tl.where(total == 0.0, 1.0, total)
     a_ptrs = Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :]
     acc = tl.load(a_ptrs, mask=s_mask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0)

@@ -46,13 +46,11 @@ def attend_per_request(
     q: torch.Tensor,
     meta: AttentionMetadata,
     out: torch.Tensor,
-    requests: range | list[int] | None = None,
 ) -> None:
-    """Fill the rows of `out` that belong to `requests` (default: all) one request at a time."""
+    """Fill `out` one request at a time."""
     k_cache, v_cache = backend.layer_kv(layer)
     starts = backend.starts(meta)
-    todo = range(meta.num_seqs) if requests is None else requests
-    for i in todo:
+    for i in range(meta.num_seqs):
         slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
         a, b = starts[i], starts[i + 1]
         out[a:b] = attend_one(
