@@ -50,6 +50,7 @@ def run_ours(args: argparse.Namespace, kv_cache: str, prompts: list[list[int]]) 
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate(prompts[: min(8, len(prompts))], warm, use_tqdm=False)
     _sync()
+    llm.engine.timings = dict.fromkeys(llm.engine.timings, 0.0)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     _sync()
@@ -66,6 +67,7 @@ def run_ours(args: argparse.Namespace, kv_cache: str, prompts: list[list[int]]) 
         "setup_s": setup,
         "attention_backend": type(llm.engine.attn).__name__,
         "cuda_graphs": llm.engine.runner.graphs is not None,
+        "phase_seconds": {k: round(v, 3) for k, v in llm.engine.timings.items()},
     }
     if stats is not None:
         result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)

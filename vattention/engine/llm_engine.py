@@ -14,6 +14,7 @@ caps *physical* pages only: every slot still gets `max_model_len` tokens of virt
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,10 @@ class LLMEngine:
             default_graph_sizes(config.max_num_seqs) if use_graphs else (),
             dummy,
         )
+        # Wall-clock seconds per phase of `step`, summed (for benchmarks; cheap to keep).
+        self.timings: dict[str, float] = dict.fromkeys(
+            ("join", "schedule", "execute", "sync", "update"), 0.0
+        )
         self._ids = itertools.count()
         self._prompts: dict[str, str | None] = {}
 
@@ -192,15 +197,28 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; returns the requests that finished in it."""
+        clock, t = time.perf_counter, self.timings
+        t0 = clock()
         self.runner.join_mapping()
+        t1 = clock()
         out = self.scheduler.schedule()
+        t2 = clock()
         if out.is_empty:
             finished = self.scheduler.update(out, [])
+            t3 = t4 = clock()
         else:
             sampled = self.runner.execute(out)
+            t3 = clock()
             token_ids = sampled.token_ids.tolist()
             self.runner.join_mapping()  # before update() frees slots
+            t4 = clock()
             finished = self.scheduler.update(out, token_ids, sampled.logprobs)
+        t5 = clock()
+        t["join"] += t1 - t0
+        t["schedule"] += t2 - t1
+        t["execute"] += t3 - t2
+        t["sync"] += t4 - t3
+        t["update"] += t5 - t4
         return [
             RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished
         ]
