@@ -155,7 +155,7 @@ class LLMEngine:
 
             backend = "cuda" if self.device.type == "cuda" else "cpu"
             return VirtualKVCache(spec, backend, device=self.device, budget_bytes=budget)
-        from vattention.kvcache.paged import PagedKVCache
+        from vattention.kvcache.block_cache import PagedKVCache
 
         return PagedKVCache(
             spec, block_size=config.block_size, budget_bytes=budget, device=self.device
