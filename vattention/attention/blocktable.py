@@ -173,9 +173,10 @@ class PagedTritonBackend(PagedBackend):
             rows, idx = plan["decode_rows"], plan["decode_idx"]
             assert isinstance(rows, torch.Tensor) and isinstance(idx, torch.Tensor)
             assert meta.block_tables is not None
+            max_len = int(plan["decode_max"])  # type: ignore[call-overload]
             out[rows] = self._decode(
-                layer, q[rows], meta.block_tables[idx], meta.seq_lens[idx], int(plan["decode_max"])
-            )  # type: ignore[call-overload]
+                layer, q[rows], meta.block_tables[idx], meta.seq_lens[idx], max_len
+            )
         if plan["fresh"]:
             rows = plan["fresh_rows"]
             assert isinstance(rows, torch.Tensor)
