@@ -156,7 +156,7 @@ def test_bf16_on_gpu_with_auto_backend(hf_checkpoint, kind: str) -> None:
     hf_model.cuda()
     model = load_model(path, dtype=torch.bfloat16, device="cuda")
     c = model.config
-    spec = c.kv_cache_spec(max_slots=4, max_seq_len=256)
+    spec = c.kv_cache_spec(max_slots=4, max_seq_len=256, dtype=torch.bfloat16)
     with VirtualKVCache(spec, "cuda", budget_bytes=2**28) as cache:
         backend = create_backend("auto", cache, c.num_heads, c.num_kv_heads, c.head_dim)
         a, b = PROMPTS[1], PROMPTS[2]

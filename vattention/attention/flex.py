@@ -15,6 +15,7 @@ runs eagerly (unfused, for tests).
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any, cast
@@ -29,9 +30,21 @@ BLOCK = 128
 MaskMod = Callable[[Any, Any, Any, Any], Any]
 
 
+def _flex_call(*args: Any, **kwargs: Any) -> Any:
+    return flex_attention(*args, **kwargs)
+
+
 @functools.cache
-def _compiled_flex() -> Callable[..., Any]:
-    return torch.compile(flex_attention)
+def _compiled_flex(strides: tuple[int, ...]) -> Callable[..., Any]:
+    """A compiled flex for one q/K/V stride pattern, with a dynamo cache of its own.
+
+    Dynamo keeps its compiled graphs on the traced function's code object. If caches of several
+    layouts shared one, a stride change would make dynamo mark the strides symbolic, and torch
+    2.11's flex template finds no kernel for symbolic K/V strides. So each pattern gets a copy
+    of `_flex_call` with its own code object; sequence lengths may still vary within it."""
+    code = _flex_call.__code__.replace(co_name=f"_flex_call_{abs(hash(strides))}")
+    fn = types.FunctionType(code, _flex_call.__globals__, code.co_name)
+    return torch.compile(fn)
 
 
 def offset_causal(shift: torch.Tensor) -> MaskMod:
@@ -131,7 +144,10 @@ class FlexBackend(ContiguousBackend):
             warnings.filterwarnings(
                 "ignore", message=".*flex_attention called without torch.compile"
             )
-            flex = _compiled_flex() if q.is_cuda else cast(Callable[..., Any], flex_attention)
+            pattern = (*q.stride()[1:], *k.stride(), *v.stride())
+            flex = (
+                _compiled_flex(pattern) if q.is_cuda else cast(Callable[..., Any], flex_attention)
+            )
             o = flex(
                 q.transpose(1, 2),
                 k.transpose(1, 2),

@@ -1,0 +1,288 @@
+"""`PagedKVCache`: the PagedAttention baseline (what vLLM does), with `VirtualKVCache`'s slot API.
+
+Per layer, K and V are block pools `[num_blocks, block_size, kv_heads, head_dim]`, allocated up
+front (the whole budget, as vLLM does); request tokens live in the blocks its block table lists,
+in order: token `p` of a slot is at `pool[table[p // block_size], p % block_size]`. Kernels must
+follow the table (the `paged_*` attention backends); writes use `block * block_size + offset`.
+
+Invariants (checked by `check_integrity`): block 0 is the padding block, never handed out and
+zero-filled (padding rows of block tables and CUDA graphs point at it); every other block is free
+or in exactly one used slot's table; a used slot's table covers its length
+(`len(table) * block_size >= length`); `ensure`/`step` are all-or-nothing (`OutOfKVMemory` leaves
+every table, length and the free list as they were); `free_slot` returns the slot's blocks at
+once; shrinking a length keeps the blocks (as `VirtualKVCache` keeps its pages mapped).
+Sizing: `num_blocks` counts the padding block; `budget_bytes` buys `budget // block_bytes`
+usable blocks (capped at what `max_slots` full slots need) plus the padding block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vattention.kvcache.block_allocator import BlockAllocator
+from vattention.kvcache.spec import KVCacheSpec
+from vattention.memory.errors import OutOfKVMemory
+
+Lengths = Mapping[int, int] | Sequence[int]
+
+
+@dataclass(frozen=True)
+class PagedStats:
+    """A snapshot of the paged cache's memory use (sizes in bytes, K and V of all layers)."""
+
+    block_size: int
+    block_bytes: int
+    num_blocks: int  # usable blocks (the padding block excluded)
+    free_blocks: int
+    used_blocks: int
+    allocated_bytes: int  # the whole pool, padding block included: reserved up front
+    used_bytes: int  # blocks held by used slots
+    live_bytes: int  # bytes holding the live tokens of used slots
+    live_tokens: int
+    slots_used: int
+    slots_free: int
+
+    @property
+    def internal_fragmentation(self) -> float:
+        """Share of the held blocks' bytes that hold no live token."""
+        return 0.0 if self.used_bytes == 0 else 1.0 - self.live_bytes / self.used_bytes
+
+    def as_dict(self) -> dict[str, float]:
+        d: dict[str, float] = dict(asdict(self))
+        d["internal_fragmentation"] = self.internal_fragmentation
+        return d
+
+
+class PagedKVCache:
+    """Block pools plus per-slot block tables, grown block by block from a free list."""
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        block_size: int = 16,
+        *,
+        num_blocks: int | None = None,
+        budget_bytes: int | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not isinstance(spec, KVCacheSpec):
+            raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if num_blocks is not None and budget_bytes is not None:
+            raise ValueError("give num_blocks or budget_bytes, not both")
+        self.spec = spec
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.block_bytes = block_size * spec.token_bytes
+        self.blocks_per_slot = -(-spec.max_seq_len // block_size)
+        full = spec.max_slots * self.blocks_per_slot
+        if budget_bytes is not None:
+            if not isinstance(budget_bytes, int) or budget_bytes < 0:
+                raise ValueError(f"budget_bytes must be an int >= 0, got {budget_bytes!r}")
+            num_blocks = min(budget_bytes // self.block_bytes, full) + 1
+        elif num_blocks is None:
+            num_blocks = full + 1
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 2:
+            raise ValueError(
+                f"need at least 2 blocks (block 0 is the padding block), got {num_blocks!r}"
+            )
+        self.num_blocks = num_blocks
+        self._alloc = BlockAllocator(num_blocks, reserved=1)
+        shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self._k = torch.empty(shape, dtype=spec.dtype, device=self.device)
+        self._v = torch.empty(shape, dtype=spec.dtype, device=self.device)
+        self._k[:, 0].zero_()
+        self._v[:, 0].zero_()
+        n = spec.max_slots
+        self._tables: list[list[int]] = [[] for _ in range(n)]
+        self._lengths = [0] * n
+        self._used = [False] * n
+        self._error: OutOfKVMemory | None = None
+        self._closed = False
+
+    # -- tensors ----------------------------------------------------------------------------
+    def k_cache(self, layer: int) -> torch.Tensor:
+        """K pool of `layer`: `[num_blocks, block_size, kv_heads, head_dim]` (contiguous)."""
+        self._check_layer(layer)
+        return self._k[layer]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        return self._v[layer]
+
+    # -- slots ------------------------------------------------------------------------------
+    def alloc_slot(self) -> int:
+        """The lowest free slot (empty table, length 0); `OutOfKVMemory` when all are used."""
+        self._check_open()
+        for s, used in enumerate(self._used):
+            if not used:
+                self._used[s] = True
+                self._lengths[s] = 0
+                return s
+        raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
+
+    def free_slot(self, slot: int) -> None:
+        """Give a slot back and return its blocks to the free list at once."""
+        self._check_slot(slot)
+        self._alloc.free(self._tables[slot])
+        self._tables[slot] = []
+        self._lengths[slot] = 0
+        self._used[slot] = False
+
+    @property
+    def num_free_slots(self) -> int:
+        return self._used.count(False)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._alloc.num_free
+
+    def length(self, slot: int) -> int:
+        self._check_slot(slot)
+        return self._lengths[slot]
+
+    def block_table(self, slot: int) -> list[int]:
+        """A copy of `slot`'s block table (logical block i -> physical block)."""
+        self._check_slot(slot)
+        return list(self._tables[slot])
+
+    def block_tables(self, slots: Sequence[int]) -> list[list[int]]:
+        """The tables of `slots`, in order. Read-only views: copy before changing them."""
+        for s in slots:
+            self._check_slot(s)
+        return [self._tables[s] for s in slots]
+
+    # -- backing ----------------------------------------------------------------------------
+    def ensure(self, slot: int, num_tokens: int) -> None:
+        """Back tokens `[0, num_tokens)` of `slot`, or raise `OutOfKVMemory` (nothing changed)."""
+        self.step({slot: num_tokens})
+
+    def step(self, lengths: Lengths) -> None:
+        """Batched `ensure` (a mapping slot -> tokens, or one length per slot); all-or-nothing."""
+        targets = self._normalize(lengths)
+        growth = self._growth(targets)
+        blocks = self._alloc.allocate(sum(growth.values()))
+        at = 0
+        for s, k in growth.items():
+            self._tables[s].extend(blocks[at : at + k])
+            at += k
+        for s, n in targets.items():
+            self._lengths[s] = n
+
+    def step_async(self, lengths: Lengths) -> None:
+        """`step` now (block allocation is host bookkeeping: nothing to overlap); a shortage
+        is kept and raised by `wait()`, as `VirtualKVCache` raises its background errors."""
+        self.wait()
+        try:
+            self.step(lengths)
+        except OutOfKVMemory as err:
+            self._error = err
+
+    def wait(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def can_fit(self, lengths: Lengths) -> bool:
+        """Whether `step(lengths)` would succeed now (nothing is changed)."""
+        return sum(self._growth(self._normalize(lengths)).values()) <= self._alloc.num_free
+
+    def _growth(self, targets: dict[int, int]) -> dict[int, int]:
+        bs = self.block_size
+        grow = {s: -(-n // bs) - len(self._tables[s]) for s, n in targets.items()}
+        return {s: k for s, k in grow.items() if k > 0}
+
+    def _normalize(self, lengths: Lengths) -> dict[int, int]:
+        if isinstance(lengths, Mapping):
+            items = list(lengths.items())
+        elif isinstance(lengths, Sequence):
+            if len(lengths) != self.spec.max_slots:
+                raise ValueError(
+                    f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}"
+                )
+            items = [(s, n) for s, n in enumerate(lengths) if n or self._used[s]]
+        else:
+            raise TypeError(
+                f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
+            )
+        top = self.spec.max_seq_len
+        out: dict[int, int] = {}
+        for s, n in items:
+            self._check_slot(s)
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= top:
+                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={top}]")
+            out[s] = n
+        self._check_open()
+        return out
+
+    # -- accounting -------------------------------------------------------------------------
+    def stats(self) -> PagedStats:
+        used = [s for s in range(self.spec.max_slots) if self._used[s]]
+        live = sum(self._lengths[s] for s in used)
+        held = sum(len(self._tables[s]) for s in used)
+        return PagedStats(
+            block_size=self.block_size,
+            block_bytes=self.block_bytes,
+            num_blocks=self._alloc.capacity,
+            free_blocks=self._alloc.num_free,
+            used_blocks=held,
+            allocated_bytes=self.num_blocks * self.block_bytes,
+            used_bytes=held * self.block_bytes,
+            live_bytes=live * self.spec.token_bytes,
+            live_tokens=live,
+            slots_used=len(used),
+            slots_free=self.spec.max_slots - len(used),
+        )
+
+    def check_integrity(self) -> None:
+        """Raise `RuntimeError` listing every broken invariant (see the module docstring)."""
+        problems = self._alloc.check()
+        held = [b for t in self._tables for b in t]
+        if len(set(held)) != len(held):
+            problems.append("a block is in two tables (or twice in one)")
+        if sorted(held) != [b for b in range(self.num_blocks) if self._alloc.is_held(b)]:
+            problems.append("the tables and the allocator disagree on the held blocks")
+        for s in range(self.spec.max_slots):
+            if len(self._tables[s]) * self.block_size < self._lengths[s]:
+                problems.append(f"slot {s}: its table is shorter than its length")
+            if not self._used[s] and (self._tables[s] or self._lengths[s]):
+                problems.append(f"free slot {s} still holds blocks or tokens")
+        if problems:
+            raise RuntimeError("paged KV cache integrity: " + "; ".join(problems))
+
+    # -- checks and teardown ----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the KV cache is closed")
+
+    def _check_slot(self, slot: int) -> None:
+        self._check_open()
+        top = self.spec.max_slots
+        if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < top:
+            raise ValueError(f"slot {slot!r} is out of range [0, {top})")
+        if not self._used[slot]:
+            raise ValueError(f"slot {slot} is not allocated (freed twice, or never allocated?)")
+
+    def _check_layer(self, layer: int) -> None:
+        self._check_open()
+        if not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
+            raise ValueError(f"layer {layer!r} is out of range [0, {self.spec.num_layers})")
+
+    def close(self) -> None:
+        """Drop the pools (idempotent); every later call but `close` raises."""
+        self._closed = True
+        self._k = self._v = torch.empty(0)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> PagedKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
