@@ -108,7 +108,7 @@ def decode_case(
     dense = DenseCache(batch, ctx, hkv, d, DEVICE)
     meta = AttentionMetadata.build(slots, [n - 1 for n in lengths], [1] * batch, DEVICE)
     for name in kernels:
-        if name.startswith("paged"):
+        if name.startswith("pa_"):
             continue
         try:
             backend = create_backend(name, dense, hq, hkv, d)
@@ -119,13 +119,13 @@ def decode_case(
         record(name, lambda b=backend: b.attend(0, q, meta))
     del dense
     for block in (16, 128):
-        if f"paged_triton/{block}" not in kernels:
+        if f"pa_triton/{block}" not in kernels:
             continue
         cache = paged_cache(lengths, hkv, d, block, ctx)
-        backend = create_backend("paged_triton", cache, hq, hkv, d)
+        backend = create_backend("pa_triton", cache, hq, hkv, d)
         pmeta = AttentionMetadata.build(slots, [n - 1 for n in lengths], [1] * batch, DEVICE,
                                         cache.block_tables(slots), block)  # fmt: skip
-        record(f"paged_triton/{block}", lambda b=backend, m=pmeta: b._decode(  # noqa: SLF001
+        record(f"pa_triton/{block}", lambda b=backend, m=pmeta: b._decode(  # noqa: SLF001
             0, q, m.block_tables, m.seq_lens, m.max_seq_len))  # fmt: skip
         cache.close()
     return rows
@@ -163,10 +163,10 @@ def prefill_case(model: str, seq: int, chunk: int | None) -> list[dict[str, Any]
     cache = paged_cache([seq], hkv, d, 16, seq)
     k_new = torch.randn(n_new, hkv, d, device=DEVICE, dtype=DTYPE)
     pmeta = AttentionMetadata.build([0], [ctx], [n_new], DEVICE, cache.block_tables([0]), 16)
-    for name in ("paged_triton", "paged_torch"):
+    for name in ("pa_triton", "pa_torch"):
         backend = create_backend(name, cache, hq, hkv, d)
         label = f"{name}/16" + (
-            " (FA2 on new K/V)" if name == "paged_triton" and chunk is None else ""
+            " (FA2 on new K/V)" if name == "pa_triton" and chunk is None else ""
         )
         record(label, lambda b=backend: b.forward(0, q, k_new, k_new, pmeta))
     cache.close()
@@ -207,11 +207,11 @@ def main() -> None:
             for ctx in contexts:
                 if batch * ctx * hkv * d * 2 * DTYPE.itemsize > args.max_kv_gb * 1e9 / 1.5:
                     continue
-                kernels = CONTIGUOUS_DECODE + ["paged_triton/16", "paged_triton/128"]
+                kernels = CONTIGUOUS_DECODE + ["pa_triton/16", "pa_triton/128"]
                 if DEVICE == "cuda" and not (batch in (8, 64) and ctx in (4096, 16384)):
                     kernels = [k for k in kernels if k != "flex"]  # compiles per shape: a subset
                 if DEVICE == "cpu":
-                    kernels = ["triton_decode", "paged_triton/16", "sdpa"]
+                    kernels = ["triton_decode", "pa_triton/16", "sdpa"]
                 new = decode_case(model, batch, ctx, bw, kernels)
                 rows += new
                 best = {r["kernel"]: r for r in new if "TBps" in r}
@@ -259,11 +259,11 @@ def render(rows: list[dict[str, Any]], bw: float, info: dict[str, str]) -> str:
                 else ("err" if "error" in r else f"{r['TBps']:.2f} ({r['fraction_of_copy']:.0%})")
             )
         cont = max(
-            (r["TBps"] for k, r in got.items() if "TBps" in r and not k.startswith("paged")),
+            (r["TBps"] for k, r in got.items() if "TBps" in r and not k.startswith("pa_")),
             default=0,
         )
         paged = max(
-            (r["TBps"] for k, r in got.items() if "TBps" in r and k.startswith("paged")), default=0
+            (r["TBps"] for k, r in got.items() if "TBps" in r and k.startswith("pa_")), default=0
         )
         ratio = f"{cont / paged:.2f}x" if paged else ""
         lines.append(

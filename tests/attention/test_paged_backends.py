@@ -71,18 +71,18 @@ def _run(backend_name: str, device: str, dtype: torch.dtype, heads: tuple[int, i
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int]]) -> None:
-    _run("paged_torch", "cpu", torch.float32, heads, 16, 16, *case, tol=1e-5)
+def test_pa_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int]]) -> None:
+    _run("pa_torch", "cpu", torch.float32, heads, 16, 16, *case, tol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("case", CASES[:3])
-def test_paged_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[int]]) -> None:
-    _run("paged_triton", "cpu", torch.float32, (8, 2), 16, block_size, *case, tol=1e-4)
+def test_pa_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[int]]) -> None:
+    _run("pa_triton", "cpu", torch.float32, (8, 2), 16, block_size, *case, tol=1e-4)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["paged_torch", "paged_triton"])
+@pytest.mark.parametrize("name", ["pa_torch", "pa_triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("heads", [(32, 8), (32, 4), (8, 8)])

@@ -1,8 +1,8 @@
 """Attention backends for the PagedAttention baseline (`PagedKVCache`: block pools + tables).
 
-- `paged_torch`: correct everywhere (CPU tests): per request, gather its blocks into a dense
+- `pa_torch`: correct everywhere (CPU tests): per request, gather its blocks into a dense
   `[seq_len, kv_heads, head_dim]` copy, then causal SDPA (bottom-right aligned, GQA).
-- `paged_triton` (CUDA; CPU under the Triton interpreter): decode rows through the paged Triton
+- `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the paged Triton
   split-K kernel (`blocktable_kernels`), fresh prompts (no cached context) through FA2 varlen on
   the new K/V directly (what vLLM does too: a fresh prompt needs nothing from the cache), and
   continued prefill chunks by gather-then-SDPA (labelled: torch ships no paged prefill kernel
@@ -108,7 +108,7 @@ class PagedBackend(AttentionBackend):
 class PagedTorchBackend(PagedBackend):
     """Gather each request's blocks, then SDPA: correct on any device."""
 
-    name = "paged_torch"
+    name = "pa_torch"
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -120,7 +120,7 @@ class PagedTorchBackend(PagedBackend):
 class PagedTritonBackend(PagedBackend):
     """Paged Triton decode; FA2 varlen for fresh prompts; gather-then-SDPA for continued chunks."""
 
-    name = "paged_triton"
+    name = "pa_triton"
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -189,7 +189,7 @@ class PagedTritonBackend(PagedBackend):
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         raise NotImplementedError(
-            "paged_triton attends inside forward() (fresh prompts use the new K/V)"
+            "pa_triton attends inside forward() (fresh prompts use the new K/V)"
         )
 
     def _decode(

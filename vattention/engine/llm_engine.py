@@ -99,10 +99,10 @@ class LLMEngine:
         use_graphs = device.type == "cuda" and not config.enforce_eager
         self.cache = self._make_cache(config, max_len, extra_slots=1 if use_graphs else 0)
         backend = config.attention_backend or (
-            "paged_triton" if config.kv_cache == "paged" else "auto"
+            "pa_triton" if config.kv_cache == "paged" else "auto"
         )
         if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
-            backend = "paged_torch"
+            backend = "pa_torch"
         self.attn = create_backend(
             backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
         )
