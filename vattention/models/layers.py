@@ -16,7 +16,8 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 and cast back before the weight (as HF does)."""
+    """Root-mean-square norm. CPU: in float32, cast back before the weight (as HF does);
+    CUDA: torch's fused kernel (float32 accumulation, weight applied before the one rounding)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # one fused kernel (accumulates in float32, rounds once)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 

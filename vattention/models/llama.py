@@ -19,7 +19,7 @@ from torch import nn
 from vattention.attention.base import AttentionBackend, AttentionMetadata
 from vattention.models.config import ModelConfig
 from vattention.models.layers import FusedLinear, RMSNorm, silu_and_mul
-from vattention.models.rope import RotaryEmbedding, apply_rotary
+from vattention.models.rope import RopeInputs, RotaryEmbedding, apply_rotary
 
 
 class LlamaAttention(nn.Module):
@@ -36,16 +36,24 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        if rope.fused:
+            from vattention.models.fused import rope_qkv
+
+            q, k, v = rope_qkv(
+                qkv, rope.cos_sin, rope.positions, self.num_heads, self.num_kv_heads, self.head_dim
+            )
+        else:
+            assert rope.cos is not None and rope.sin is not None
+            q, k, v = qkv.split(self.sizes, dim=-1)
+            q = apply_rotary(q.view(t, self.num_heads, self.head_dim), rope.cos, rope.sin)
+            k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), rope.cos, rope.sin)
+            v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attn.forward(self.layer_idx, q, k, v, meta)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -57,8 +65,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = FusedLinear(config.hidden_size, [inter, inter], bias=config.mlp_bias)
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if fused:
+            from vattention.models.fused import silu_and_mul as fused_silu_and_mul
+
+            return self.down_proj(fused_silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -72,13 +85,12 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeInputs,
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, attn)
+        return x + self.mlp(self.post_attention_layernorm(x), rope.fused)
 
 
 class LlamaModel(nn.Module):
@@ -90,6 +102,9 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
+        # Fused Triton kernels (RoPE, SiLU-and-mul) on CUDA; the torch path is the reference.
+        head_dim = config.head_dim
+        self.fused_kernels = head_dim >= 16 and not head_dim & (head_dim - 1)
 
     def forward(
         self,
@@ -99,9 +114,9 @@ class LlamaModel(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.lookup(positions, x.dtype)
+        rope = self.rotary_emb.inputs(positions, x.dtype, fused=self.fused_kernels and x.is_cuda)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, attn)
+            x = layer(x, rope, meta, attn)
         return self.norm(x)
 
 

@@ -10,6 +10,7 @@ scalings: none, `linear` and `llama3` (see `ModelConfig.rope_scaling`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -76,10 +77,30 @@ class RotaryEmbedding(nn.Module):
             raise ValueError("move the model off the meta device (to_empty) before init_cache")
         self.cos_sin = self._compute(device)
 
+    def inputs(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool) -> RopeInputs:
+        if fused:
+            return RopeInputs(positions, self.cos_sin, None, None, True)
+        cos, sin = self.lookup(positions, dtype)
+        return RopeInputs(positions, self.cos_sin, cos, sin, False)
+
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         rows = self.cos_sin.index_select(0, positions).to(dtype)
         cos, sin = rows.unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
+
+
+@dataclass(frozen=True)
+class RopeInputs:
+    """What the attention layers need to rotate q and k for one forward pass.
+
+    Fused (CUDA): the float32 cache and the positions, for `fused.rope_qkv`. Otherwise the
+    per-token (cos, sin) rows, looked up once per pass and shared by every layer."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    fused: bool
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
