@@ -12,6 +12,8 @@ would need a windowed attention backend).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,7 +106,8 @@ class LlamaModel(nn.Module):
         )
         # Fused Triton kernels (RoPE, SiLU-and-mul) on CUDA; the torch path is the reference.
         head_dim = config.head_dim
-        self.fused_kernels = head_dim >= 16 and not head_dim & (head_dim - 1)
+        pow2 = head_dim >= 16 and not head_dim & (head_dim - 1)
+        self.fused_kernels = pow2 and os.environ.get("VATTENTION_FUSED", "1") != "0"
 
     def forward(
         self,
