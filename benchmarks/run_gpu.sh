@@ -17,8 +17,9 @@ a)
   timeout 220 python3 benchmarks/bench_throughput.py --out "$OUT/throughput" 2>&1 | tail -12
   ;;
 b)
-  timeout 150 python3 benchmarks/bench_memory.py --steps 200 --out "$OUT/memory" 2>&1 | grep -E "step time|interference|busy|per-page" 
-  timeout 330 python3 benchmarks/bench_attention.py --out "$OUT/attention" > "$OUT/attention.log" 2>&1
-  grep -E "copy bandwidth|^decode llama-3-8b B=(1|64|256) |^prefill" "$OUT/attention.log" | cut -c1-220
+  timeout 115 python3 benchmarks/bench_throughput.py --systems vattention,paged --out "$OUT/throughput" 2>&1 | tail -5
+  timeout 170 python3 benchmarks/bench_attention.py --out "$OUT/attention" > "$OUT/attention.log" 2>&1
+  grep -E "copy bandwidth|^decode llama-3-8b B=(1|64|256) |^prefill" "$OUT/attention.log" | cut -c1-200
+  timeout 75 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
   ;;
 esac

@@ -203,11 +203,11 @@ def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str) -> None:
     with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=2 * tpp) as cache:
         s = cache.alloc_slot()
         cache.step_async({s: 1})
-        cache.wait()
+        cache.wait(interrupt=False)
         assert cache.length(s) == 1
         assert cache.mapped_pages(s) == cache.layout.pages_for(1 + 2 * tpp)  # eager look-ahead
         cache.step_async([tpp + 1 if i == s else 0 for i in range(spec.max_slots)])
-        cache.wait()
+        cache.wait(interrupt=False)
         assert cache.length(s) == tpp + 1
     with VirtualKVCache(spec, kind, budget_bytes=0) as cache:
         s = cache.alloc_slot()
@@ -308,3 +308,32 @@ def test_spec_validation() -> None:
         KVCacheSpec(**ok, page_size=3000)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="dtype"):
         KVCacheSpec(**ok, dtype="int8")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_step_async_prepares_free_slots_for_upcoming_requests(kind: str) -> None:
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=0) as cache:
+        tpp = tokens_per_page(cache)
+        running = cache.alloc_slot()
+        cache.step_async({running: 1}, reserve=[3 * tpp, tpp])
+        cache.wait(interrupt=False)
+        first, second = cache.alloc_slot(), cache.alloc_slot()
+        # alloc_slot hands out the prepared slots, most pages first: admission maps nothing.
+        assert cache.mapped_pages(first) == cache.layout.pages_for(3 * tpp)
+        assert cache.mapped_pages(second) == cache.layout.pages_for(tpp)
+        calls = cache.stats().map_calls
+        cache.step({first: 3 * tpp, second: tpp})
+        assert cache.stats().map_calls == calls
+        cache.check_integrity()
+
+
+def test_wait_interrupts_eager_work_but_not_the_required_part() -> None:
+    spec = make_spec("cpu", max_slots=4)
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 40, eager_map_calls=2) as cache:
+        s = cache.alloc_slot()
+        for n in range(1, spec.max_seq_len, 97):
+            cache.step_async({s: n}, reserve=[spec.max_seq_len] * 3)
+            cache.wait()  # interrupts look-ahead and reservations, never the step itself
+            assert cache.length(s) == n and cache.mapped_pages(s) >= cache.layout.pages_for(n)
+            cache.check_integrity()

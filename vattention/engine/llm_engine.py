@@ -207,7 +207,7 @@ class LLMEngine:
             finished = self.scheduler.update(out, [])
             t3 = t4 = clock()
         else:
-            sampled = self.runner.execute(out)
+            sampled = self.runner.execute(out, self._upcoming())
             t3 = clock()
             token_ids = sampled.token_ids.tolist()
             self.runner.join_mapping()  # before update() frees slots
@@ -222,6 +222,20 @@ class LLMEngine:
         return [
             RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished
         ]
+
+    def _upcoming(self) -> list[int]:
+        """Token counts of the waiting requests likely admitted in the next two steps."""
+        sched = self.scheduler
+        room = sched.config.max_num_seqs - sched.num_running
+        budget = 2 * sched.config.max_num_batched_tokens
+        counts: list[int] = []
+        for r in sched.waiting:
+            if len(counts) >= room or budget <= 0:
+                break
+            n = min(r.num_tokens, budget)
+            counts.append(n)
+            budget -= n
+        return counts
 
     def close(self) -> None:
         close = getattr(self.cache, "close", None)

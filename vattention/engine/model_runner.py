@@ -87,13 +87,16 @@ class ModelRunner:
         return input_ids, meta
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> SamplerOutput:
-        """Run the step's forward pass and sample its sampling rows."""
+    def execute(self, out: SchedulerOutput, reserve: Sequence[int] = ()) -> SamplerOutput:
+        """Run the step's forward pass and sample its sampling rows.
+
+        `reserve`: token counts of the requests expected to be admitted next; a virtual cache
+        prepares free slots for them in the background (eager mapping), off the critical path."""
         rows = out.scheduled
         if not rows:
             raise ValueError("execute() needs a non-empty SchedulerOutput")
-        if out.next_lengths and hasattr(self.cache, "step_async"):
-            self.cache.step_async(out.next_lengths)  # maps during this step's kernels
+        if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
+            self.cache.step_async(out.next_lengths, reserve)  # maps during this step's kernels
         decode_only = all(r.num_new_tokens == 1 for r in rows)
         if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
             logits = self.graphs.run(out)

@@ -154,14 +154,16 @@ class PagedKVCache:
                 table.append(self._free.pop())
             self._lengths[s] = n
 
-    def step_async(self, lengths: Mapping[int, int]) -> None:
-        """Same as `step` (block allocation is host bookkeeping: nothing to overlap)."""
+    def step_async(self, lengths: Mapping[int, int], reserve: Sequence[int] = ()) -> None:
+        """Same as `step` (block allocation is host bookkeeping: nothing to overlap);
+        `reserve` is accepted for API parity and ignored (blocks are taken at admission)."""
+        del reserve
         try:
             self.step(lengths)
         except OutOfKVMemory as e:
             self._error = e
 
-    def wait(self) -> None:
+    def wait(self, interrupt: bool = True) -> None:
         error, self._error = self._error, None
         if error is not None:
             raise error

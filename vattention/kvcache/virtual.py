@@ -49,7 +49,7 @@ class VirtualKVCache:
         budget_fraction: float | None = None,
         pool_batch: int = 8,
         lookahead_tokens: int = 128,
-        eager_map_calls: int = 16,
+        eager_map_calls: int = 32,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
@@ -95,6 +95,7 @@ class VirtualKVCache:
         self._used = [False] * n
         self._map_calls = self._unmap_calls = self._access_calls = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._interrupt = threading.Event()
         self._pending: Future[None] | None = None
 
     # -- tensors ----------------------------------------------------------------------------
@@ -151,26 +152,39 @@ class VirtualKVCache:
             for s, n in targets.items():
                 self._lengths[s] = n
 
-    def step_async(self, lengths: Lengths) -> None:
+    def step_async(self, lengths: Lengths, reserve: Sequence[int] = ()) -> None:
         """Start `step(lengths)` on the background thread; `wait()` joins.
 
-        After backing what `lengths` asks, the same job maps ahead (eager allocation): every used
-        slot is backed `lookahead_tokens` beyond its length, least spare first, at most
-        `eager_map_calls` map calls per job and only from the pool and the budget (never by
-        reclaiming). Steady-state decoding thus finds its pages already mapped, and the mapping
-        work is spread over steps in small pieces that overlap the GPU's work.
-        Arguments are checked here, in the caller; `OutOfKVMemory` surfaces from `wait()`."""
+        After backing what `lengths` asks, the same job maps ahead (eager allocation) until it
+        runs out of work or `wait()` interrupts it: every used slot is backed `lookahead_tokens`
+        beyond its length, least spare first; then free slots are prepared for the requests
+        expected next (`reserve`: their token counts, largest-mapped free slot first, the order
+        `alloc_slot` hands them out); then the pool is topped up. Eager work uses only the pool
+        and the budget (never reclaims), in pieces of at most `eager_map_calls` map calls, so an
+        interruption costs at most one piece. Arguments are checked here, in the caller;
+        `OutOfKVMemory` (from the required part only) surfaces from `wait()`."""
         targets = self._normalize(lengths)
+        top = self.spec.max_seq_len
+        upcoming = [min(int(n), top) for n in reserve if int(n) > 0]
         self.wait()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattention-map")
-        self._pending = self._executor.submit(self._step_and_look_ahead, targets)
+        self._pending = self._executor.submit(self._step_and_look_ahead, targets, upcoming)
 
-    def wait(self) -> None:
-        """Join the background step started by `step_async` (re-raising its error, if any)."""
+    def wait(self, interrupt: bool = True) -> None:
+        """Join the background job of `step_async` (re-raising its error, if any).
+
+        With `interrupt` (the default) eager work still running stops after its current piece;
+        the required part always completes."""
         pending, self._pending = self._pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        if interrupt:
+            self._interrupt.set()
+        try:
             pending.result()
+        finally:
+            self._interrupt.clear()
 
     def can_fit(self, lengths: Lengths) -> bool:
         """Whether `step(lengths)` would succeed now (nothing is changed)."""
@@ -202,41 +216,50 @@ class VirtualKVCache:
         cap, pages_for = self._cap_tokens, self.layout.pages_for
         return {s: pages_for(n) for s, n in targets.items() if n > cap[s]}
 
-    def _step_and_look_ahead(self, targets: dict[int, int]) -> None:
+    def _step_and_look_ahead(self, targets: dict[int, int], reserve: list[int]) -> None:
         with self._lock:
             # A slot freed since `step_async` was called is left alone (it has no live tokens).
             targets = {s: n for s, n in targets.items() if self._used[s]}
             self._back(self._growth(targets))
             for s, n in targets.items():
                 self._lengths[s] = n
-            self._map_ahead()
-            if len(self._pool.free) < self._pool.batch:
-                self._pool.refill(self._pool.batch)
+        self._map_ahead(reserve)
+        while len(self._pool.free) < self._pool.batch and not self._interrupt.is_set():
+            with self._lock:
+                if self._closed or not self._pool.creatable:
+                    return
+                self._pool.refill(min(self._pool.batch, len(self._pool.free) + 4))
 
-    def _map_ahead(self) -> None:
-        """Eager allocation within a per-job budget of map calls (see `step_async`)."""
-        if not self.lookahead_tokens:
-            return
-        nbuf, pages_for = self.layout.num_buffers, self.layout.pages_for
-        top, look, cap, lengths = (
-            self.spec.max_seq_len,
-            self.lookahead_tokens,
-            self._cap_tokens,
-            self._lengths,
-        )
-        wanted: list[tuple[int, int, int]] = []  # (spare tokens, slot, pages wanted)
-        for s in range(self.spec.max_slots):
-            if self._used[s]:
-                horizon = min(top, lengths[s] + look)
-                if cap[s] < horizon:
-                    wanted.append((cap[s] - lengths[s], s, pages_for(horizon)))
-        rows = max(1, self.eager_map_calls // nbuf)
-        for _, s, want in sorted(wanted):
-            add = min(want - len(self._pages[s]), rows)
-            if rows <= 0 or add * nbuf > self._pool.obtainable:
-                break
-            self._back({s: len(self._pages[s]) + add}, reclaim=False)
-            rows -= add
+    def _map_ahead(self, reserve: list[int]) -> None:
+        """Eager allocation in interruptible pieces (see `step_async`)."""
+        pages_for, top = self.layout.pages_for, self.spec.max_seq_len
+        with self._lock:
+            wanted: list[tuple[int, int, int]] = []  # (spare tokens, slot, pages wanted)
+            if self.lookahead_tokens:
+                cap, lengths, look = self._cap_tokens, self._lengths, self.lookahead_tokens
+                for s in range(self.spec.max_slots):
+                    if self._used[s]:
+                        horizon = min(top, lengths[s] + look)
+                        if cap[s] < horizon:
+                            wanted.append((cap[s] - lengths[s], s, pages_for(horizon)))
+            wanted.sort()
+            if reserve:
+                free = [s for s in range(self.spec.max_slots) if not self._used[s]]
+                free.sort(key=lambda s: (-len(self._pages[s]), s))  # alloc_slot's order
+                wanted += [(0, s, pages_for(n)) for s, n in zip(free, reserve, strict=False)]
+        piece = max(1, self.eager_map_calls // self.layout.num_buffers)
+        for _, s, want in wanted:
+            while not self._interrupt.is_set():
+                with self._lock:
+                    if self._closed:
+                        return
+                    have = len(self._pages[s])
+                    add = min(want - have, piece)
+                    if add <= 0:
+                        break
+                    if add * self.layout.num_buffers > self._pool.obtainable:
+                        return
+                    self._back({s: have + add}, reclaim=False)
 
     def _pages_needed(self, pages: dict[int, int]) -> int:
         extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
