@@ -30,6 +30,9 @@ BLOCK = 128
 MaskMod = Callable[[Any, Any, Any, Any], Any]
 
 
+_COPY_PATTERNS: set[tuple[int, ...]] = set()  # stride patterns flex cannot compile in place
+
+
 def _flex_call(*args: Any, **kwargs: Any) -> Any:
     return flex_attention(*args, **kwargs)
 
@@ -145,15 +148,29 @@ class FlexBackend(ContiguousBackend):
                 "ignore", message=".*flex_attention called without torch.compile"
             )
             pattern = (*q.stride()[1:], *k.stride(), *v.stride())
+            if q.is_cuda and pattern in _COPY_PATTERNS:
+                k, v = k.contiguous(), v.contiguous()
+                pattern = (*q.stride()[1:], *k.stride(), *v.stride())
             flex = (
                 _compiled_flex(pattern) if q.is_cuda else cast(Callable[..., Any], flex_attention)
             )
-            o = flex(
-                q.transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                block_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
+            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            kwargs = dict(
+                block_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
             )
+            try:
+                o = flex(*args, **kwargs)
+            except Exception as err:  # Inductor found no kernel for these strides
+                if not q.is_cuda or pattern in _COPY_PATTERNS:
+                    raise
+                # Seen on torch 2.11 with some VirtualKVCache views: run on dense copies of
+                # this request's rows instead (correct; the copy is what it costs).
+                warnings.warn(
+                    f"flex: no compiled kernel for strides {pattern} ({type(err).__name__});"
+                    " reading K/V through a copy",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                _COPY_PATTERNS.add(pattern)
+                return self._call(q, k, v, meta)
         return o.transpose(1, 2)
