@@ -1,48 +1,58 @@
-"""Attention kernels on a contiguous KV cache vs the PagedAttention baseline, side by side.
+"""Attention kernels on contiguous KV caches (vAttention's layout) vs the PagedAttention baseline.
 
-    python benchmarks/bench_attention.py --out benchmarks/results/attention
-    python benchmarks/bench_attention.py --quick     # CPU smoke test (tiny shapes, interpreter)
+    python benchmarks/bench_attention.py --out benchmarks/results/attention    # GPU, < 6 min
+    python benchmarks/bench_attention.py --quick                              # CPU smoke test
 
-Decode: one new token per request over uneven context lengths (uniform in [L/2, L]); achieved
-bandwidth = bytes of K and V read / time, and its fraction of the copy bandwidth measured first
-(bytes read + written / time of a large device copy). Prefill: one fresh prompt of S tokens
-(causal FLOPs = 2 * S^2 * Hq * D) and a chunked-prefill step (4096 new queries over S - 4096
-cached tokens; FLOPs = 4 * C * Hq * D * (S - C / 2)). Contiguous kernels read the cache in place;
-paged kernels read block pools through block tables. Times are medians of
-`triton.testing.do_bench` (warm-up excluded); one layer's cache per case.
+- copy: a 1 GiB device-to-device copy; bandwidth = bytes read + written / time (the ceiling);
+- decode: one layer, one new token per request, lengths uniform in [L/2, L]; bandwidth = bytes
+  of K and V read (sum of lengths x kv_heads x head_dim x 2 x dtype size) / time, and its share
+  of the copy bandwidth. Contiguous backends read a `[B, L, Hkv, D]` cache (`--real-cache`: a
+  `VirtualKVCache`); paged backends read block pools holding the same tokens, blocks handed out
+  in random order (as in a long-running server), for each block size of `--block-sizes`;
+- layout: the contiguous backends on a cross-layer strided view (4 layers interleaved per token);
+- prefill (batch 1): a fresh prompt of S tokens, TFLOP/s = 2 * S^2 * Hq * D / time (causal:
+  QK^T and PV over S^2/2 pairs, 2 flops per multiply-add); and a chunk of C = 4096 new tokens
+  over S - C cached ones, FLOPs = 4 * C * Hq * D * (S - C/2).
+Backends come from the registry by name (`attend` timed: the whole per-layer call); one that
+raises is reported with its error. Every output is checked against per-request SDPA
+(`torch_sdpa_ref`, untimed) on the same data (relative error). Times: `common.time_ms`
+medians, warm-up excluded. Flex compiles per shape, so flex backends run after all the others,
+on a subset of decode shapes unless `--flex-everywhere`. A time budget (`--budget-s`) skips
+what is left; results are written after every section, so a run cut short still leaves them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--quick" in sys.argv or not torch.cuda.is_available():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vattention.attention import AttentionMetadata, create_backend  # noqa: E402
-from vattention.kvcache.block_cache import PagedKVCache  # noqa: E402
-from vattention.kvcache.spec import KVCacheSpec  # noqa: E402
+from common import banner, copy_bandwidth, time_ms, write_results  # noqa: E402
+from plot_attention import plot_results, render_markdown  # noqa: E402
 
-MODELS = {"llama-3-8b": (32, 8, 128), "yi-6b": (32, 4, 128)}
-CONTIGUOUS_DECODE = ["triton_decode", "fa2_varlen", "sdpa", "flex"]
-CONTIGUOUS_PREFILL = ["sdpa", "fa2_varlen", "flex"]
+from vattention.attention import AttentionMetadata, get_backend_class  # noqa: E402
+
+MODELS = {"llama-3-8b": (32, 8, 128), "yi-6b": (32, 4, 128), "tiny": (4, 2, 16)}
+FLEX_SUBSET = {(8, 4096), (64, 4096), (8, 16384), (64, 16384), (3, 48)}  # (3, 48): --quick
 
 
-class DenseCache:
-    """One layer's contiguous cache `[slots, max_len, Hkv, D]` (what `VirtualKVCache` exposes)."""
+@dataclass
+class Views:
+    """A `KVCacheView` over one layer's K and V tensors (every layer reads the same ones)."""
 
-    def __init__(self, slots: int, max_len: int, hkv: int, d: int, device: str) -> None:
-        self.k = torch.randn(slots, max_len, hkv, d, device=device, dtype=DTYPE)
-        self.v = torch.randn_like(self.k)
+    k: torch.Tensor
+    v: torch.Tensor
+    owner: Any = None  # a real cache to close afterwards
 
     def k_cache(self, layer: int) -> torch.Tensor:
         return self.k
@@ -51,286 +61,280 @@ class DenseCache:
         return self.v
 
 
-def bench(fn: Callable[[], Any]) -> float:
-    """Median seconds of `fn` (warm-up excluded)."""
-    if DEVICE == "cuda":
-        import triton
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")) / 1e3
-    import time
-
-    fn()
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def copy_bandwidth() -> float:
-    n = (2 << 30) if DEVICE == "cuda" else (16 << 20)
-    src = torch.randn(n // 2, device=DEVICE, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * n / bench(lambda: dst.copy_(src))
+@dataclass
+class Case:
+    model: str
+    hq: int
+    hkv: int
+    d: int
+    batch: int
+    ctx: int  # L: the cache's max length
+    lens: list[int]  # tokens per request (after this step's write)
+    dtype: torch.dtype
+    device: torch.device
 
 
-def paged_cache(lengths: list[int], hkv: int, d: int, block: int, max_len: int) -> PagedKVCache:
-    spec = KVCacheSpec(num_layers=1, num_kv_heads=hkv, head_dim=d, max_slots=len(lengths),
-                       max_seq_len=max_len, dtype=DTYPE)  # fmt: skip
-    blocks = sum(-(-n // block) for n in lengths) + 1
-    cache = PagedKVCache(spec, block, num_blocks=blocks, device=DEVICE)
-    cache._k.normal_()
-    cache._v.normal_()
-    for n in lengths:
-        cache.ensure(cache.alloc_slot(), n)
-    return cache
+def contiguous(c: Case, layout: str, real_cache: bool) -> Views:
+    """Random K/V in a contiguous cache: `[B, L, Hkv, D]`, a cross-layer strided view of
+    `[B, L, 4, Hkv, D]`, or (`real_cache`) a `VirtualKVCache` backed up to each length."""
+    if real_cache and layout == "per_layer":
+        from vattention.kvcache.spec import KVCacheSpec
+        from vattention.kvcache.virtual import VirtualKVCache
+
+        spec = KVCacheSpec(1, c.hkv, c.d, c.batch, c.ctx, c.dtype, layout="per_layer")
+        budget = spec.token_bytes * c.batch * c.ctx + 8 * c.batch * (2 << 20)
+        cache = VirtualKVCache(spec, c.device.type, device=c.device, budget_bytes=budget)
+        slots = [cache.alloc_slot() for _ in c.lens]
+        if slots != list(range(c.batch)):
+            raise RuntimeError(f"a fresh VirtualKVCache handed out slots {slots}, not 0..B-1")
+        cache.step(dict(zip(slots, c.lens, strict=True)))
+        for b, n in zip(slots, c.lens, strict=True):
+            cache.k_cache(0)[b, :n].normal_()
+            cache.v_cache(0)[b, :n].normal_()
+        return Views(cache.k_cache(0), cache.v_cache(0), cache)
+    shape: tuple[int, ...] = (c.batch, c.ctx, c.hkv, c.d)
+    if layout == "cross_layer":
+        shape = (c.batch, c.ctx, 4, c.hkv, c.d)
+    k, v = (torch.empty(shape, device=c.device, dtype=c.dtype).normal_() for _ in range(2))
+    return Views(k[:, :, 1], v[:, :, 1]) if layout == "cross_layer" else Views(k, v)
 
 
-def decode_case(
-    model: str, batch: int, ctx: int, bw: float, kernels: list[str]
-) -> list[dict[str, Any]]:
-    hq, hkv, d = MODELS[model]
-    gen = torch.Generator().manual_seed(batch * 7 + ctx)
-    lengths = torch.randint(ctx // 2, ctx + 1, (batch,), generator=gen).tolist()
-    kv_bytes = sum(lengths) * hkv * d * 2 * DTYPE.itemsize
-    q = torch.randn(batch, hq, d, device=DEVICE, dtype=DTYPE)
-    slots = list(range(batch))
-    rows = []
+def paged_from(cont: Views, lens: list[int], bs: int,
+               gen: torch.Generator) -> tuple[Views, list[list[int]]]:  # fmt: skip
+    """Block pools holding the same tokens as `cont`, blocks in random order (0: padding)."""
+    hkv, d, dev = cont.k.shape[2], cont.k.shape[3], cont.k.device
+    counts = [-(-n // bs) for n in lens]
+    perm = (torch.randperm(sum(counts), generator=gen) + 1).tolist()
+    tables, at = [], 0
+    for n in counts:
+        tables.append(perm[at : at + n])
+        at += n
+    shape = (sum(counts) + 1, bs, hkv, d)
+    pools = Views(*(torch.zeros(shape, device=dev, dtype=cont.k.dtype) for _ in range(2)))
+    offsets = torch.arange(bs, device=dev)
+    for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
+        blocks = torch.tensor(table, device=dev)
+        rows = (blocks.unsqueeze(1) * bs + offsets).flatten()[:n]
+        pools.k.view(-1, hkv, d).index_copy_(0, rows, cont.k[b, :n])
+        pools.v.view(-1, hkv, d).index_copy_(0, rows, cont.v[b, :n])
+    return pools, tables
 
-    def record(kernel: str, fn: Callable[[], Any]) -> None:
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, CPU-friendly")
+    ap.add_argument("--out", default=None, help="folder for results.json, results.md, PNGs")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="llama-3-8b,yi-6b")
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--contexts", default="1024,4096,16384,65536")
+    ap.add_argument("--prefill-lens", default="1024,2048,4096,8192,16384,32768,65536")
+    ap.add_argument("--chunk", type=int, default=4096, help="chunked-prefill new tokens (0: off)")
+    ap.add_argument("--decode-backends", default="triton_decode,fa2_varlen,flex,sdpa")
+    ap.add_argument("--prefill-backends", default="sdpa,fa2_varlen,flex")
+    ap.add_argument("--paged-backends", default="paged_triton,paged_flex")
+    ap.add_argument("--block-sizes", default="16,128")
+    ap.add_argument("--max-kv-gb", type=float, default=60.0, help="skip bigger decode caches")
+    ap.add_argument("--budget-s", type=float, default=270.0, help="time budget for measuring")
+    ap.add_argument("--flex-everywhere", action="store_true", help="flex on every decode shape")
+    ap.add_argument("--no-layout", action="store_true", help="skip the cross-layer section")
+    ap.add_argument("--real-cache", action="store_true", help="contiguous = VirtualKVCache")
+    ap.add_argument("--warmup-ms", type=float, default=25.0)
+    ap.add_argument("--rep-ms", type=float, default=100.0)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.batches, args.contexts = "tiny", "3", "48"
+        args.prefill_lens, args.chunk, args.block_sizes = "48", 16, "16"
+        args.prefill_backends = "sdpa,fa2_varlen"  # eager flex re-traces per shape: slow here
+    for key in ("batches", "contexts", "prefill_lens", "block_sizes"):
+        setattr(args, key, [int(x) for x in getattr(args, key).split(",") if x])
+    for key in ("models", "decode_backends", "prefill_backends", "paged_backends"):
+        setattr(args, key, [x for x in getattr(args, key).split(",") if x])
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, info: dict[str, str], copy: dict[str, float]) -> None:  # fmt: skip
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.float32 if args.quick else torch.bfloat16
+        self.copy_bps = copy["bytes_per_s"]
+        self.start = time.monotonic()
+        self.deadline = self.start + args.budget_s
+        self.rows: list[dict[str, Any]] = []
+        self.results: dict[str, Any] = {
+            "banner": info,
+            "config": vars(args),
+            "copy": copy,
+            "rows": self.rows,
+        }
+
+    def save(self) -> str:
+        """Write what is measured so far (a run cut short still leaves its results)."""
+        self.results["seconds"] = time.monotonic() - self.start
+        md = render_markdown(self.results, " ".join(sys.argv))
+        if self.args.out:
+            write_results(self.args.out, self.results, md)
+        return md
+
+    def measure(self, name: str, cache: Views, c: Case, q: torch.Tensor, meta: AttentionMetadata,
+                ref: torch.Tensor | None) -> dict[str, Any]:  # fmt: skip
+        """Time backend `name`'s `attend` (the whole per-layer call) on one case."""
+        left = self.deadline - time.monotonic()
+        if left < (45 if "flex" in name and not self.args.quick else 0):
+            return {"error": "skipped: time budget"}
         try:
-            t = bench(fn)
-            rows.append({"phase": "decode", "model": model, "batch": batch, "context": ctx,
-                         "kernel": kernel, "ms": t * 1e3, "TBps": kv_bytes / t / 1e12,
-                         "fraction_of_copy": kv_bytes / t / bw})  # fmt: skip
-        except Exception as e:  # a kernel that cannot run this case is reported, not fatal
-            rows.append({"phase": "decode", "model": model, "batch": batch, "context": ctx,
-                         "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:160]}"})  # fmt: skip
+            attn = get_backend_class(name)(cache, c.hq, c.hkv, c.d)
+            out = attn.attend(0, q, meta)
+            ms = time_ms(lambda: attn.attend(0, q, meta), self.device,
+                         warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms,
+                         cpu_reps=1 if self.args.quick else 3)  # fmt: skip
+        except Exception as err:  # a backend that cannot run a case is reported, not fatal
+            return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        fields: dict[str, Any] = {"ms": ms}
+        if ref is not None:
+            fields["rel_err"] = float((out.float() - ref).norm() / ref.norm())
+        return fields
 
-    dense = DenseCache(batch, ctx, hkv, d, DEVICE)
-    meta = AttentionMetadata.build(slots, [n - 1 for n in lengths], [1] * batch, DEVICE)
-    for name in kernels:
-        if name.startswith("pa_"):
-            continue
-        try:
-            backend = create_backend(name, dense, hq, hkv, d)
-        except Exception as e:
-            rows.append({"phase": "decode", "model": model, "batch": batch, "context": ctx,
-                         "kernel": name, "error": f"{type(e).__name__}: {str(e)[:160]}"})  # fmt: skip
-            continue
-        record(name, lambda b=backend: b.attend(0, q, meta))
-    del dense
-    for block in (16, 128):
-        if f"pa_triton/{block}" not in kernels:
-            continue
-        cache = paged_cache(lengths, hkv, d, block, ctx)
-        backend = create_backend("pa_triton", cache, hq, hkv, d)
-        pmeta = AttentionMetadata.build(slots, [n - 1 for n in lengths], [1] * batch, DEVICE,
-                                        cache.block_tables(slots), block)  # fmt: skip
-        record(f"pa_triton/{block}", lambda b=backend, m=pmeta: b._decode(  # noqa: SLF001
-            0, q, m.block_tables, m.seq_lens, m.max_seq_len))  # fmt: skip
-        cache.close()
-    return rows
+    def decode(self, model: str, layout: str, flex: bool) -> None:
+        """Decode cases of `model`: the flex backends only (`flex`), or all the others."""
+        a, (hq, hkv, d) = self.args, MODELS[model]
+        layers = 4 if layout == "cross_layer" else 1
+        for batch in a.batches:
+            for ctx in a.contexts:
+                subset = (batch, ctx) in FLEX_SUBSET
+                if (layout == "cross_layer" or flex) and not (subset or a.flex_everywhere):
+                    continue
+                if layers * batch * ctx * hkv * d * 2 * self.dtype.itemsize > a.max_kv_gb * 1e9:
+                    continue
+                gen = torch.Generator().manual_seed(a.seed + 1000003 * batch + ctx)
+                lens = torch.randint(ctx // 2, ctx + 1, (batch,), generator=gen).tolist()
+                c = Case(model, hq, hkv, d, batch, ctx, lens, self.dtype, self.device)
+                nbytes = sum(lens) * hkv * d * 2 * self.dtype.itemsize
+                q = torch.randn(batch, hq, d, generator=gen).to(self.device, self.dtype)
+                fields = {"model": model, "batch": batch, "context": ctx, "kv_gb": nbytes / 1e9}
+                phase = "decode" if layout == "per_layer" else "layout"
+                paged = self._pick(a.paged_backends, flex) if layout == "per_layer" else []
+                self._case(phase, c, q, [n - 1 for n in lens], [1] * batch,
+                           self._pick(a.decode_backends, flex), paged, layout, fields,
+                           ("tb_s", nbytes / 1e12), gen, True)  # fmt: skip
 
+    def prefill(self, model: str, chunk: int, flex: bool) -> None:
+        """A fresh prompt (`chunk` 0) or a chunk of `chunk` tokens over a cached context."""
+        a, (hq, hkv, d) = self.args, MODELS[model]
+        for s in a.prefill_lens:
+            new = chunk or s
+            if new > s or (chunk and new == s):
+                continue
+            gen = torch.Generator().manual_seed(a.seed + s + chunk)
+            c = Case(model, hq, hkv, d, 1, s, [s], self.dtype, self.device)
+            flops = 2.0 * s * s * hq * d if not chunk else 4.0 * new * hq * d * (s - new / 2)
+            q = torch.randn(new, hq, d, generator=gen).to(self.device, self.dtype)
+            self._case("chunked_prefill" if chunk else "prefill", c, q, [s - new], [new],
+                       self._pick(a.prefill_backends, flex), self._pick(a.paged_backends, flex),
+                       "per_layer", {"model": model, "seq_len": s, "new_tokens": new},
+                       ("tflop_s", flops / 1e12), gen, s <= (8192 if chunk else 16384))  # fmt: skip
 
-def prefill_case(model: str, seq: int, chunk: int | None) -> list[dict[str, Any]]:
-    hq, hkv, d = MODELS[model]
-    n_new = seq if chunk is None else chunk
-    ctx = seq - n_new
-    flops = 2 * seq * seq * hq * d if chunk is None else 4 * n_new * hq * d * (seq - n_new / 2)
-    q = torch.randn(n_new, hq, d, device=DEVICE, dtype=DTYPE)
-    phase = "prefill" if chunk is None else "chunked_prefill"
-    rows = []
+    @staticmethod
+    def _pick(names: list[str], flex: bool) -> list[str]:
+        return [n for n in names if ("flex" in n) == flex]
 
-    def record(kernel: str, fn: Callable[[], Any]) -> None:
-        try:
-            t = bench(fn)
-            rows.append({"phase": phase, "model": model, "seq": seq, "kernel": kernel,
-                         "ms": t * 1e3, "TFLOPs": flops / t / 1e12})  # fmt: skip
-        except Exception as e:
-            rows.append({"phase": phase, "model": model, "seq": seq, "kernel": kernel,
-                         "error": f"{type(e).__name__}: {str(e)[:160]}"})  # fmt: skip
-
-    dense = DenseCache(1, seq, hkv, d, DEVICE)
-    meta = AttentionMetadata.build([0], [ctx], [n_new], DEVICE)
-    for name in CONTIGUOUS_PREFILL:
-        try:
-            backend = create_backend(name, dense, hq, hkv, d)
-        except Exception as e:
-            rows.append({"phase": phase, "model": model, "seq": seq, "kernel": name,
-                         "error": f"{type(e).__name__}: {str(e)[:160]}"})  # fmt: skip
-            continue
-        record(name, lambda b=backend: b.attend(0, q, meta))
-    del dense
-    cache = paged_cache([seq], hkv, d, 16, seq)
-    k_new = torch.randn(n_new, hkv, d, device=DEVICE, dtype=DTYPE)
-    pmeta = AttentionMetadata.build([0], [ctx], [n_new], DEVICE, cache.block_tables([0]), 16)
-    for name in ("pa_triton", "pa_torch"):
-        backend = create_backend(name, cache, hq, hkv, d)
-        label = f"{name}/16" + (
-            " (FA2 on new K/V)" if name == "pa_triton" and chunk is None else ""
+    def _case(self, phase: str, c: Case, q: torch.Tensor, ctx_lens: list[int],
+              q_lens: list[int], names: list[str], paged: list[str], layout: str,
+              fields: dict[str, Any], metric: tuple[str, float], gen: torch.Generator,
+              check: bool) -> None:  # fmt: skip
+        """Run every backend on one case (same tokens), record rows, print one line. With
+        `check`, outputs are compared with `torch_sdpa_ref` (a chunk over a long context makes
+        it materialize scores: too big past 8K tokens)."""
+        if not names and not paged:
+            return
+        slots = list(range(c.batch))
+        meta = AttentionMetadata.build(slots, ctx_lens, q_lens, self.device)
+        cont = contiguous(c, layout, self.args.real_cache)
+        ref = None
+        try:  # the reference: plain per-request SDPA over the contiguous cache, untimed
+            if check:
+                sdpa = get_backend_class("torch_sdpa_ref")(cont, c.hq, c.hkv, c.d)
+                ref = sdpa.attend(0, q, meta).float()
+        except Exception as err:
+            print(f"no reference for this case: {type(err).__name__}: {err}", flush=True)
+        runs = [(n, n, cont, meta) for n in names]
+        line = []
+        for bs in self.args.block_sizes if paged else []:
+            pools, tables = paged_from(cont, c.lens, bs, gen)
+            pmeta = AttentionMetadata.build(slots, ctx_lens, q_lens, self.device, tables, bs)
+            runs += [(n, f"{n}/{bs}", pools, pmeta) for n in paged]
+        for name, label, cache, m in runs:
+            row = {"phase": phase, **fields, "backend": label}
+            row.update(self.measure(name, cache, c, q, m, ref))
+            if "ms" in row:
+                row[metric[0]] = metric[1] / (row["ms"] * 1e-3)
+                if metric[0] == "tb_s":
+                    row["copy_frac"] = row["tb_s"] * 1e12 / self.copy_bps
+                line.append(f"{label} {row[metric[0]]:.3g}")
+            self.rows.append(row)
+        where = " ".join(
+            f"{k}={v}" for k, v in fields.items() if k in ("batch", "context", "seq_len")
         )
-        record(label, lambda b=backend: b.forward(0, q, k_new, k_new, pmeta))
-    cache.close()
-    return rows
+        where = where.replace("batch=", "B=").replace("context=", "L=").replace("seq_len=", "S=")
+        unit = "TB/s" if metric[0] == "tb_s" else "TFLOP/s"
+        print(f"{phase} {c.model} {where}: " + "  ".join(line) + f" ({unit})", flush=True)
+        if cont.owner is not None:
+            cont.owner.close()
+        del runs, cont
+        free(self.device)
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
-    global DEVICE, DTYPE
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--max-kv-gb", type=float, default=40.0)
-    args = ap.parse_args()
-    DEVICE = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    if DEVICE == "cpu":
-        MODELS.update({"llama-3-8b": (4, 2, 16), "yi-6b": (4, 1, 16)})
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}  # fmt: skip
-    try:
-        import triton
+    args = parse_args()
+    device = torch.device(args.device)
+    try:  # flex recompiles per shape: let it keep compiling instead of falling back to eager
+        import torch._dynamo.config as dynamo_config
 
-        info["triton"] = triton.__version__
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+            if hasattr(dynamo_config, knob):
+                setattr(dynamo_config, knob, max(512, getattr(dynamo_config, knob)))
     except ImportError:
         pass
-    batches = [1, 8, 32, 64, 128, 256] if DEVICE == "cuda" else [1, 4]
-    contexts = [1024, 4096, 16384, 65536] if DEVICE == "cuda" else [64, 256]
-    seqs = [1024, 2048, 4096, 8192, 16384, 32768, 65536] if DEVICE == "cuda" else [64, 128]
-    print("# bench_attention")
-    print("config:", json.dumps({**info, "dtype": str(DTYPE), "models": MODELS, "batches": batches,
-                                 "contexts": contexts, "prefill_seqs": seqs}))  # fmt: skip
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw / 1e12:.3f} TB/s")
-    rows: list[dict[str, Any]] = []
-    for model in MODELS:
-        hq, hkv, d = MODELS[model]
-        for batch in batches:
-            for ctx in contexts:
-                if batch * ctx * hkv * d * 2 * DTYPE.itemsize > args.max_kv_gb * 1e9 / 1.5:
-                    continue
-                kernels = CONTIGUOUS_DECODE + ["pa_triton/16", "pa_triton/128"]
-                if DEVICE == "cuda" and not (batch in (8, 64) and ctx in (4096, 16384)):
-                    kernels = [k for k in kernels if k != "flex"]  # compiles per shape: a subset
-                if DEVICE == "cpu":
-                    kernels = ["triton_decode", "pa_triton/16", "sdpa"]
-                new = decode_case(model, batch, ctx, bw, kernels)
-                rows += new
-                best = {r["kernel"]: r for r in new if "TBps" in r}
-                print(f"decode {model} B={batch:3d} L={ctx:6d}: " + "  ".join(
-                    f"{k} {r['TBps']:.2f}TB/s" for k, r in best.items()))  # fmt: skip
-    for model in ("llama-3-8b",):
-        for seq in seqs:
-            for chunk in (None, 4096 if DEVICE == "cuda" else 32):
-                if chunk is not None and seq <= chunk:
-                    continue
-                new = prefill_case(model, seq, chunk)
-                rows += new
-                print(f"{new[0]['phase']} S={seq}: " + "  ".join(
-                    f"{r['kernel']} {r['TFLOPs']:.0f}" for r in new if "TFLOPs" in r))  # fmt: skip
-    md = render(rows, bw, info)
+    info = banner(device)
+    print("# bench_attention\n" + "\n".join(f"{k}: {v}" for k, v in info.items()))
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    copy = copy_bandwidth(device, 8 << 20 if args.quick else 1 << 30)
+    print(f"copy bandwidth: {copy['bytes_per_s'] / 1e12:.3f} TB/s (read + written)", flush=True)
+    bench = Bench(args, info, copy)
+    first = args.models[0]
+    # Most important first; flex (which compiles per shape) after every other kernel.
+    for flex in (False, True):
+        for model in args.models if not flex else [first]:
+            bench.decode(model, "per_layer", flex)
+            if model == first:
+                bench.prefill(model, 0, flex)
+                if args.chunk:
+                    bench.prefill(model, args.chunk, flex)
+            bench.save()
+    if not args.no_layout:
+        bench.decode(first, "cross_layer", False)
+    md = bench.save()
     print("\n" + md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"info": info, "copy_bandwidth": bw, "rows": rows}, f, indent=1)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md)
-        plot(rows, bw, os.path.join(args.out, "attention.png"))
+        for path in plot_results(bench.results, args.out):
+            print(f"wrote {path}")
+        print(f"wrote {args.out}/results.json and results.md")
+    for r in bench.rows:
+        if r.get("rel_err", 0.0) > 3e-2:
+            print(f"WARNING: {r['backend']} ({r['phase']}) differs from the reference: "
+                  f"rel_err {r['rel_err']:.2e} ({r})")  # fmt: skip
 
-
-def render(rows: list[dict[str, Any]], bw: float, info: dict[str, str]) -> str:
-    lines = [f"# Attention kernels: contiguous (vAttention) vs paged\n\nCommand: `{' '.join(sys.argv)}`  ",
-             f"Environment: `{json.dumps(info)}`  \nCopy bandwidth: {bw / 1e12:.3f} TB/s\n",
-             "## Decode (TB/s of K/V read; fraction of copy bandwidth)\n"]  # fmt: skip
-    dec = [r for r in rows if r["phase"] == "decode"]
-    kernels = sorted({r["kernel"] for r in dec})
-    lines.append(
-        "| model | batch | context | " + " | ".join(kernels) + " | best contiguous / best paged |"
-    )
-    lines.append("|---" * (len(kernels) + 4) + "|")
-    cases = sorted({(r["model"], r["batch"], r["context"]) for r in dec})
-    for case in cases:
-        got = {r["kernel"]: r for r in dec if (r["model"], r["batch"], r["context"]) == case}
-        cells = []
-        for k in kernels:
-            r = got.get(k)
-            cells.append(
-                ""
-                if r is None
-                else ("err" if "error" in r else f"{r['TBps']:.2f} ({r['fraction_of_copy']:.0%})")
-            )
-        cont = max(
-            (r["TBps"] for k, r in got.items() if "TBps" in r and not k.startswith("pa_")),
-            default=0,
-        )
-        paged = max(
-            (r["TBps"] for k, r in got.items() if "TBps" in r and k.startswith("pa_")), default=0
-        )
-        ratio = f"{cont / paged:.2f}x" if paged else ""
-        lines.append(
-            f"| {case[0]} | {case[1]} | {case[2]} | " + " | ".join(cells) + f" | {ratio} |"
-        )
-    for phase in ("prefill", "chunked_prefill"):
-        pre = [r for r in rows if r["phase"] == phase]
-        if not pre:
-            continue
-        kernels = sorted({r["kernel"] for r in pre})
-        lines.append(
-            f"\n## {phase.replace('_', ' ').capitalize()} (TFLOP/s, llama-3-8b heads, batch 1)\n"
-        )
-        lines.append("| tokens | " + " | ".join(kernels) + " |")
-        lines.append("|---" * (len(kernels) + 1) + "|")
-        for seq in sorted({r["seq"] for r in pre}):
-            got = {r["kernel"]: r for r in pre if r["seq"] == seq}
-            cells = [
-                "" if k not in got else ("err" if "error" in got[k] else f"{got[k]['TFLOPs']:.0f}")
-                for k in kernels
-            ]
-            lines.append(f"| {seq} | " + " | ".join(cells) + " |")
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines.append("\n## Errors (kernels that could not run a case)\n")
-        seen = set()
-        for r in errors:
-            key = (r["kernel"], r["error"])
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"- {r['kernel']}: {r['error']}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict[str, Any]], bw: float, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    dec = [r for r in rows if r["phase"] == "decode" and r["model"] == "llama-3-8b" and "TBps" in r
-           and r["context"] == 16384]  # fmt: skip
-    for k in sorted({r["kernel"] for r in dec}):
-        pts = sorted((r["batch"], r["TBps"]) for r in dec if r["kernel"] == k)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
-    axes[0].axhline(bw / 1e12, color="gray", ls="--", label="copy bandwidth")
-    axes[0].set(xscale="log", xlabel="batch", ylabel="TB/s of K/V read",
-                title="Decode, llama-3-8b heads, context 16K (uneven)")  # fmt: skip
-    axes[0].legend(fontsize=7)
-    pre = [r for r in rows if r["phase"] == "prefill" and "TFLOPs" in r]
-    for k in sorted({r["kernel"] for r in pre}):
-        pts = sorted((r["seq"], r["TFLOPs"]) for r in pre if r["kernel"] == k)
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
-    axes[1].set(
-        xscale="log", xlabel="prompt tokens", ylabel="TFLOP/s", title="Fresh prefill, batch 1"
-    )
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-DEVICE = "cpu"
-DTYPE = torch.float32
 
 if __name__ == "__main__":
     main()

@@ -18,8 +18,9 @@ a)
   ;;
 b)
   timeout 115 python3 benchmarks/bench_throughput.py --systems vattention,paged --out "$OUT/throughput" 2>&1 | tail -5
-  timeout 170 python3 benchmarks/bench_attention.py --out "$OUT/attention" > "$OUT/attention.log" 2>&1
-  grep -E "copy bandwidth|^decode llama-3-8b B=(1|64|256) |^prefill" "$OUT/attention.log" | cut -c1-200
+  timeout 200 python3 benchmarks/bench_attention.py --budget-s 140 --out /tmp/attention > "$OUT/attention.log" 2>&1
+  mkdir -p "$OUT/attention" && cp /tmp/attention/results.json /tmp/attention/results.md "$OUT/attention/"
+  grep -E "copy|^decode llama-3-8b B=(1|64|256) |^prefill" "$OUT/attention.log" | cut -c1-200
   timeout 75 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
   ;;
 esac

@@ -14,7 +14,7 @@ _EXPORTS = {
     "KVCacheSpec": "vattention.kvcache.spec",
     "VirtualKVCache": "vattention.kvcache.virtual",
     "OutOfKVMemory": "vattention.memory.errors",
-    "PagedKVCache": "vattention.kvcache.block_cache",
+    "PagedKVCache": "vattention.kvcache.paged",
     "LLM": "vattention.engine.llm",
     "SamplingParams": "vattention.engine.sampling_params",
 }

@@ -12,7 +12,7 @@ import torch
 from reference import random_requests, reference_attention
 
 from vattention.attention import AttentionMetadata, create_backend
-from vattention.kvcache.block_cache import PagedKVCache
+from vattention.kvcache.paged import PagedKVCache
 from vattention.kvcache.spec import KVCacheSpec
 
 CASES = [
@@ -71,8 +71,8 @@ def _run(backend_name: str, device: str, dtype: torch.dtype, heads: tuple[int, i
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("case", CASES)
-def test_pa_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int]]) -> None:
-    _run("pa_torch", "cpu", torch.float32, heads, 16, 16, *case, tol=1e-5)
+def test_paged_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int]]) -> None:
+    _run("paged_torch", "cpu", torch.float32, heads, 16, 16, *case, tol=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
@@ -82,7 +82,7 @@ def test_pa_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["pa_torch", "pa_triton"])
+@pytest.mark.parametrize("name", ["paged_torch", "pa_triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("heads", [(32, 8), (32, 4), (8, 8)])

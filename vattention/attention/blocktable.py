@@ -1,7 +1,5 @@
 """Attention backends for the PagedAttention baseline (`PagedKVCache`: block pools + tables).
 
-- `pa_torch`: correct everywhere (CPU tests): per request, gather its blocks into a dense
-  `[seq_len, kv_heads, head_dim]` copy, then causal SDPA (bottom-right aligned, GQA).
 - `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the paged Triton
   split-K kernel (`blocktable_kernels`), fresh prompts (no cached context) through FA2 varlen on
   the new K/V directly (what vLLM does too: a fresh prompt needs nothing from the cache), and
@@ -102,18 +100,6 @@ class PagedBackend(AttentionBackend):
             a, n_q = starts[i], meta.query_lens_host[i]
             k, v = self.gather(layer, meta, i)
             out[a : a + n_q] = _causal_sdpa(q[a : a + n_q], k, v, self.scale)
-
-
-@register_backend
-class PagedTorchBackend(PagedBackend):
-    """Gather each request's blocks, then SDPA: correct on any device."""
-
-    name = "pa_torch"
-
-    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)
-        self.attend_gathered(layer, q, meta, list(range(meta.num_seqs)), out)
-        return out
 
 
 @register_backend

@@ -102,7 +102,7 @@ class LLMEngine:
             "pa_triton" if config.kv_cache == "paged" else "auto"
         )
         if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
-            backend = "pa_torch"
+            backend = "paged_torch"
         self.attn = create_backend(
             backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
         )
@@ -155,7 +155,7 @@ class LLMEngine:
 
             backend = "cuda" if self.device.type == "cuda" else "cpu"
             return VirtualKVCache(spec, backend, device=self.device, budget_bytes=budget)
-        from vattention.kvcache.block_cache import PagedKVCache
+        from vattention.kvcache.paged import PagedKVCache
 
         return PagedKVCache(
             spec, block_size=config.block_size, budget_bytes=budget, device=self.device

@@ -52,7 +52,7 @@ class BlockAllocator:
             raise ValueError(f"block count must be an int >= 0, got {n!r}")
         if n > len(self._free):
             raise OutOfKVMemory(
-                f"paged KV cache out of blocks: {n} asked, {len(self._free)} free "
+                f"paged KV cache out of blocks: {n} blocks asked, {len(self._free)} free "
                 f"of {self.capacity}",
                 pages_needed=n,
                 pages_available=len(self._free),

@@ -173,16 +173,20 @@ class PagedKVCache:
         for s, n in targets.items():
             self._lengths[s] = n
 
-    def step_async(self, lengths: Lengths) -> None:
+    def step_async(self, lengths: Lengths, reserve: Sequence[int] = ()) -> None:
         """`step` now (block allocation is host bookkeeping: nothing to overlap); a shortage
-        is kept and raised by `wait()`, as `VirtualKVCache` raises its background errors."""
+        is kept and raised by `wait()`, as `VirtualKVCache` raises its background errors.
+        `reserve` (tokens of the requests expected next) is accepted for API parity and
+        ignored: blocks are taken when a request is admitted, as vLLM does."""
+        del reserve
         self.wait()
         try:
             self.step(lengths)
         except OutOfKVMemory as err:
             self._error = err
 
-    def wait(self) -> None:
+    def wait(self, interrupt: bool = True) -> None:
+        """Raise the shortage kept by `step_async`, if any (`interrupt`: API parity)."""
         error, self._error = self._error, None
         if error is not None:
             raise error
