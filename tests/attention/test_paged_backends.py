@@ -76,7 +76,7 @@ def test_paged_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
-@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("case", CASES)
 def test_pa_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[int]]) -> None:
     _run("pa_triton", "cpu", torch.float32, (8, 2), 16, block_size, *case, tol=1e-4)
 
