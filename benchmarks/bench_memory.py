@@ -203,7 +203,6 @@ def step_times(
     With `graph`, the step's kernels are one CUDA-graph replay (as the engine's decode runs),
     which is valid across steps because the cache's addresses never move."""
     gen = torch.Generator().manual_seed(1)
-    tpp = int(spec.page_size or 0) or 0
     with VirtualKVCache(
         spec,
         device,

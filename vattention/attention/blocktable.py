@@ -1,7 +1,8 @@
 """Attention backends for the PagedAttention baseline (`PagedKVCache`: block pools + tables).
 
-- `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the paged Triton
-  split-K kernel (`blocktable_kernels`), fresh prompts (no cached context) through FA2 varlen on
+- `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the contiguous
+  backends' own split-K kernel (`decode_kernels`) in its block-table mode, so the comparison
+  measures the addressing and nothing else; fresh prompts (no cached context) through FA2 varlen on
   the new K/V directly (what vLLM does too: a fresh prompt needs nothing from the cache), and
   continued prefill chunks by gather-then-SDPA (labelled: torch ships no paged prefill kernel
   for small blocks; FA2's own paged mode needs blocks of 256 tokens).
@@ -102,16 +103,11 @@ class PagedTritonBackend(PagedBackend):
         seq_lens: torch.Tensor,
         max_len: int,
     ) -> torch.Tensor:
-        from vattention.attention.blocktable_kernels import paged_decode_attention
+        from vattention.attention.decode_kernels import decode_attention
 
-        return paged_decode_attention(
-            q,
-            self.cache.k_cache(layer),
-            self.cache.v_cache(layer),
-            tables,
-            seq_lens,
-            self.scale,
-            max_len,
+        k_pool, v_pool = self.layer_kv(layer)
+        return decode_attention(
+            q, k_pool, v_pool, seq_lens, seq_lens, self.scale, max_len, block_tables=tables
         )
 
     def _fresh(

@@ -7,6 +7,8 @@
   `cache[slot, pos, kv_head, :]` (so per-layer tensors and cross-layer strided views both work);
 - stage 2, grid `(request, head)`: combines the splits' partial outputs by their log-sum-exp.
   With one split, stage 1 writes the final output and stage 2 is skipped.
+With `block_tables` the same kernel reads a paged cache (the PagedAttention baseline `pa_triton`):
+token `pos` of request b is at `pool[table[b, pos // block_size], pos % block_size]`.
 Invariants: loads are masked to `pos < seq_len`, so rows past a request's length (possibly
 unbacked memory) are never touched; offsets are 64-bit (a virtual cache can exceed 2^31
 elements); softmax runs in float32 in base 2 with `scale * log2(e)` folded in.
@@ -26,22 +28,23 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Slots, SeqLens, Acc, Lse, Out,
+    Q, K, V, Slots, SeqLens, Acc, Lse, Out, Tables,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
+    stride_tb,
     stride_ab, stride_ah, stride_as,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     qk_scale,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    slot = tl.load(Slots + b).to(tl.int64)
     seq_len = tl.load(SeqLens + b)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
@@ -54,8 +57,14 @@ def _split_kernel(
     heads = kv_head * GROUP + offs_g
     q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)
-    k_base = K + slot * stride_ks + kv_head.to(tl.int64) * stride_kh
-    v_base = V + slot * stride_vs + kv_head.to(tl.int64) * stride_vh
+    k_base = K + kv_head.to(tl.int64) * stride_kh
+    v_base = V + kv_head.to(tl.int64) * stride_vh
+    if PAGED:  # token pos of request b lives at pool[table[b, pos // BLOCK_SIZE], pos % BLOCK_SIZE]
+        table = Tables + b.to(tl.int64) * stride_tb
+    else:  # ... or at cache[slot, pos]
+        slot = tl.load(Slots + b).to(tl.int64)
+        k_base += slot * stride_ks
+        v_base += slot * stride_vs
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -63,13 +72,17 @@ def _split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
         n_mask = pos < end
-        rows = pos.to(tl.int64)
-        k = tl.load(
-            k_base + rows[:, None] * stride_kt + offs_d[None, :], mask=n_mask[:, None], other=0.0
-        )
-        v = tl.load(
-            v_base + rows[:, None] * stride_vt + offs_d[None, :], mask=n_mask[:, None], other=0.0
-        )
+        if PAGED:
+            blk = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            within = (pos % BLOCK_SIZE).to(tl.int64)
+            k_rows = blk * stride_ks + within * stride_kt
+            v_rows = blk * stride_vs + within * stride_vt
+        else:
+            rows = pos.to(tl.int64)
+            k_rows = rows * stride_kt
+            v_rows = rows * stride_vt
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -150,10 +163,13 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    block_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `q [B, Hq, D]` (one token per request) over `cache[slots[b], :seq_lens[b]]`.
 
     `k_cache`/`v_cache`: `[slots, max_len, Hkv, D]`, any strides with a contiguous last dim.
+    With `block_tables [B, max_blocks]` they are paged pools `[blocks, block_size, Hkv, D]`
+    instead (the PagedAttention baseline: same kernel, table addressing) and `slots` is unused.
     `max_seq_len` (host int, >= every `seq_lens[b]`) sizes the split count. Returns `[B, Hq, D]`.
     """
     batch, num_heads, head_dim = q.shape
@@ -183,17 +199,21 @@ def decode_attention(
         )
         lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
         a_strides, l_strides = acc.stride()[:3], lse.stride()[:2]
+    paged = block_tables is not None
+    tables = block_tables if block_tables is not None else seq_lens  # unused when not paged
     _split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, slots, seq_lens, acc, lse, out,
+        q, k_cache, v_cache, slots, seq_lens, acc, lse, out, tables,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        tables.stride(0),
         *a_strides, *l_strides,
         out.stride(0), out.stride(1),
         scale * LOG2E,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, SINGLE=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PAGED=paged, BLOCK_SIZE=k_cache.shape[1] if paged else 1,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if not single:
