@@ -136,6 +136,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--block-sizes", default="16,128")
     ap.add_argument("--max-kv-gb", type=float, default=60.0, help="skip bigger decode caches")
     ap.add_argument("--budget-s", type=float, default=270.0, help="time budget for measuring")
+    ap.add_argument("--phases", default="prefill,decode", help="which phases, in this order")
     ap.add_argument("--flex-everywhere", action="store_true", help="flex on every decode shape")
     ap.add_argument("--no-layout", action="store_true", help="skip the cross-layer section")
     ap.add_argument("--real-cache", action="store_true", help="contiguous = VirtualKVCache")
@@ -149,8 +150,11 @@ def parse_args() -> argparse.Namespace:
         args.prefill_backends = "sdpa,fa2_varlen"  # eager flex re-traces per shape: slow here
     for key in ("batches", "contexts", "prefill_lens", "block_sizes"):
         setattr(args, key, [int(x) for x in getattr(args, key).split(",") if x])
-    for key in ("models", "decode_backends", "prefill_backends", "paged_backends"):
+    for key in ("models", "decode_backends", "prefill_backends", "paged_backends", "phases"):
         setattr(args, key, [x for x in getattr(args, key).split(",") if x])
+    bad = [p for p in args.phases if p not in ("prefill", "decode")]
+    if bad:
+        ap.error(f"unknown phases {bad}; known: prefill, decode")
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         ap.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
@@ -315,14 +319,16 @@ def main() -> None:
     first = args.models[0]
     # Most important first; flex (which compiles per shape) after every other kernel.
     for flex in (False, True):
-        for model in args.models if not flex else [first]:
-            bench.decode(model, "per_layer", flex)
-            if model == first:
-                bench.prefill(model, 0, flex)
-                if args.chunk:
-                    bench.prefill(model, args.chunk, flex)
-            bench.save()
-    if not args.no_layout:
+        for phase in args.phases:
+            for model in args.models if not flex else [first]:
+                if phase == "decode":
+                    bench.decode(model, "per_layer", flex)
+                elif model == first:
+                    bench.prefill(model, 0, flex)
+                    if args.chunk:
+                        bench.prefill(model, args.chunk, flex)
+                bench.save()
+    if not args.no_layout and "decode" in args.phases:
         bench.decode(first, "cross_layer", False)
     md = bench.save()
     print("\n" + md)

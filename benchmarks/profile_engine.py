@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -18,6 +19,36 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vattention import LLM, SamplingParams  # noqa: E402
+
+
+CATEGORIES = (  # first match wins
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|splitk", re.I)),
+    ("attention", re.compile(r"flash|fmha|cudnn|attn|attention|decode", re.I)),
+    ("norm", re.compile(r"norm", re.I)),
+    ("rope/silu (fused)", re.compile(r"rope|silu", re.I)),
+    ("copy/index", re.compile(r"copy|index|gather|scatter|cat|memcpy|memset", re.I)),
+)
+
+
+def summarize(prof: torch.profiler.profile, wall: float) -> str:
+    """GPU time by kernel category and the top kernels (self device time, whole run)."""
+    kernels = [
+        e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    total = sum(e.self_device_time_total for e in kernels) / 1e6
+    by_cat: dict[str, float] = {}
+    for e in kernels:
+        cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
+    lines = [f"GPU kernel time {total:.3f} s of {wall:.3f} s wall ({total / wall:.0%} busy)", ""]
+    lines += ["| category | seconds | share |", "|---|---|---|"]
+    for cat, sec in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {sec:.3f} | {sec / max(total, 1e-9):.1%} |")
+    lines += ["", "| kernel | calls | seconds | share |", "|---|---|---|---|"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
+        sec = e.self_device_time_total / 1e6
+        lines.append(f"| {e.key[:90]} | {e.count} | {sec:.4f} | {sec / max(total, 1e-9):.1%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -37,17 +68,17 @@ def main() -> None:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)
     torch.cuda.synchronize()
+    llm.engine.timings = dict.fromkeys(llm.engine.timings, 0.0)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=acts) as prof:
         llm.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    table = prof.key_averages().table(
-        sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
-    )
+    table = summarize(prof, wall)
     print(f"wall {wall:.3f} s for {args.num_requests} x ({args.prompt_len} + {args.output_len})")
     print(table)
+    print("engine phases (s):", {k: round(v, 3) for k, v in llm.engine.timings.items()})
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile.txt"), "w") as f:

@@ -1,26 +1,59 @@
 #!/usr/bin/env bash
-# The GPU session's script: `bash benchmarks/run_gpu.sh a` (GPU tests + throughput) and
-# `bash benchmarks/run_gpu.sh b` (memory and attention benchmarks). Writes under $OUT.
+# The GPU session's script: `bash benchmarks/run_gpu.sh PART...` runs the named parts in order and
+# writes logs and results under $OUT. Parts (each under 4 minutes on the H200):
+#   tests       all `gpu`-marked tests (core, then attention)
+#   prefill     bench_attention, prefill phases only (fresh prompts and chunks)
+#   decode      bench_attention, decode phase only (plus the cross-layer layout section)
+#   memory      bench_memory
+#   throughput  bench_throughput: vattention, paged and HF generate_batch
+#   ours        bench_throughput: vattention and paged only
+#   profile     profile_engine (GPU time by kernel category over the throughput workload)
+#   flexfail    tracebacks of the flex GPU tests (diagnostic)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"
-case "${1:-a}" in
-a)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/memory tests/kvcache tests/models \
-    tests/engine tests/attention/test_paged_backends.py 2>&1 | grep -v DEBUG | tail -25 > "$OUT/tests_core.txt"
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention --ignore=tests/attention/test_paged_backends.py \
-    2>&1 | grep -v DEBUG | tail -40 > "$OUT/tests_attention.txt"
-  tail -3 "$OUT/tests_core.txt" "$OUT/tests_attention.txt"
-  timeout 220 python3 benchmarks/bench_throughput.py --out "$OUT/throughput" 2>&1 | tail -12
-  ;;
-b)
-  timeout 115 python3 benchmarks/bench_throughput.py --systems vattention,paged --out "$OUT/throughput" 2>&1 | tail -5
-  timeout 200 python3 benchmarks/bench_attention.py --budget-s 140 --out /tmp/attention > "$OUT/attention.log" 2>&1
-  mkdir -p "$OUT/attention" && cp /tmp/attention/results.json /tmp/attention/results.md "$OUT/attention/"
-  grep -E "copy|^decode llama-3-8b B=(1|64|256) |^prefill" "$OUT/attention.log" | cut -c1-200
-  timeout 75 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
-  ;;
-esac
+for part in "$@"; do
+  echo "== $part ($(date +%T))"
+  case "$part" in
+  tests)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/memory tests/kvcache tests/models \
+      tests/engine tests/attention/test_paged_backends.py 2>&1 | grep -v DEBUG | tail -25 > "$OUT/tests_core.txt"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention --ignore=tests/attention/test_paged_backends.py \
+      2>&1 | grep -v DEBUG | tail -40 > "$OUT/tests_attention.txt"
+    tail -3 "$OUT/tests_core.txt" "$OUT/tests_attention.txt"
+    ;;
+  prefill|decode)
+    timeout 230 python3 benchmarks/bench_attention.py --phases "$part" --budget-s 180 \
+      --out "/tmp/attention_$part" > "$OUT/attention_$part.log" 2>&1
+    mkdir -p "$OUT/attention_$part"
+    cp /tmp/attention_$part/results.json /tmp/attention_$part/*.png "$OUT/attention_$part/" 2>/dev/null
+    grep -E "copy|^decode llama-3-8b B=(1|64|256) |prefill" "$OUT/attention_$part.log" | cut -c1-200
+    ;;
+  memory)
+    timeout 100 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
+    ;;
+  throughput)
+    timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput" 2>&1 | tail -12
+    ;;
+  ours)
+    timeout 130 python3 benchmarks/bench_throughput.py --systems vattention,paged --out "$OUT/throughput" 2>&1 | tail -6
+    ;;
+  profile)
+    timeout 150 python3 benchmarks/profile_engine.py --num-requests 256 --output-len 128 --out "$OUT/profile" 2>&1 | tail -40
+    ;;
+  flexfail)  # tracebacks of the flex tests that failed on the GPU
+    for t in "tests/attention/test_paged_attention.py::test_paged_flex_gpu[case0-16]" \
+             "tests/attention/test_contiguous_virtual.py::test_backends_read_only_backed_rows[per_layer-cuda]"; do
+      timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short "$t" 2>&1 \
+        | grep -v DEBUG | grep -v "^E  *$" | tail -300 >> "$OUT/flex_failures.txt"
+    done
+    grep -E "passed|failed" "$OUT/flex_failures.txt"
+    ;;
+  *)
+    echo "unknown part $part" >&2
+    ;;
+  esac
+done

@@ -2,10 +2,11 @@
 
 Per step, `execute(out)`:
 1. builds the token ids and `AttentionMetadata` once (host lists, one device copy each);
-2. hands the cache the lengths the *next* step will need (`step_async`), so page mapping runs on
-   the cache's background thread while this step's kernels run;
-3. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly;
-4. computes logits for the sampling rows only and samples them.
+2. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly,
+   and computes logits for the sampling rows only;
+3. hands the cache the lengths the *next* step will need (`step_async`), so page mapping runs on
+   the cache's background thread while this step's kernels (queued above) run;
+4. samples.
 
 CUDA graphs are captured once per batch-size bucket for decode-only batches. They stay valid for
 the whole run because the KV cache's tensors never move (the virtual range is reserved once);
@@ -95,8 +96,6 @@ class ModelRunner:
         rows = out.scheduled
         if not rows:
             raise ValueError("execute() needs a non-empty SchedulerOutput")
-        if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
-            self.cache.step_async(out.next_lengths, reserve)  # maps during this step's kernels
         decode_only = all(r.num_new_tokens == 1 for r in rows)
         if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
             logits = self.graphs.run(out)
@@ -112,6 +111,10 @@ class ModelRunner:
                     [ends[i] for i in sample_rows], dtype=torch.int64, device=self.device
                 )
             logits = self.model.compute_logits(hidden[index])
+        # The step's kernels are queued: map the next step's pages while they run. Started
+        # after the launch so the mapping thread never competes with it for the interpreter.
+        if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
+            self.cache.step_async(out.next_lengths, reserve)
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
             return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)

@@ -49,6 +49,7 @@ class VirtualKVCache:
         budget_fraction: float | None = None,
         pool_batch: int = 8,
         lookahead_tokens: int = 128,
+        lookahead_trigger_tokens: int | None = None,
         eager_map_calls: int = 32,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
@@ -68,6 +69,13 @@ class VirtualKVCache:
         self.page_size = self._backend.page_size
         self.device = self._backend.device
         self.lookahead_tokens = lookahead_tokens
+        trigger = lookahead_tokens // 2 if lookahead_trigger_tokens is None else lookahead_trigger_tokens
+        if not 0 <= trigger <= lookahead_tokens:
+            raise ValueError(
+                f"lookahead_trigger_tokens must be in [0, lookahead_tokens={lookahead_tokens}], "
+                f"got {trigger}"
+            )
+        self.lookahead_trigger_tokens = trigger
         if eager_map_calls < 1:
             raise ValueError(f"eager_map_calls must be >= 1, got {eager_map_calls}")
         self.eager_map_calls = eager_map_calls
@@ -156,8 +164,11 @@ class VirtualKVCache:
         """Start `step(lengths)` on the background thread; `wait()` joins.
 
         After backing what `lengths` asks, the same job maps ahead (eager allocation) until it
-        runs out of work or `wait()` interrupts it: every used slot is backed `lookahead_tokens`
-        beyond its length, least spare first; then free slots are prepared for the requests
+        runs out of work or `wait()` interrupts it. Look-ahead runs in bursts: once some used
+        slot has fewer than `lookahead_trigger_tokens` backed beyond its length, every used slot
+        is backed `lookahead_tokens` beyond its length, least spare first (between bursts, steps
+        map nothing: any mapping activity slows the GPU's concurrent kernels a little, whatever
+        its size, so fewer, larger bursts cost less); then free slots are prepared for the requests
         expected next (`reserve`: their token counts, largest-mapped free slot first, the order
         `alloc_slot` hands them out); then the pool is topped up. Eager work uses only the pool
         and the budget (never reclaims), in pieces of at most `eager_map_calls` map calls, so an
@@ -237,8 +248,10 @@ class VirtualKVCache:
             wanted: list[tuple[int, int, int]] = []  # (spare tokens, slot, pages wanted)
             if self.lookahead_tokens:
                 cap, lengths, look = self._cap_tokens, self._lengths, self.lookahead_tokens
-                for s in range(self.spec.max_slots):
-                    if self._used[s]:
+                used = [s for s in range(self.spec.max_slots) if self._used[s]]
+                low = self.lookahead_trigger_tokens
+                if any(cap[s] < min(top, lengths[s] + low) for s in used):
+                    for s in used:
                         horizon = min(top, lengths[s] + look)
                         if cap[s] < horizon:
                             wanted.append((cap[s] - lengths[s], s, pages_for(horizon)))
