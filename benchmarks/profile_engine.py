@@ -20,10 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vattention import LLM, SamplingParams  # noqa: E402
 
-
 CATEGORIES = (  # first match wins
+    ("attention", re.compile(r"flash|fmha|cudnn|attn|attention|decode|_split_kernel", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|splitk", re.I)),
-    ("attention", re.compile(r"flash|fmha|cudnn|attn|attention|decode", re.I)),
     ("norm", re.compile(r"norm", re.I)),
     ("rope/silu (fused)", re.compile(r"rope|silu", re.I)),
     ("copy/index", re.compile(r"copy|index|gather|scatter|cat|memcpy|memset", re.I)),
@@ -32,9 +31,7 @@ CATEGORIES = (  # first match wins
 
 def summarize(prof: torch.profiler.profile, wall: float) -> str:
     """GPU time by kernel category and the top kernels (self device time, whole run)."""
-    kernels = [
-        e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels) / 1e6
     by_cat: dict[str, float] = {}
     for e in kernels:

@@ -337,3 +337,33 @@ def test_wait_interrupts_eager_work_but_not_the_required_part() -> None:
             cache.wait()  # interrupts look-ahead and reservations, never the step itself
             assert cache.length(s) == n and cache.mapped_pages(s) >= cache.layout.pages_for(n)
             cache.check_integrity()
+
+
+def test_look_ahead_trigger_maps_in_bursts() -> None:
+    spec = make_spec("cpu", "per_layer", max_slots=2, max_seq_len=4096)
+    probe = VirtualKVCache(spec, "cpu", budget_bytes=0)
+    tpp = tokens_per_page(probe)
+    probe.close()
+    with pytest.raises(ValueError, match="lookahead_trigger_tokens"):
+        VirtualKVCache(spec, "cpu", lookahead_tokens=tpp, lookahead_trigger_tokens=tpp + 1)
+    opts = {"lookahead_tokens": 2 * tpp, "lookahead_trigger_tokens": tpp}
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 40, **opts) as cache:
+        s = cache.alloc_slot()
+        cache.step_async({s: 1})
+        cache.wait(interrupt=False)
+        first = cache.mapped_pages(s)
+        assert first == cache.layout.pages_for(1 + 2 * tpp)
+        # While more than the trigger's worth is backed ahead, steps map nothing.
+        n = 1
+        while cache.mapped_pages(s) * tpp - (n + 1) >= tpp:
+            n += 1
+            calls = cache.stats().map_calls
+            cache.step_async({s: n})
+            cache.wait(interrupt=False)
+            assert cache.stats().map_calls == calls and cache.mapped_pages(s) == first
+        # Below it, one burst tops the slot up to the full look-ahead again.
+        n += 1
+        cache.step_async({s: n})
+        cache.wait(interrupt=False)
+        assert cache.mapped_pages(s) == cache.layout.pages_for(n + 2 * tpp) > first
+        cache.check_integrity()
