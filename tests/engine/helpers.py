@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from vattention.engine.request import Request
+from vattention.engine.request import PLACEHOLDER, Request
 from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerOutput
 from vattention.memory.errors import OutOfKVMemory
@@ -99,9 +99,17 @@ class FakeModel:
             held = self.kv.get(s.slot, [])
             known = s.request.all_token_ids
             assert held[: s.start] == known[: s.start], f"stale K/V under {s.request}"
-            self.kv[s.slot] = held[: s.start] + s.token_ids()
-            assert len(s.token_ids()) == s.num_new_tokens
-        return [next_token(s.request.all_token_ids, self.vocab, self.avoid) for s in out.sampling]
+            new = s.token_ids()
+            assert len(new) == s.num_new_tokens
+            if new[0] == PLACEHOLDER:  # in flight: what the step before sampled (on "device")
+                assert PLACEHOLDER not in known[: s.start] and len(new) == 1
+                new = [next_token(known[: s.start], self.vocab, self.avoid)]
+            assert PLACEHOLDER not in new
+            self.kv[s.slot] = held[: s.start] + new
+        return [
+            next_token(self.kv[s.slot][: s.context_len], self.vocab, self.avoid)
+            for s in out.sampling
+        ]
 
 
 def drive(

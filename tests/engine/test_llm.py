@@ -82,3 +82,43 @@ def test_generate_accepts_prompt_forms_and_rejects_bad_input(tmp_path: Path) -> 
         LLM(str(tmp_path / "m"), no_such_option=1)
     with pytest.raises(ValueError, match="kv_cache"):
         LLM(str(tmp_path / "m"), kv_cache="nope", device="cpu")
+
+
+@pytest.mark.parametrize("kv_cache", CACHES)
+@pytest.mark.parametrize("tight", [False, True])
+def test_async_scheduling_gives_the_same_outputs(
+    tmp_path: Path, kv_cache: str, tight: bool
+) -> None:
+    """Scheduling step i+1 before step i's tokens are known changes nothing the user sees, also
+    when requests stop on a sampled token, sample with seeds, return logprobs, or get
+    preempted."""
+    save_tiny("llama", tmp_path / "m")
+    batch = prompts(6, seed=5, low=40, high=60)
+    budget = {"kv_cache_memory": 6 * 64 * 1024} if tight else {}
+    with _llm(tmp_path / "m", kv_cache, async_scheduling=False, **budget) as llm:
+        probe = llm.generate(batch, SamplingParams(temperature=0, max_tokens=NEW), use_tqdm=False)
+    stop_on = probe[0].token_ids[NEW // 3]  # a token greedy decoding surely reaches
+    params = [
+        SamplingParams(temperature=0, max_tokens=NEW, stop_token_ids=[stop_on]),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=NEW, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=NEW // 2, ignore_eos=True),
+    ] * 2
+    results = []
+    for mode in (False, True):
+        with _llm(tmp_path / "m", kv_cache, async_scheduling=mode, **budget) as llm:
+            outs = llm.generate(batch, params, use_tqdm=False)
+            results.append(
+                [(o.token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs) for o in outs]
+            )
+            if tight:
+                assert llm.engine.scheduler.num_preemptions > 0
+            assert not llm.engine.has_unfinished_requests()
+    # Tokens and reasons are equal; log-probabilities up to float noise (a dropped row changes
+    # a step's batch, and with it the matmul's summation order).
+    assert [r[:2] for r in results[0]] == [r[:2] for r in results[1]]
+    for (_, _, sync_lp), (_, _, async_lp) in zip(*results, strict=True):
+        assert (sync_lp is None) == (async_lp is None)
+        for a, b in zip(sync_lp or [], async_lp or [], strict=True):
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert results[1][0][1] == "stop" and results[1][0][0][-1] == stop_on

@@ -260,13 +260,17 @@ def test_misuse_is_rejected_clearly() -> None:
     with pytest.raises(TypeError, match="Request"):
         sched.add_request("a")  # type: ignore[arg-type]
     out = sched.schedule()
-    with pytest.raises(RuntimeError, match="before update"):
-        sched.schedule()
+    second = sched.schedule()  # pipelined: "a" decodes its in-flight token
+    assert [s.request.request_id for s in second.scheduled] == ["a"]
+    with pytest.raises(ValueError, match="in order"):
+        sched.update(second, [2])
     with pytest.raises(ValueError, match="1 sampling rows"):
         sched.update(out, [])
-    with pytest.raises(ValueError, match="last schedule"):
+    with pytest.raises(ValueError, match="in order"):
         sched.update(SchedulerOutput(), [])
     sched.update(out, [1])
+    sched.update(second, [2])
+    assert sched.requests["a"].output_token_ids == [1, 2]
     with pytest.raises(ValueError, match="must be >= max_num_seqs"):
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=4)
     with pytest.raises(ValueError, match="max_model_len must be >= 2"):

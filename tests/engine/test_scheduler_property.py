@@ -7,6 +7,8 @@ no slot or page is left in use.
 
 from __future__ import annotations
 
+from collections import deque
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +16,7 @@ from tests.engine.helpers import FakeKVCache, FakeModel, next_token
 from vattention.engine.request import FinishReason, Request, RequestStatus
 from vattention.engine.sampling_params import SamplingParams
 from vattention.engine.scheduler import Scheduler
-from vattention.engine.scheduling import SchedulerConfig
+from vattention.engine.scheduling import SchedulerConfig, SchedulerOutput
 
 PAGE = 4
 
@@ -43,8 +45,8 @@ def check_step(sched: Scheduler, cache: FakeKVCache, out: object) -> None:
     for s in out.scheduled:
         r = s.request
         assert r.status is RequestStatus.RUNNING and s.slot == r.slot
-        assert s.start == r.num_computed_tokens and s.num_new_tokens >= 1
-        assert s.sample == (s.context_len == r.num_tokens)
+        assert s.context_len == r.num_computed_tokens and s.num_new_tokens >= 1
+        assert s.sample == (r.num_inflight > 0 and s.context_len == r.num_tokens - 1)
         assert cache.lengths[s.slot] >= s.context_len
 
 
@@ -68,6 +70,7 @@ workloads = st.lists(
     slots=st.integers(1, 5),
     pages=st.integers(2, 30),
     batched=st.booleans(),
+    pipelined=st.booleans(),
 )
 def test_random_workloads_lose_nothing(
     work: list[tuple[int, int, int, int]],
@@ -76,7 +79,10 @@ def test_random_workloads_lose_nothing(
     slots: int,
     pages: int,
     batched: bool,
+    pipelined: bool,
 ) -> None:
+    """With `pipelined`, step t+1 is scheduled (and "run") before step t's update, as the
+    engine's async scheduling does."""
     cache = FakeKVCache(slots, pages, PAGE, batched=batched)
     config = SchedulerConfig(
         max_num_seqs=max_num_seqs,
@@ -93,18 +99,22 @@ def test_random_workloads_lose_nothing(
             aborts.setdefault(arrive + abort_after, []).append(f"r{i}")
     finished: list[Request] = []
     aborted: set[str] = set()
+    launched: deque[tuple[SchedulerOutput, list[int]]] = deque()
     for t in range(2000):
         for i, (arrive, *_rest) in enumerate(work):
             if arrive == t:
                 sched.add_request(reqs[i])
-        if t > max(a for a, *_ in work) and not sched.has_unfinished_requests():
+        done = not sched.has_unfinished_requests() and not launched
+        if t > max(a for a, *_ in work) and done:
             break
         out = sched.schedule()
         check_step(sched, cache, out)
         for rid in aborts.get(t, []):  # abort while the step "runs"
             if sched.abort_request(rid):
                 aborted.add(rid)
-        finished += sched.update(out, model.run(out))
+        launched.append((out, model.run(out)))
+        while len(launched) > (1 if pipelined and not out.is_empty else 0):
+            finished += sched.update(*launched.popleft())
     else:
         raise AssertionError("the workload did not finish")
 

@@ -1,9 +1,15 @@
 """`LLMEngine`: model, KV cache, scheduler, runner and sampler wired together, one step at a time.
 
 A step: join the cache's background mapping -> `scheduler.schedule()` (backs every row, preempts
-on `OutOfKVMemory`) -> `runner.execute()` (starts mapping the next step's pages, runs the
-forward pass, samples) -> join the mapping again (before any slot is freed) ->
-`scheduler.update()` (appends tokens, applies stop conditions, frees finished slots).
+on `OutOfKVMemory`) -> `runner.execute()` (launches the forward pass and sampling, then starts
+mapping the next step's pages) -> read the sampled ids of the step before -> join the mapping
+again (before any slot is freed) -> `scheduler.update()` of that step (puts the tokens into
+their placeholders, applies stop conditions, frees finished slots).
+
+With `async_scheduling` (the default) the host thus schedules and launches step i+1 before it
+reads step i's tokens, so the GPU never waits for the host's bookkeeping between steps; a
+request that ends on a token (EOS, stop) costs one dropped row in the step after. Without it,
+each step's tokens are read and applied before the next step is scheduled.
 
 Memory: the KV budget is what is left on the device after the weights, times
 `gpu_memory_utilization` (or `kv_cache_memory` bytes). With `kv_cache="vattention"` that budget
@@ -15,13 +21,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vattention.attention import create_backend
-from vattention.engine.model_runner import ModelRunner, default_graph_sizes
+from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
 from vattention.engine.request import Request
 from vattention.engine.sampler import Sampler
@@ -55,6 +62,7 @@ class EngineConfig:
     kv_layout: str = "cross_layer"
     kv_page_size: int | None = None  # bytes; None = the backend's (2 MiB)
     enforce_eager: bool = False
+    async_scheduling: bool = True
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -129,6 +137,7 @@ class LLMEngine:
         self.timings: dict[str, float] = dict.fromkeys(
             ("join", "schedule", "execute", "sync", "update"), 0.0
         )
+        self._inflight: deque[StepResult] = deque()  # launched, not yet updated
         self._ids = itertools.count()
         self._prompts: dict[str, str | None] = {}
 
@@ -192,36 +201,47 @@ class LLMEngine:
         return self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._inflight)
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns the requests that finished in it."""
+        """Schedule and launch one step, then apply the tokens of the oldest launched step that
+        is due (this one without `async_scheduling`); returns the requests that finished."""
         clock, t = time.perf_counter, self.timings
         t0 = clock()
         self.runner.join_mapping()
         t1 = clock()
         out = self.scheduler.schedule()
         t2 = clock()
-        if out.is_empty:
-            finished = self.scheduler.update(out, [])
-            t3 = t4 = clock()
-        else:
-            sampled = self.runner.execute(out, self._upcoming())
-            t3 = clock()
-            token_ids = sampled.token_ids.tolist()
-            self.runner.join_mapping()  # before update() frees slots
-            t4 = clock()
-            finished = self.scheduler.update(out, token_ids, sampled.logprobs)
-        t5 = clock()
         t["join"] += t1 - t0
         t["schedule"] += t2 - t1
-        t["execute"] += t3 - t2
-        t["sync"] += t4 - t3
-        t["update"] += t5 - t4
+        finished = []
+        if out.is_empty:  # nothing to launch: apply what is in flight, then this empty step
+            while self._inflight:
+                finished += self._apply(self._inflight.popleft())
+            finished += self.scheduler.update(out, [])
+        else:
+            prev = self._inflight[-1] if self._inflight else None
+            self._inflight.append(self.runner.execute(out, self._upcoming(), prev))
+            t["execute"] += clock() - t2
+            if len(self._inflight) > (1 if self.config.async_scheduling else 0):
+                finished += self._apply(self._inflight.popleft())
         return [
             RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished
         ]
+
+    def _apply(self, result: StepResult) -> list[Request]:
+        """Wait for a launched step's sampled ids and hand them to the scheduler."""
+        clock, t = time.perf_counter, self.timings
+        t0 = clock()
+        token_ids = result.token_ids()
+        logprobs = result.logprobs()
+        self.runner.join_mapping()  # before update() frees slots
+        t1 = clock()
+        finished = self.scheduler.update(result.out, token_ids, logprobs)
+        t["sync"] += t1 - t0
+        t["update"] += clock() - t1
+        return finished
 
     def _upcoming(self) -> list[int]:
         """Token counts of the waiting requests likely admitted in the next two steps."""
@@ -238,6 +258,7 @@ class LLMEngine:
         return counts
 
     def close(self) -> None:
+        self._inflight.clear()  # the cache synchronizes the device before it unmaps
         close = getattr(self.cache, "close", None)
         if close is not None:
             self.runner.join_mapping()

@@ -1,12 +1,16 @@
 """The model runner: one forward pass per scheduler step.
 
-Per step, `execute(out)`:
-1. builds the token ids and `AttentionMetadata` once (host lists, one device copy each);
+Per step, `execute(out, reserve, prev)`:
+1. builds the token ids and `AttentionMetadata` once (host lists, one device copy each); a
+   placeholder token (sampled by the previous step, `prev`, not yet copied to the host) is
+   filled in on the device from `prev`'s sampled ids, so step i+1 can launch before step i's
+   tokens reach the host;
 2. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly,
    and computes logits for the sampling rows only;
 3. hands the cache the lengths the *next* step will need (`step_async`), so page mapping runs on
    the cache's background thread while this step's kernels (queued above) run;
-4. samples.
+4. samples, and starts copying the sampled ids to pinned host memory (`StepResult`), so reading
+   them later waits for this step only, not for a step launched after it.
 
 CUDA graphs are captured once per batch-size bucket for decode-only batches. They stay valid for
 the whole run because the KV cache's tensors never move (the virtual range is reserved once);
@@ -24,10 +28,76 @@ from typing import Any
 import torch
 
 from vattention.attention.base import AttentionBackend, AttentionMetadata
+from vattention.engine.logprobs import HostLogprobs
+from vattention.engine.request import PLACEHOLDER
 from vattention.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
 from vattention.engine.scheduling import SchedulerOutput
 from vattention.memory.errors import OutOfKVMemory
 from vattention.models.llama import LlamaForCausalLM
+
+
+class StepResult:
+    """One launched step's sampled ids on the device, copied to pinned host memory behind it.
+
+    `token_ids()` / `logprobs()` wait for this step's copy only (an event), so the host can read
+    step i while step i+1 runs."""
+
+    def __init__(self, out: SchedulerOutput, sampled: SamplerOutput) -> None:
+        self.out = out
+        self.sampled = sampled
+        self._event: torch.cuda.Event | None = None
+        tensors = [sampled.token_ids]
+        if sampled.logprobs is not None:
+            lp = sampled.logprobs
+            tensors += [lp.sampled, lp.top_ids, lp.top_values]
+        if sampled.token_ids.is_cuda:
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors, strict=True):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            tensors = host
+        self._host = tensors
+
+    def _wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+
+    def token_ids(self) -> list[int]:
+        self._wait()
+        return self._host[0].tolist()  # type: ignore[no-any-return]
+
+    def logprobs(self) -> HostLogprobs | None:
+        if len(self._host) == 1:
+            return None
+        self._wait()
+        return HostLogprobs(*(t.tolist() for t in self._host[1:]))
+
+
+def _placeholders(
+    ids: list[int], rows_start: list[int], out: SchedulerOutput, prev: StepResult | None
+) -> tuple[list[int], list[int]]:
+    """(positions in `ids`, rows of `prev`'s sampled ids) of the placeholder tokens in `ids`.
+
+    `rows_start[i]` is where row i's tokens begin in `ids`. A placeholder can only be a row's
+    first new token (decode) and must be sampled by `prev`."""
+    pos: list[int] = []
+    src: list[int] = []
+    where: dict[int, int] | None = None
+    for i, row in enumerate(out.scheduled):
+        if ids[rows_start[i]] != PLACEHOLDER:
+            continue
+        if where is None:
+            if prev is None:
+                raise RuntimeError("a row's input token is still in flight, but no step ran")
+            where = {id(s.request): j for j, s in enumerate(prev.out.sampling)}
+        j = where.get(id(row.request))
+        if j is None:
+            raise RuntimeError(f"request {row.request.request_id}: in-flight token not in prev")
+        pos.append(rows_start[i])
+        src.append(j)
+    return pos, src
 
 
 def default_graph_sizes(max_num_seqs: int) -> list[int]:
@@ -69,10 +139,14 @@ class ModelRunner:
             self.graphs = _DecodeGraphs(self, sorted(set(graph_sizes)), dummy_slot)
 
     # -- one step ---------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, AttentionMetadata]:
+    def prepare(
+        self, out: SchedulerOutput, prev: StepResult | None = None
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
         rows = out.scheduled
         ids: list[int] = []
+        starts: list[int] = []
         for row in rows:
+            starts.append(len(ids))
             ids.extend(row.token_ids())
         slots = [row.slot for row in rows]
         tables = self.cache.block_tables(slots) if self.attn.paged else None
@@ -85,22 +159,38 @@ class ModelRunner:
             block_size=self.block_size,
         )
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.fill_placeholders(input_ids, *_placeholders(ids, starts, out, prev), prev)
         return input_ids, meta
 
+    def fill_placeholders(
+        self, input_ids: torch.Tensor, pos: list[int], src: list[int], prev: StepResult | None
+    ) -> None:
+        """`input_ids[pos] = prev's sampled ids[src]`, on the device (stream-ordered)."""
+        if not pos or prev is None:
+            return
+        dev = input_ids.device
+        pos_t = torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True)
+        src_t = torch.tensor(src, dtype=torch.int64).to(dev, non_blocking=True)
+        input_ids[pos_t] = prev.sampled.token_ids[src_t].to(input_ids.dtype)
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, reserve: Sequence[int] = ()) -> SamplerOutput:
-        """Run the step's forward pass and sample its sampling rows.
+    def execute(
+        self, out: SchedulerOutput, reserve: Sequence[int] = (), prev: StepResult | None = None
+    ) -> StepResult:
+        """Launch the step's forward pass and sampling; returns without waiting for the GPU.
 
         `reserve`: token counts of the requests expected to be admitted next; a virtual cache
-        prepares free slots for them in the background (eager mapping), off the critical path."""
+        prepares free slots for them in the background (eager mapping), off the critical path.
+        `prev`: the step launched before this one, if its sampled ids may still be in flight
+        (its rows' requests hold placeholders that this step feeds)."""
         rows = out.scheduled
         if not rows:
             raise ValueError("execute() needs a non-empty SchedulerOutput")
         decode_only = all(r.num_new_tokens == 1 for r in rows)
         if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
-            logits = self.graphs.run(out)
+            logits = self.graphs.run(out, prev)
         else:
-            input_ids, meta = self.prepare(out)
+            input_ids, meta = self.prepare(out, prev)
             hidden = self.model(input_ids, meta.token_positions, meta, self.attn)
             sample_rows = [i for i, r in enumerate(rows) if r.sample]
             if len(sample_rows) == len(rows):
@@ -117,9 +207,10 @@ class ModelRunner:
             self.cache.step_async(out.next_lengths, reserve)
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
-            return SamplerOutput(torch.empty(0, dtype=torch.int64, device=self.device), None)
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            return StepResult(out, SamplerOutput(empty, None))
         smeta = SamplingMetadata.for_requests(requests, self.device)
-        return self.sampler(logits, smeta)
+        return StepResult(out, self.sampler(logits, smeta))
 
     def join_mapping(self) -> None:
         """Wait for the background mapping of `step_async`; its shortage is not an error here
@@ -166,7 +257,10 @@ class _DecodeGraphs:
             table = (self.dummy_row + [self.dummy_row[0]] * width)[:width]
             self.block_tables = torch.tensor([table] * n, dtype=torch.int32, device=dev)
             self.slot_mapping = torch.full((n,), table[0] * bs, dtype=torch.int64, device=dev)
-        self.pinned = torch.empty((5, n), dtype=torch.int64, pin_memory=True)
+        # Two pinned staging buffers, used in turn: when step i+1 is filled, step i-1 (the
+        # other user of its buffer) has finished, so its copies have too.
+        self.pinned = torch.empty((2, 4, n), dtype=torch.int64, pin_memory=True)
+        self._turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.metas: dict[int, AttentionMetadata] = {}
@@ -213,20 +307,25 @@ class _DecodeGraphs:
             self.graphs[b] = graph
         torch.cuda.synchronize()
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
+    def run(self, out: SchedulerOutput, prev: StepResult | None = None) -> torch.Tensor:
         rows = out.scheduled
         n = len(rows)
         b = next(s for s in self.sizes if s >= n)
-        host = self.pinned
-        host[0, :b] = 0
-        host[1, :b] = 0
-        host[2, :b] = self.dummy_slot
-        host[3, :b] = 1
-        for i, r in enumerate(rows):
-            host[0, i] = r.request.all_token_ids[r.start]
-            host[1, i] = r.start
-            host[2, i] = r.slot
-            host[3, i] = r.context_len
+        pad = b - n
+        ids = [r.request.all_token_ids[r.start] for r in rows]
+        starts = [r.start for r in rows]
+        host = self.pinned[self._turn]
+        self._turn ^= 1
+        # One host tensor write for all rows (padding rows: token 0 at position 0 of the dummy).
+        host[:4, :b] = torch.tensor(
+            [
+                ids + [0] * pad,
+                starts + [0] * pad,
+                [r.slot for r in rows] + [self.dummy_slot] * pad,
+                [r.context_len for r in rows] + [1] * pad,
+            ],
+            dtype=torch.int64,
+        )
         self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
         self.positions[:b].copy_(host[1, :b], non_blocking=True)
         self.slots[:b].copy_(host[2, :b], non_blocking=True)
@@ -246,5 +345,8 @@ class _DecodeGraphs:
             mapping += [fill * bs] * (b - n)
             self.block_tables[:b].copy_(torch.tensor(padded, dtype=torch.int32), non_blocking=True)
             self.slot_mapping[:b].copy_(torch.tensor(mapping, dtype=torch.int64), non_blocking=True)
+        self.runner.fill_placeholders(
+            self.input_ids, *_placeholders(ids, list(range(n)), out, prev), prev
+        )
         self.graphs[b].replay()
         return self.logits[b][:n]

@@ -5,9 +5,13 @@ RUNNING when the KV cache runs out of memory (recompute: the slot is freed and t
 the tokens generated so far are prefilled again).
 
 Invariants:
-- `all_token_ids == prompt_token_ids + output_token_ids`; `num_tokens` is its length;
+- `all_token_ids == prompt_token_ids + output_token_ids + [PLACEHOLDER] * num_inflight`;
+  `num_tokens` is its length. A placeholder stands for a token that a launched step will sample
+  (so the next step can be scheduled before it is known, see `Scheduler`); `resolve_output`
+  replaces the oldest one, in order;
 - `0 <= num_computed_tokens <= num_tokens`: the first `num_computed_tokens` tokens have their K/V
-  in the cache at `slot` (vLLM v1's meaning); it is 0 whenever the request holds no slot;
+  in the cache at `slot`, or will have once the launched steps ran (vLLM v1's meaning); it is 0
+  whenever the request holds no slot;
 - `slot is not None` exactly while RUNNING;
 - a finished request has a `finish_reason` and never changes again; preemption keeps the output
   tokens, the text and the seeded generator, so a resumed request continues where it stopped.
@@ -26,6 +30,8 @@ import torch
 from vattention.engine.detokenizer import IncrementalDetokenizer
 from vattention.engine.logprobs import TokenLogprobs
 from vattention.engine.sampling_params import SamplingParams
+
+PLACEHOLDER = -1  # the id of a token not sampled yet (never fed to a model: see ModelRunner)
 
 
 class RequestStatus(enum.Enum):
@@ -80,6 +86,7 @@ class Request:
         self.output_token_ids: list[int] = []
         self._all_token_ids = prompt
         self.num_computed_tokens = 0
+        self.num_inflight = 0  # tokens launched steps will sample (placeholders at the end)
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None  # the stop token or string that matched
@@ -123,10 +130,33 @@ class Request:
     def num_uncomputed_tokens(self) -> int:
         return len(self._all_token_ids) - self.num_computed_tokens
 
+    @property
+    def num_expected_outputs(self) -> int:
+        """Output tokens once the launched steps are done (known ones plus placeholders)."""
+        return len(self.output_token_ids) + self.num_inflight
+
+    def add_placeholder(self) -> None:
+        """A launched step will sample this request's next token."""
+        self._all_token_ids.append(PLACEHOLDER)
+        self.num_inflight += 1
+
+    def resolve_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
+        """Put a sampled token in its placeholder (the oldest one); return the text it added."""
+        if self.num_inflight < 1:
+            raise RuntimeError(f"request {self.request_id}: no placeholder for a sampled token")
+        self._all_token_ids[len(self._all_token_ids) - self.num_inflight] = token_id
+        self.num_inflight -= 1
+        return self._record_output(token_id, logprobs)
+
     def append_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
         """Add a sampled token (and its log-probabilities); return the text it added."""
-        self.output_token_ids.append(token_id)
+        if self.num_inflight:
+            raise RuntimeError(f"request {self.request_id}: tokens are in flight, resolve them")
         self._all_token_ids.append(token_id)
+        return self._record_output(token_id, logprobs)
+
+    def _record_output(self, token_id: int, logprobs: TokenLogprobs | None) -> str:
+        self.output_token_ids.append(token_id)
         if self.output_logprobs is not None and logprobs is not None:
             self.output_logprobs.append(logprobs)
         return "" if self.detokenizer is None else self.detokenizer.push(token_id)

@@ -13,10 +13,22 @@ queue to be prefilled again), then the call is retried. A request that cannot fi
 is the only one holding memory ends with `FinishReason.KV_MEMORY`. No step admits new requests
 after it had to preempt.
 
+Pipelining (async scheduling): `schedule()` may run again before the previous step's `update()`,
+so the host schedules and launches step i+1 while the GPU still runs step i. To allow it,
+`schedule()` records each row's progress itself (`num_computed_tokens = context_len`) and gives
+every sampling row's request a placeholder token; the runner feeds a placeholder from the
+previous step's sampled ids on the device; `update()` (called once per `schedule()`, in order)
+puts the sampled tokens into the placeholders and applies stop conditions. Requests sure to end
+with their in-flight tokens (max_tokens, max_model_len) are not scheduled again; one that ends
+on a sampled token (EOS, stop) may already be in the next launched step: that row's token is
+dropped. Freeing a slot while a launched step still writes it is safe: the GPU runs steps in
+order, and the cache synchronizes the device before it unmaps anything.
+
 Invariants: every request is in exactly one of `waiting` (no slot), `running` (holds a slot) or
 finished (no slot, gone from `requests`); `running` is in admission order; the oldest running
-request always makes progress, so every request eventually finishes; `schedule()` and
-`update()` alternate.
+request always makes progress, so every request eventually finishes; `update()` gets the
+outputs of `schedule()` in the order they were made; a request with tokens in flight is not
+admitted (after preemption) before they are resolved.
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vattention.engine.logprobs import Logprobs
+from vattention.engine.logprobs import HostLogprobs, Logprobs
 from vattention.engine.request import FinishReason, Request, RequestStatus
 from vattention.engine.scheduling import (
     KVCacheManager,
@@ -59,7 +71,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished: list[Request] = []  # ended since the last update()
-        self._pending: SchedulerOutput | None = None
+        self._pending: deque[SchedulerOutput] = deque()  # scheduled, not yet updated
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -100,14 +112,13 @@ class Scheduler:
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Pick this step's rows and back them in the cache; see the module docstring."""
-        if self._pending is not None:
-            raise RuntimeError("schedule() called again before update() of the previous step")
         out = SchedulerOutput()
         step: dict[str, ScheduledRequest] = {}
         budget = self.config.max_num_batched_tokens
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
-        prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
+        active = [r for r in self.running if not self._ends_in_flight(r)]
+        decodes = [r for r in active if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in active if r.num_uncomputed_tokens > 1]
         plan = _plan(decodes + prefills, budget)
         if self._back_all(plan):  # the common case: one batched call backs every row
             for r, n in plan:
@@ -129,6 +140,8 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             r = self.waiting[0]
+            if r.num_inflight:
+                break  # preempted while a step sampling for it ran: resume once it is known
             n = min(r.num_tokens, budget)
             admitted = self._admit(r, n, out)
             if r.is_finished:
@@ -139,23 +152,27 @@ class Scheduler:
             budget -= n
 
         out.scheduled = list(step.values())
+        for row in out.scheduled:
+            row.request.num_computed_tokens = row.context_len
+            if row.sample:
+                row.request.add_placeholder()
         out.next_lengths = next_lengths(out.scheduled, self.config.max_model_len)
-        self._pending = out
+        self._pending.append(out)
         return out
 
     def update(
         self,
         output: SchedulerOutput,
         sampled_token_ids: Sequence[int] | torch.Tensor,
-        logprobs: Logprobs | None = None,
+        logprobs: Logprobs | HostLogprobs | None = None,
     ) -> list[Request]:
         """Record that `output` ran: advance progress, append the sampled tokens (one per
         `output.sampling` row, in order), apply stop conditions and free finished slots.
 
         Returns every request that ended since the previous update (including aborted ones and
         those that ended while scheduling)."""
-        if output is not self._pending:
-            raise ValueError("update() must get the output of the last schedule()")
+        if not self._pending or output is not self._pending[0]:
+            raise ValueError("update() must get the outputs of schedule() in order")
         rows = output.sampling
         ids = (
             sampled_token_ids.tolist()
@@ -164,21 +181,18 @@ class Scheduler:
         )
         if len(ids) != len(rows):
             raise ValueError(f"got {len(ids)} sampled tokens for {len(rows)} sampling rows")
-        lp = None if logprobs is None else logprobs.to_host()
+        lp = logprobs.to_host() if isinstance(logprobs, Logprobs) else logprobs
         if lp is not None and len(lp.sampled) != len(rows):
             raise ValueError(f"got log-probabilities for {len(lp.sampled)} rows, not {len(rows)}")
-        self._pending = None
-        for s in output.scheduled:
-            if s.request.status is RequestStatus.RUNNING:
-                s.request.num_computed_tokens = s.context_len
+        self._pending.popleft()
         max_len = self.config.max_model_len
         for i, (s, token) in enumerate(zip(rows, ids, strict=True)):
             r = s.request
-            if r.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if r.status is RequestStatus.FINISHED:
+                continue  # aborted, or ended on an earlier token, while the step ran
             token = int(token)
             k = r.params.logprobs
-            text = r.append_output(
+            text = r.resolve_output(
                 token, None if lp is None or k is None else lp.entry(i, token, k)
             )
             reason = check_stop(r, token, text, max_len)
@@ -188,6 +202,15 @@ class Scheduler:
         return finished
 
     # -- internals --------------------------------------------------------------------------
+    def _ends_in_flight(self, r: Request) -> bool:
+        """Whether r's tokens in flight surely end it (no use scheduling it again)."""
+        if not r.num_inflight:
+            return False
+        limit = r.params.max_tokens
+        return (limit is not None and r.num_expected_outputs >= limit) or (
+            r.num_tokens >= self.config.max_model_len
+        )
+
     def _row(self, r: Request, n: int) -> ScheduledRequest:
         end = r.num_computed_tokens + n
         return ScheduledRequest(r, _slot(r), n, end, sample=end == r.num_tokens)

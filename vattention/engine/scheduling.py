@@ -7,7 +7,8 @@ Invariants of a `SchedulerOutput` (built by `Scheduler.schedule`):
 - for every row, tokens `[0, context_len)` of its slot are backed by the cache
   (`ensure(slot, context_len)` succeeded) and `context_len - num_new_tokens` of them already hold
   K/V; the row's new tokens are `request.all_token_ids[context_len - num_new_tokens:context_len]`;
-- a row samples (`sample`) exactly when `context_len == request.num_tokens`; the sampler's rows
+- a row samples (`sample`) exactly when `context_len == request.num_tokens` at scheduling (the
+  request then gets a placeholder for the token, see `Request`); the sampler's rows
   are `output.sampling` in order.
 """
 
@@ -109,7 +110,8 @@ class SchedulerOutput:
 def next_lengths(rows: list[ScheduledRequest], max_model_len: int) -> dict[int, int]:
     """Slot -> tokens to back for the next step, if each row's request keeps running: one more
     token after sampling, or the next chunk (as large as this one) of an unfinished prefill.
-    Rows whose next token surely ends them (max_tokens, max_model_len) are left out."""
+    Called once the rows' requests hold their placeholders; rows whose sampled token surely
+    ends them (max_tokens, max_model_len) are left out."""
     lengths: dict[int, int] = {}
     for s in rows:
         r = s.request
@@ -118,9 +120,9 @@ def next_lengths(rows: list[ScheduledRequest], max_model_len: int) -> dict[int, 
             lengths[s.slot] = s.context_len + min(remaining, s.num_new_tokens)
             continue
         max_tokens = r.params.max_tokens
-        if max_tokens is not None and r.num_output_tokens + 1 >= max_tokens:
+        if max_tokens is not None and r.num_expected_outputs >= max_tokens:
             continue
-        if r.num_tokens + 1 >= max_model_len:
+        if r.num_tokens >= max_model_len:
             continue
         lengths[s.slot] = s.context_len + 1
     return lengths
