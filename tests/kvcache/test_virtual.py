@@ -367,3 +367,20 @@ def test_look_ahead_trigger_maps_in_bursts() -> None:
         cache.wait(interrupt=False)
         assert cache.mapped_pages(s) == cache.layout.pages_for(n + 2 * tpp) > first
         cache.check_integrity()
+
+
+def test_cache_stays_usable_while_eager_mapping_runs() -> None:
+    spec = make_spec("cpu", max_slots=4)
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 40, eager_map_calls=2) as cache:
+        for n in range(1, spec.max_seq_len - 200, 53):
+            a, b = cache.alloc_slot(), cache.alloc_slot()
+            cache.step_async({a: n, b: n}, reserve=[spec.max_seq_len] * 2)
+            cache.free_slot(a)  # while the job may still map ahead for it
+            c = cache.alloc_slot()
+            cache.step({b: n + 1, c: n + 2})
+            assert cache.length(b) == n + 1 and cache.length(c) == n + 2
+            cache.wait(interrupt=False)
+            cache.check_integrity()
+            cache.free_slot(b)
+            cache.free_slot(c)
+        cache.check_integrity()

@@ -1,10 +1,12 @@
 """`LLMEngine`: model, KV cache, scheduler, runner and sampler wired together, one step at a time.
 
-A step: join the cache's background mapping -> `scheduler.schedule()` (backs every row, preempts
-on `OutOfKVMemory`) -> `runner.execute()` (launches the forward pass and sampling, then starts
-mapping the next step's pages) -> read the sampled ids of the step before -> join the mapping
-again (before any slot is freed) -> `scheduler.update()` of that step (puts the tokens into
-their placeholders, applies stop conditions, frees finished slots).
+A step: `scheduler.schedule()` (backs every row, preempts on `OutOfKVMemory`) ->
+`runner.execute()` (launches the forward pass and sampling, then hands the cache the next step's
+lengths: its background thread maps them, then maps ahead, until the next `execute` joins it)
+-> read the sampled ids of the step before -> `scheduler.update()` of that step (puts the
+tokens into their placeholders, applies stop conditions, frees finished slots). The cache's
+lock orders the scheduler's own cache calls with the background work, which re-checks slot
+ownership piece by piece, so nothing waits for that work but the next `execute`.
 
 With `async_scheduling` (the default) the host thus schedules and launches step i+1 before it
 reads step i's tokens, so the GPU never waits for the host's bookkeeping between steps; a
@@ -208,12 +210,9 @@ class LLMEngine:
         """Schedule and launch one step, then apply the tokens of the oldest launched step that
         is due (this one without `async_scheduling`); returns the requests that finished."""
         clock, t = time.perf_counter, self.timings
-        t0 = clock()
-        self.runner.join_mapping()
         t1 = clock()
         out = self.scheduler.schedule()
         t2 = clock()
-        t["join"] += t1 - t0
         t["schedule"] += t2 - t1
         finished = []
         if out.is_empty:  # nothing to launch: apply what is in flight, then this empty step
@@ -222,8 +221,10 @@ class LLMEngine:
             finished += self.scheduler.update(out, [])
         else:
             prev = self._inflight[-1] if self._inflight else None
+            joined = self.runner.join_seconds
             self._inflight.append(self.runner.execute(out, self._upcoming(), prev))
-            t["execute"] += clock() - t2
+            t["execute"] += clock() - t2  # includes joining the cache's mapping job:
+            t["join"] += self.runner.join_seconds - joined
             if len(self._inflight) > (1 if self.config.async_scheduling else 0):
                 finished += self._apply(self._inflight.popleft())
         return [
@@ -236,7 +237,6 @@ class LLMEngine:
         t0 = clock()
         token_ids = result.token_ids()
         logprobs = result.logprobs()
-        self.runner.join_mapping()  # before update() frees slots
         t1 = clock()
         finished = self.scheduler.update(result.out, token_ids, logprobs)
         t["sync"] += t1 - t0

@@ -22,6 +22,7 @@ memory that is mapped and belongs to nobody.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,6 +132,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.block_size = int(getattr(cache, "block_size", 0)) if attn.paged else 0
         self.graphs: _DecodeGraphs | None = None
+        self.join_seconds = 0.0  # spent joining the cache's background mapping (a benchmark stat)
         if graph_sizes:
             if device.type != "cuda":
                 raise ValueError("CUDA graphs need a CUDA device")
@@ -204,6 +206,9 @@ class ModelRunner:
         # The step's kernels are queued: map the next step's pages while they run. Started
         # after the launch so the mapping thread never competes with it for the interpreter.
         if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
+            t0 = time.perf_counter()
+            self.join_mapping()  # the previous step's job: its shortage is the scheduler's
+            self.join_seconds += time.perf_counter() - t0
             self.cache.step_async(out.next_lengths, reserve)
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample

@@ -168,12 +168,15 @@ class VirtualKVCache:
         than `lookahead_trigger_tokens` (default: `lookahead_tokens`, i.e. every step) backed
         beyond its length, every used slot is backed `lookahead_tokens` beyond its length, least
         spare first. (A lower trigger maps in rarer, larger bursts; measured on the H200 it
-        costs more step time than small pieces every step.) Then free slots are prepared for the requests
-        expected next (`reserve`: their token counts, largest-mapped free slot first, the order
-        `alloc_slot` hands them out); then the pool is topped up. Eager work uses only the pool
-        and the budget (never reclaims), in pieces of at most `eager_map_calls` map calls, so an
-        interruption costs at most one piece. Arguments are checked here, in the caller;
-        `OutOfKVMemory` (from the required part only) surfaces from `wait()`."""
+        costs more step time than small pieces every step.) Then free slots are prepared for
+        the requests expected next (`reserve`: their token counts, largest-mapped free slot
+        first, the order `alloc_slot` hands them out); then the pool is topped up. Eager work
+        uses only the pool and the budget (never reclaims), in pieces of at most
+        `eager_map_calls` map calls, so an interruption costs at most one piece; each piece
+        re-checks under the lock that its slot is still used (or, for `reserve`, still free),
+        so the caller may keep using the cache (alloc, free, step) while the job runs.
+        Arguments are checked here, in the caller; `OutOfKVMemory` (from the required part
+        only) surfaces from `wait()`."""
         targets = self._normalize(lengths)
         top = self.spec.max_seq_len
         upcoming = [min(int(n), top) for n in reserve if int(n) > 0]
@@ -245,7 +248,8 @@ class VirtualKVCache:
         """Eager allocation in interruptible pieces (see `step_async`)."""
         pages_for, top = self.layout.pages_for, self.spec.max_seq_len
         with self._lock:
-            wanted: list[tuple[int, int, int]] = []  # (spare tokens, slot, pages wanted)
+            # (spare tokens, slot, pages wanted, whether the slot is in use)
+            wanted: list[tuple[int, int, int, bool]] = []
             if self.lookahead_tokens:
                 cap, lengths, look = self._cap_tokens, self._lengths, self.lookahead_tokens
                 used = [s for s in range(self.spec.max_slots) if self._used[s]]
@@ -254,18 +258,20 @@ class VirtualKVCache:
                     for s in used:
                         horizon = min(top, lengths[s] + look)
                         if cap[s] < horizon:
-                            wanted.append((cap[s] - lengths[s], s, pages_for(horizon)))
+                            wanted.append((cap[s] - lengths[s], s, pages_for(horizon), True))
             wanted.sort()
             if reserve:
                 free = [s for s in range(self.spec.max_slots) if not self._used[s]]
                 free.sort(key=lambda s: (-len(self._pages[s]), s))  # alloc_slot's order
-                wanted += [(0, s, pages_for(n)) for s, n in zip(free, reserve, strict=False)]
+                wanted += [(0, s, pages_for(n), False) for s, n in zip(free, reserve, strict=False)]
         piece = max(1, self.eager_map_calls // self.layout.num_buffers)
-        for _, s, want in wanted:
+        for _, s, want, used in wanted:
             while not self._interrupt.is_set():
                 with self._lock:
                     if self._closed:
                         return
+                    if self._used[s] != used:
+                        break  # freed (or handed out) since the plan was made: not for it now
                     have = len(self._pages[s])
                     add = min(want - have, piece)
                     if add <= 0:
