@@ -56,16 +56,36 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--kv-cache", default="vattention")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--host", action="store_true", help="cProfile the host side instead")
+    ap.add_argument("--max-batched-tokens", type=int, default=16384)
     args = ap.parse_args()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", kv_cache=args.kv_cache,
               max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=256,
-              max_num_batched_tokens=16384)  # fmt: skip
+              max_num_batched_tokens=args.max_batched_tokens)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 1000, (args.num_requests, args.prompt_len), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:8], params, use_tqdm=False)
     torch.cuda.synchronize()
     llm.engine.timings = dict.fromkeys(llm.engine.timings, 0.0)
+    if args.host:  # where the host's time goes (main thread), by own time and cumulative
+        import cProfile
+        import io
+        import pstats
+
+        prof_host = cProfile.Profile()
+        prof_host.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        prof_host.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof_host, stream=buf)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats("scheduler|virtual|model_runner|sampler", 30)
+        print(buf.getvalue())
+        print("engine phases (s):", {k: round(v, 3) for k, v in llm.engine.timings.items()})
+        llm.close()
+        return
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     t0 = time.perf_counter()
     with torch.profiler.profile(activities=acts) as prof:

@@ -18,6 +18,7 @@ class KVCacheStats:
     slots_used: int
     slots_free: int
     map_calls: int
+    blocking_map_calls: int  # made inside step/ensure (the caller waited), not in the background
     unmap_calls: int
     set_access_calls: int
     create_calls: int

@@ -50,7 +50,7 @@ class VirtualKVCache:
         pool_batch: int = 8,
         lookahead_tokens: int = 128,
         lookahead_trigger_tokens: int | None = None,
-        eager_map_calls: int = 32,
+        eager_map_calls: int = 8,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
@@ -101,7 +101,7 @@ class VirtualKVCache:
         self._lengths = [0] * n
         self._cap_tokens = [0] * n  # tokens the mapped pages of each slot can hold
         self._used = [False] * n
-        self._map_calls = self._unmap_calls = self._access_calls = 0
+        self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._interrupt = threading.Event()
         self._pending: Future[None] | None = None
@@ -156,7 +156,9 @@ class VirtualKVCache:
         """Batched `ensure` for every slot in `lengths`; all-or-nothing."""
         targets = self._normalize(lengths)
         with self._lock:
+            before = self._map_calls
             self._back(self._growth(targets))
+            self._blocking_map_calls += self._map_calls - before
             for s, n in targets.items():
                 self._lengths[s] = n
 
@@ -432,6 +434,7 @@ class VirtualKVCache:
                 slots_used=len(used),
                 slots_free=self.spec.max_slots - len(used),
                 map_calls=self._map_calls,
+                blocking_map_calls=self._blocking_map_calls,
                 unmap_calls=self._unmap_calls,
                 set_access_calls=self._access_calls,
                 create_calls=self._pool.create_calls,
