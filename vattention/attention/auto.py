@@ -121,7 +121,8 @@ class AutoBackend(ContiguousBackend):
             return _Split(prefill, decode, None, None, None, 0)
         starts = self.starts(meta)
         dev = meta.slots.device
-        rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64).to(dev)
-        idx = torch.tensor(decode, dtype=torch.int64).to(dev)
+        rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64)
+        rows = rows.to(dev, non_blocking=True)
+        idx = torch.tensor(decode, dtype=torch.int64).to(dev, non_blocking=True)
         max_len = max(meta.seq_lens_host[i] for i in decode)
         return _Split(prefill, decode, rows, meta.slots[idx], meta.seq_lens[idx], max_len)

@@ -52,8 +52,8 @@ class PagedTritonBackend(PagedBackend):
         if decode:
             plan = _Plan(
                 cont,
-                decode_rows=torch.tensor([starts[i] for i in decode], dtype=torch.int64).to(dev),
-                decode_idx=torch.tensor(decode, dtype=torch.int64).to(dev),
+                decode_rows=_h2d([starts[i] for i in decode], torch.int64, dev),
+                decode_idx=_h2d(decode, torch.int64, dev),
                 decode_max=max(meta.seq_lens_host[i] for i in decode),
             )
         if fresh:
@@ -63,8 +63,8 @@ class PagedTritonBackend(PagedBackend):
                 cu.append(cu[-1] + q_lens[i])
             plan = _Plan(
                 cont, plan.decode_rows, plan.decode_idx, plan.decode_max,
-                fresh_rows=torch.tensor(rows, dtype=torch.int64).to(dev),
-                fresh_cu=torch.tensor(cu, dtype=torch.int32).to(dev),
+                fresh_rows=_h2d(rows, torch.int64, dev),
+                fresh_cu=_h2d(cu, torch.int32, dev),
                 fresh_max=max(q_lens[i] for i in fresh),
             )  # fmt: skip
         return plan
@@ -123,3 +123,8 @@ class PagedTritonBackend(PagedBackend):
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             out[a:b] = attend_one(q[a:b], k[a:b], v[a:b], self.scale, 0)
         return out
+
+
+def _h2d(values: list[int], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for queued GPU work (async scheduling)."""
+    return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)

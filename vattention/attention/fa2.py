@@ -65,7 +65,8 @@ def per_request_offsets(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per request: (cum_seq_q `[0, n]`, cum_seq_k `[0, seq_len]`, seqused_k `[seq_len]`)."""
     rows = [[0, n, 0, s, s] for n, s in zip(meta.query_lens_host, meta.seq_lens_host, strict=True)]
-    table = torch.tensor(rows, dtype=torch.int32).to(meta.slots.device)  # one copy per step
+    # One copy per step, queued without waiting for the GPU.
+    table = torch.tensor(rows, dtype=torch.int32).to(meta.slots.device, non_blocking=True)
     return [(r[0:2], r[2:4], r[4:5]) for r in table]
 
 

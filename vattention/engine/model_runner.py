@@ -199,9 +199,8 @@ class ModelRunner:
                 index = (meta.query_start_loc[1:] - 1).long()
             else:
                 ends = [int(x) - 1 for x in _cumsum([r.num_new_tokens for r in rows])]
-                index = torch.tensor(
-                    [ends[i] for i in sample_rows], dtype=torch.int64, device=self.device
-                )
+                index = torch.tensor([ends[i] for i in sample_rows], dtype=torch.int64)
+                index = index.to(self.device, non_blocking=True)  # never waits for the GPU
             logits = self.model.compute_logits(hidden[index])
         # The step's kernels are queued: map the next step's pages while they run. Started
         # after the launch so the mapping thread never competes with it for the interpreter.
