@@ -94,7 +94,8 @@ def test_async_scheduling_gives_the_same_outputs(
     preempted."""
     save_tiny("llama", tmp_path / "m")
     batch = prompts(6, seed=5, low=40, high=60)
-    budget = {"kv_cache_memory": 6 * 64 * 1024} if tight else {}
+    # The tight runs also create their whole page budget up front (kv_preallocate).
+    budget = {"kv_cache_memory": 6 * 64 * 1024, "kv_preallocate": True} if tight else {}
     with _llm(tmp_path / "m", kv_cache, async_scheduling=False, **budget) as llm:
         probe = llm.generate(batch, SamplingParams(temperature=0, max_tokens=NEW), use_tqdm=False)
     stop_on = probe[0].token_ids[NEW // 3]  # a token greedy decoding surely reaches
@@ -112,6 +113,8 @@ def test_async_scheduling_gives_the_same_outputs(
             )
             if tight:
                 assert llm.engine.scheduler.num_preemptions > 0
+                if kv_cache == "vattention":
+                    assert llm.engine.cache.stats().created_bytes == 6 * 64 * 1024
             assert not llm.engine.has_unfinished_requests()
     # Tokens and reasons are equal; log-probabilities up to float noise (a dropped row changes
     # a step's batch, and with it the matmul's summation order).
