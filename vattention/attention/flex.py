@@ -9,7 +9,8 @@ Causal prefill gets a `BlockMask` built directly from the lengths (no dense mask
 q block i sees kv blocks `[0, last_i]`, of which those wholly below the diagonal are "full"
 (mask not evaluated) and the rest partial. The chunk offset is a device scalar read by one
 mask function per backend, so one compiled kernel serves every length. On CUDA flex is compiled (`torch.compile`); on the CPU it
-runs eagerly (unfused, for tests).
+runs eagerly (unfused, for tests). Calls of more query rows per KV head (`n * group`) than a mask
+q block holds force flex's main kernel: its decoding kernel has no tile for them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ from vattention.attention.contiguous import ContiguousBackend, uniform_batch
 
 BLOCK = 128
 MaskMod = Callable[[Any, Any, Any, Any], Any]
+
+
+def kernel_options(
+    queries: int, group: int, q_block: int, options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """`options`, forcing flex's main kernel where its decoding kernel has none.
+
+    For fewer than 128 queries Inductor picks the decoding kernel, which packs the
+    `queries * group` query rows of a KV head into one tile whose height (the next power of two,
+    at least 16) must divide the mask's q block; past `q_block` rows it finds no valid choice
+    (torch 2.11: `NoValidChoicesError`), so ask for the main kernel instead."""
+    if queries * group <= q_block:
+        return options
+    return {**(options or {}), "FORCE_USE_FLEX_ATTENTION": True}
 
 
 _COPY_PATTERNS: set[tuple[int, ...]] = set()  # stride patterns flex cannot compile in place
@@ -155,8 +170,12 @@ class FlexBackend(ContiguousBackend):
                 _compiled_flex(pattern) if q.is_cuda else cast(Callable[..., Any], flex_attention)
             )
             args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            group = self.num_heads // self.num_kv_heads
             kwargs = dict(
-                block_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+                block_mask=mask,
+                scale=self.scale,
+                enable_gqa=group != 1,
+                kernel_options=kernel_options(n, group, BLOCK),
             )
             try:
                 o = flex(*args, **kwargs)

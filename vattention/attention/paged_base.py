@@ -5,7 +5,9 @@ A paged cache gives, per layer, K and V pools `[num_blocks, block_size, kv_heads
 (any strides with a contiguous head_dim); `meta.block_tables[i]` lists request i's blocks in
 order (padded with block 0) and `meta.slot_mapping` holds `block * block_size + offset` for
 every new token. Invariant kept by every paged backend: only the first `seq_lens[i]` tokens of
-request i's table are read, and only the new tokens' rows are written.
+request i's table are read, and only the new tokens' rows are written; one exception,
+`paged_flex` also zeroes the rows past each request's length in its last block (rows no request
+reads as context), because its compiled kernel multiplies them by zero weights (0 * NaN = NaN).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ kernel reads only them. Flex broadcasts that single K/V "batch" over the query b
   `position < seq_len`; built with device ops from the metadata only (CUDA-graph safe);
 - prefill (one launch per request, query length > 1): q blocks of `q_block` rows; kv blocks wholly
   below the diagonal are full, the rest partial with the causal mask on logical positions.
+Compiled flex loads whole KV tiles of a block and multiplies V by the masked entries' zero
+weights, and 0 * NaN is NaN: a request's last block may hold anything (NaN and Inf included) past
+its length, so before a layer's launches those rows are zeroed in its K and V pools. That is the
+one write besides the new tokens (`paged_base`'s invariant), to rows no request reads as context.
 Mask functions are exact on every (query, key) pair, as flex requires: they read per-step
 tables `owner` (physical block -> batch index) and `logical` (its index in that request's table),
 persistent buffers updated in place, so one compiled kernel serves every step. Compiled on CUDA
@@ -29,6 +33,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from vattention.attention.base import AttentionMetadata, KVCacheView, register_backend
+from vattention.attention.flex import kernel_options
 from vattention.attention.paged_base import PagedBackend
 
 
@@ -72,6 +77,7 @@ def _block_mask(
 
 @dataclass
 class _Plan:
+    tail_rows: torch.Tensor  # [B * bs] pool rows zeroed before the launches (see the docstring)
     decode_mask: BlockMask | None  # one launch for every one-token request
     decode_rows: torch.Tensor | None  # their rows of q (None: the batch is decode-only)
     prefill_masks: dict[int, BlockMask]  # request index -> its causal block mask
@@ -120,6 +126,7 @@ class PagedFlexBackend(PagedBackend):
         self._dec = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self._req = torch.zeros((), dtype=torch.int32, device=dev)
         self._shift = torch.zeros((), dtype=torch.int32, device=dev)
+        self._zero = torch.zeros((), dtype=self.dtype, device=dev)
         owner, logical, seq, dec = self._owner, self._logical, self._seq, self._dec
         req, shift = self._req, self._shift
 
@@ -178,6 +185,8 @@ class PagedFlexBackend(PagedBackend):
         tables = self.check_step(q, meta)
         k, v = self._kv(layer)
         plan = self.plan(meta, "flex", lambda: self._build_plan(meta, tables))
+        for pool in (k, v):
+            pool[0].transpose(0, 1).index_put_((plan.tail_rows,), self._zero)
         if meta.is_decode_only:
             return self._flex(q.unsqueeze(2), k, v, plan.decode_mask, None).squeeze(2)
         out = torch.empty_like(q)
@@ -189,7 +198,9 @@ class PagedFlexBackend(PagedBackend):
             a, b = starts[i], starts[i + 1]
             self._req.fill_(i)
             self._shift.fill_(meta.seq_lens_host[i] - (b - a))
-            o = self._flex(q[a:b].transpose(0, 1).unsqueeze(0), k, v, mask, self.kernel_options)
+            options = kernel_options(b - a, self.num_heads // self.num_kv_heads, self.q_block,
+                                     self.kernel_options)  # fmt: skip
+            o = self._flex(q[a:b].transpose(0, 1).unsqueeze(0), k, v, mask, options)
             out[a:b] = o.squeeze(0).transpose(0, 1)
         return out
 
@@ -208,6 +219,12 @@ class PagedFlexBackend(PagedBackend):
                                .repeat_interleave(width))  # fmt: skip
         self._logical.index_put_((idx,), cols.to(torch.int32).repeat(batch))
         self._seq[:batch].copy_(meta.seq_lens)
+        # The rows past each request's length in its last block; the other rows of that
+        # fixed-size index go to the same row of block 0 (the zero padding block).
+        last = tables.gather(1, n_blocks.unsqueeze(1) - 1).long()  # [B, 1]
+        j = torch.arange(bs, device=dev)
+        past = (n_blocks.unsqueeze(1) - 1) * bs + j >= meta.seq_lens.long().unsqueeze(1)
+        tail_rows = torch.where(past, last * bs + j, j).flatten()
         kv_len = self.num_blocks * bs
         decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
         decode_rows = None
@@ -237,7 +254,7 @@ class PagedFlexBackend(PagedBackend):
             for i, n in enumerate(meta.query_lens_host)
             if n > 1
         }
-        return _Plan(decode_mask, decode_rows, prefill_masks)
+        return _Plan(tail_rows, decode_mask, decode_rows, prefill_masks)
 
     def _prefill_mask(self, table: torch.Tensor, n: int, seq_len: int) -> BlockMask:
         """Causal block mask of one request's `n` queries at the end of its `seq_len` keys."""
