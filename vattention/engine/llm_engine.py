@@ -15,7 +15,8 @@ each step's tokens are read and applied before the next step is scheduled.
 
 Memory: the KV budget is what is left on the device after the weights, times
 `gpu_memory_utilization` (or `kv_cache_memory` bytes). With `kv_cache="vattention"` that budget
-caps *physical* pages only: every slot still gets `max_model_len` tokens of virtual space. With
+caps *physical* pages only: every slot still gets `max_model_len` tokens of virtual space; on
+CUDA its pages are created at start-up (`kv_preallocate`) and mapped only on demand. With
 `kv_cache="paged"` it is cut into blocks up front, as vLLM does.
 """
 

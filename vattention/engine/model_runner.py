@@ -1,14 +1,16 @@
 """The model runner: one forward pass per scheduler step.
 
 Per step, `execute(out, reserve, prev)`:
-1. builds the token ids and `AttentionMetadata` once (host lists, one device copy each); a
+1. builds the token ids and `AttentionMetadata` once (host lists, one non-blocking device copy
+   each: nothing on this path waits for queued GPU work, or async scheduling would stall); a
    placeholder token (sampled by the previous step, `prev`, not yet copied to the host) is
    filled in on the device from `prev`'s sampled ids, so step i+1 can launch before step i's
    tokens reach the host;
 2. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly,
    and computes logits for the sampling rows only;
-3. hands the cache the lengths the *next* step will need (`step_async`), so page mapping runs on
-   the cache's background thread while this step's kernels (queued above) run;
+3. joins the cache's previous mapping job and hands it the lengths the *next* step will need
+   (`step_async`), so page mapping runs on the cache's background thread while this step's
+   kernels (queued above) run;
 4. samples, and starts copying the sampled ids to pinned host memory (`StepResult`), so reading
    them later waits for this step only, not for a step launched after it.
 
