@@ -219,10 +219,10 @@ class LLMEngine:
         """Schedule and launch one step, then apply the tokens of the oldest launched step that
         is due (this one without `async_scheduling`); returns the requests that finished."""
         clock, t = time.perf_counter, self.timings
-        t1 = clock()
+        t0 = clock()
         out = self.scheduler.schedule()
-        t2 = clock()
-        t["schedule"] += t2 - t1
+        t1 = clock()
+        t["schedule"] += t1 - t0
         finished = []
         if out.is_empty:  # nothing to launch: apply what is in flight, then this empty step
             while self._inflight:
@@ -232,7 +232,7 @@ class LLMEngine:
             prev = self._inflight[-1] if self._inflight else None
             joined = self.runner.join_seconds
             self._inflight.append(self.runner.execute(out, self._upcoming(), prev))
-            t["execute"] += clock() - t2  # includes joining the cache's mapping job:
+            t["execute"] += clock() - t1  # includes joining the cache's mapping job:
             t["join"] += self.runner.join_seconds - joined
             if len(self._inflight) > (1 if self.config.async_scheduling else 0):
                 finished += self._apply(self._inflight.popleft())

@@ -146,16 +146,6 @@ class Request:
             raise RuntimeError(f"request {self.request_id}: no placeholder for a sampled token")
         self._all_token_ids[len(self._all_token_ids) - self.num_inflight] = token_id
         self.num_inflight -= 1
-        return self._record_output(token_id, logprobs)
-
-    def append_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
-        """Add a sampled token (and its log-probabilities); return the text it added."""
-        if self.num_inflight:
-            raise RuntimeError(f"request {self.request_id}: tokens are in flight, resolve them")
-        self._all_token_ids.append(token_id)
-        return self._record_output(token_id, logprobs)
-
-    def _record_output(self, token_id: int, logprobs: TokenLogprobs | None) -> str:
         self.output_token_ids.append(token_id)
         if self.output_logprobs is not None and logprobs is not None:
             self.output_logprobs.append(logprobs)

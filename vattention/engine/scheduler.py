@@ -45,6 +45,7 @@ from vattention.engine.scheduling import (
     ScheduledRequest,
     SchedulerConfig,
     SchedulerOutput,
+    ends_in_flight,
     next_lengths,
 )
 from vattention.engine.stop import check_stop
@@ -116,7 +117,8 @@ class Scheduler:
         step: dict[str, ScheduledRequest] = {}
         budget = self.config.max_num_batched_tokens
 
-        active = [r for r in self.running if not self._ends_in_flight(r)]
+        max_len = self.config.max_model_len
+        active = [r for r in self.running if not ends_in_flight(r, max_len)]
         decodes = [r for r in active if r.num_uncomputed_tokens == 1]
         prefills = [r for r in active if r.num_uncomputed_tokens > 1]
         plan = _plan(decodes + prefills, budget)
@@ -202,15 +204,6 @@ class Scheduler:
         return finished
 
     # -- internals --------------------------------------------------------------------------
-    def _ends_in_flight(self, r: Request) -> bool:
-        """Whether r's tokens in flight surely end it (no use scheduling it again)."""
-        if not r.num_inflight:
-            return False
-        limit = r.params.max_tokens
-        return (limit is not None and r.num_expected_outputs >= limit) or (
-            r.num_tokens >= self.config.max_model_len
-        )
-
     def _row(self, r: Request, n: int) -> ScheduledRequest:
         end = r.num_computed_tokens + n
         return ScheduledRequest(r, _slot(r), n, end, sample=end == r.num_tokens)

@@ -119,10 +119,17 @@ def next_lengths(rows: list[ScheduledRequest], max_model_len: int) -> dict[int, 
             remaining = r.num_tokens - s.context_len
             lengths[s.slot] = s.context_len + min(remaining, s.num_new_tokens)
             continue
-        max_tokens = r.params.max_tokens
-        if max_tokens is not None and r.num_expected_outputs >= max_tokens:
-            continue
-        if r.num_tokens >= max_model_len:
-            continue
-        lengths[s.slot] = s.context_len + 1
+        if not ends_in_flight(r, max_model_len):
+            lengths[s.slot] = s.context_len + 1
     return lengths
+
+
+def ends_in_flight(r: Request, max_model_len: int) -> bool:
+    """Whether r's tokens in flight (its placeholders) surely end it: max_tokens or the model's
+    length limit reached, whatever they turn out to be."""
+    if not r.num_inflight:
+        return False
+    limit = r.params.max_tokens
+    return (limit is not None and r.num_expected_outputs >= limit) or (
+        r.num_tokens >= max_model_len
+    )

@@ -17,16 +17,14 @@ usable blocks (capped at what `max_slots` full slots need) plus the padding bloc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from vattention.kvcache.block_allocator import BlockAllocator
-from vattention.kvcache.spec import KVCacheSpec
+from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.memory.errors import OutOfKVMemory
-
-Lengths = Mapping[int, int] | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -201,27 +199,8 @@ class PagedKVCache:
         return {s: k for s, k in grow.items() if k > 0}
 
     def _normalize(self, lengths: Lengths) -> dict[int, int]:
-        if isinstance(lengths, Mapping):
-            items = list(lengths.items())
-        elif isinstance(lengths, Sequence):
-            if len(lengths) != self.spec.max_slots:
-                raise ValueError(
-                    f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}"
-                )
-            items = [(s, n) for s, n in enumerate(lengths) if n or self._used[s]]
-        else:
-            raise TypeError(
-                f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
-            )
-        top = self.spec.max_seq_len
-        out: dict[int, int] = {}
-        for s, n in items:
-            self._check_slot(s)
-            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= top:
-                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={top}]")
-            out[s] = n
         self._check_open()
-        return out
+        return normalize_lengths(lengths, self.spec, self._used, self._check_slot)
 
     # -- accounting -------------------------------------------------------------------------
     def stats(self) -> PagedStats:

@@ -6,9 +6,13 @@ power of two. A spec is frozen and hashable so it can key caches and CUDA graphs
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+# Per-slot token counts: a mapping slot -> tokens, or one entry per slot (0 skips a free slot).
+Lengths = Mapping[int, int] | Sequence[int]
 
 LAYOUTS = ("cross_layer", "per_layer")
 
@@ -81,3 +85,32 @@ class KVCacheSpec:
     def token_bytes(self) -> int:
         """Bytes of K plus V for one token across all layers."""
         return 2 * self.num_layers * self.layer_token_bytes
+
+
+def normalize_lengths(
+    lengths: Lengths, spec: KVCacheSpec, used: Sequence[bool], check_slot: Callable[[int], None]
+) -> dict[int, int]:
+    """`lengths` as `{slot: tokens}`, checked: every slot in use (`check_slot` raises the
+    cache's own error otherwise) and every count in `[0, max_seq_len]`. Nothing is changed."""
+    if isinstance(lengths, Mapping):
+        items = list(lengths.items())
+    elif isinstance(lengths, Sequence):
+        if len(lengths) != spec.max_slots:
+            raise ValueError(
+                f"a length sequence needs {spec.max_slots} entries, got {len(lengths)}"
+            )
+        items = [(s, n) for s, n in enumerate(lengths) if n or used[s]]
+    else:
+        raise TypeError(
+            f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
+        )
+    out: dict[int, int] = {}
+    top, max_len = spec.max_slots, spec.max_seq_len
+    for s, n in items:
+        # Fast path for plain ints; anything else gets the detailed checks and errors.
+        if type(s) is not int or not 0 <= s < top or not used[s]:
+            check_slot(s)
+        if type(n) is not int or not 0 <= n <= max_len:
+            raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={max_len}]")
+        out[s] = n
+    return out

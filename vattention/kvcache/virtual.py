@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from vattention.kvcache.layout import CacheLayout
 from vattention.kvcache.pool import PagePool
-from vattention.kvcache.spec import KVCacheSpec
+from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
 from vattention.memory.errors import OutOfKVMemory
-
-Lengths = Mapping[int, int] | Sequence[int]
 
 
 class VirtualKVCache:
@@ -372,29 +370,8 @@ class VirtualKVCache:
         )
 
     def _normalize(self, lengths: Lengths) -> dict[int, int]:
-        if isinstance(lengths, Mapping):
-            items = list(lengths.items())
-        elif isinstance(lengths, Sequence):
-            if len(lengths) != self.spec.max_slots:
-                raise ValueError(
-                    f"a length sequence needs {self.spec.max_slots} entries, got {len(lengths)}"
-                )
-            items = [(s, n) for s, n in enumerate(lengths) if n or self._used[s]]
-        else:
-            raise TypeError(
-                f"lengths must be a mapping slot->tokens or a sequence, got {type(lengths).__name__}"
-            )
-        out: dict[int, int] = {}
-        used, top, max_len = self._used, self.spec.max_slots, self.spec.max_seq_len
-        for s, n in items:
-            # Fast path for plain ints; anything else gets the detailed checks and errors.
-            if type(s) is not int or not 0 <= s < top or not used[s]:
-                self._check_slot(s)
-            if type(n) is not int or not 0 <= n <= max_len:
-                raise ValueError(f"slot {s}: {n!r} tokens is outside [0, max_seq_len={max_len}]")
-            out[s] = n
         self._check_open()
-        return out
+        return normalize_lengths(lengths, self.spec, self._used, self._check_slot)
 
     def _check_open(self) -> None:
         if self._closed:
