@@ -3,7 +3,8 @@
 # writes logs and results under $OUT. Parts (each under 4 minutes on the H200):
 #   tests       all `gpu`-marked tests (core, then attention)
 #   prefill     bench_attention, prefill phases only (fresh prompts and chunks)
-#   decode      bench_attention, decode phase only (plus the cross-layer layout section)
+#   decode      bench_attention, decode phase only (plus the cross-layer layout section);
+#               ATTN_ARGS / ATTN_TAG / ATTN_BUDGET / ATTN_TIMEOUT adjust prefill and decode
 #   memory      bench_memory
 #   throughput  bench_throughput: vattention, paged and HF generate_batch
 #   ours        bench_throughput: vattention and paged only
@@ -20,17 +21,18 @@ for part in "$@"; do
   case "$part" in
   tests)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/memory tests/kvcache tests/models \
-      tests/engine tests/attention/test_paged_backends.py 2>&1 | grep -v DEBUG | tail -25 > "$OUT/tests_core.txt"
+      tests/engine tests/attention/test_paged_backends.py --tb=short -rf 2>&1 | grep -v DEBUG | tail -400 > "$OUT/tests_core.txt"
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention --ignore=tests/attention/test_paged_backends.py \
-      2>&1 | grep -v DEBUG | tail -40 > "$OUT/tests_attention.txt"
-    tail -3 "$OUT/tests_core.txt" "$OUT/tests_attention.txt"
+      --tb=short -rf 2>&1 | grep -v DEBUG | tail -600 > "$OUT/tests_attention.txt"
+    tail -n 3 "$OUT/tests_core.txt" "$OUT/tests_attention.txt"
     ;;
-  prefill|decode)
-    timeout 230 python3 benchmarks/bench_attention.py --phases "$part" --budget-s 180 \
-      --out "/tmp/attention_$part" > "$OUT/attention_$part.log" 2>&1
-    mkdir -p "$OUT/attention_$part"
-    cp /tmp/attention_$part/results.json /tmp/attention_$part/*.png "$OUT/attention_$part/" 2>/dev/null
-    grep -E "copy|^decode llama-3-8b B=(1|64|256) |prefill" "$OUT/attention_$part.log" | cut -c1-200
+  prefill|decode)  # ATTN_ARGS: extra bench_attention options (e.g. --models yi-6b); ATTN_TAG: name
+    tag=${ATTN_TAG:-$part}
+    timeout ${ATTN_TIMEOUT:-230} python3 benchmarks/bench_attention.py --phases "$part" \
+      --budget-s ${ATTN_BUDGET:-180} ${ATTN_ARGS:-} --out "/tmp/attention_$tag" > "$OUT/attention_$tag.log" 2>&1
+    mkdir -p "$OUT/attention_$tag"
+    cp /tmp/attention_$tag/results.json /tmp/attention_$tag/*.png "$OUT/attention_$tag/" 2>/dev/null
+    grep -E "copy|^decode [a-z0-9-]+ B=(1|64|256) |prefill" "$OUT/attention_$tag.log" | cut -c1-200
     ;;
   memory)
     timeout 100 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"

@@ -68,6 +68,8 @@ def test_triton_decode_refuses_prefill() -> None:
         backend.attend(0, torch.zeros(3, 4, 16), meta)
     with pytest.raises(ValueError, match="num_splits"):
         create_backend("triton_decode", small_cache(), 4, 2, 16, num_splits=0)
+    with pytest.raises(ValueError, match="exclusive with num_splits"):
+        create_backend("triton_decode", small_cache(), 4, 2, 16, num_splits=2, partition_size=64)
     with pytest.raises(ValueError, match="power-of-two"):
         create_backend("triton_decode", DenseKVCache(1, 2, 8, 1, 24), 1, 1, 24)
 

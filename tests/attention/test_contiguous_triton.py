@@ -1,4 +1,4 @@
-"""The Triton split-K decode kernel: split handling, launch knobs, heuristics, 64-bit offsets.
+"""The Triton split-K decode kernel: partitions, launch knobs, heuristics, 64-bit offsets.
 
 CPU tests run under the Triton interpreter with tiny shapes; `gpu` tests use realistic ones.
 """
@@ -9,7 +9,11 @@ import pytest
 import torch
 from reference import DenseKVCache, random_requests, reference_attention
 
-from vattention.attention.decode_kernels import decode_attention, default_num_splits
+from vattention.attention.decode_kernels import (
+    decode_attention,
+    default_partition_size,
+    splits_to_partition_size,
+)
 
 
 def decode_case(
@@ -57,15 +61,32 @@ def test_group_sizes_including_non_powers_of_two(group: int) -> None:
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
 
 
-def test_default_splits_fill_the_gpu_and_respect_the_context() -> None:
-    # B=64 x 8 kv heads already gives 512 programs: two splits reach 4 per SM on 132 SMs.
-    assert default_num_splits(64, 8, 8192, 64, 132) == 2
-    # One request with a long context: many splits, each still >= 4 tiles.
-    splits = default_num_splits(1, 8, 32768, 64, 132)
-    assert splits * 8 >= 4 * 132 and 32768 / splits >= 4 * 64
-    # Short contexts are never cut below 4 tiles per split.
-    assert default_num_splits(1, 1, 100, 64, 132) == 1
-    assert default_num_splits(1, 1, 1, 64, 132) == 1
+def test_partitions_fill_the_gpu_and_respect_the_context() -> None:
+    # B=64 x 8 kv heads = 512 programs per partition: 9 partitions reach 32 programs per SM.
+    assert default_partition_size(64, 8, 65536, 64, 132) == -(-65536 // 9 // 64) * 64
+    # Short contexts are never cut below 256 tokens; a large batch keeps a context whole.
+    assert default_partition_size(1, 1, 100, 64, 132) == 256
+    assert default_partition_size(256, 8, 256, 64, 132) == 256
+    # `num_splits` becomes the partition size that cuts the longest context that many times.
+    assert splits_to_partition_size(80, 3, 16) == 32
+    assert splits_to_partition_size(1, 7, 16) == 16
+
+
+def test_graph_sized_grid_over_short_requests() -> None:
+    """The grid follows the host's max_seq_len (a CUDA graph's max_model_len): partitions past a
+    request's length exit, and the answer does not change."""
+    cache = DenseKVCache(1, 3, 256, 2, 16, torch.float32, "cpu", "per_layer")
+    q, s, n, expected = decode_case(cache, [0, 1, 2], [5, 40, 17], num_heads=4)
+    out = decode_attention(
+        q, cache.k_cache(0), cache.v_cache(0), s, n, 16**-0.5, 256, partition_size=16, block_n=16
+    )
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        decode_attention(q, cache.k_cache(0), cache.v_cache(0), s, n, 1.0, 256, partition_size=24,
+                         block_n=16)  # fmt: skip
+    with pytest.raises(ValueError, match="at most 128"):
+        decode_attention(q, cache.k_cache(0), cache.v_cache(0), s, n, 1.0, 4096, partition_size=16,
+                         block_n=16)  # fmt: skip
 
 
 def test_rejects_bad_shapes() -> None:

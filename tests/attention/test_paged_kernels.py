@@ -31,11 +31,11 @@ class StridedPools:
 def test_partition_size_heuristic() -> None:
     for batch, heads, max_len in [(1, 8, 65536), (256, 8, 1024), (64, 4, 16384), (1, 1, 1)]:
         size = default_partition_size(batch, heads, max_len, 64, 132)
-        assert size % 64 == 0 and size >= 512
+        assert size % 64 == 0 and size >= 256
         assert -(-max_len // size) <= 128
     # A small batch splits a long context finely; a large batch keeps it whole.
     assert default_partition_size(1, 8, 65536, 64, 132) < default_partition_size(256, 8, 65536, 64, 132)  # fmt: skip
-    assert default_partition_size(256, 8, 4096, 64, 132) == 4096 // 2
+    assert default_partition_size(256, 8, 4096, 64, 132) == 1408  # 32 programs x 132 SMs / 2048 -> 3 parts
 
 
 def test_prefill_tiles_cover_every_query_longest_first() -> None:
@@ -48,10 +48,12 @@ def test_prefill_tiles_cover_every_query_longest_first() -> None:
     assert ends == sorted(ends, reverse=True)
 
 
-def _graph_style_decode(name: str, device: str, dtype: torch.dtype, hd: int, tol: float) -> None:
+def _graph_style_decode(
+    name: str, device: str, dtype: torch.dtype, hd: int, tol: float, bs: int = 4
+) -> None:
     """Decode metadata shaped like the engine's CUDA graphs: tables padded to the model's full
     width with a real block, host lengths set to max_model_len, padding rows of length 1."""
-    bs, hq, hkv, max_len = 4, 8, 2, 64
+    hq, hkv, max_len = 8, 2, 64
     spec = KVCacheSpec(num_layers=1, num_kv_heads=hkv, head_dim=hd, max_slots=4,
                        max_seq_len=max_len, dtype=dtype)  # fmt: skip
     cache = PagedKVCache(spec, bs, device=device)
@@ -138,7 +140,16 @@ def test_bad_input_is_rejected_clearly(name: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["paged_triton", "paged_flex"])
 def test_cuda_graph_shaped_decode_gpu(name: str) -> None:
-    _graph_style_decode(name, "cuda", torch.bfloat16, 128, 2e-2)
+    """(Compiled flex needs pages of 16+ tokens: its KV tile is one page.)"""
+    _graph_style_decode(name, "cuda", torch.bfloat16, 128, 2e-2, 16 if name == "paged_flex" else 4)
+
+
+@pytest.mark.gpu
+def test_paged_flex_small_blocks_rejected_on_gpu() -> None:
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=64, max_slots=2, max_seq_len=32,
+                       dtype=torch.bfloat16)  # fmt: skip
+    with pytest.raises(ValueError, match="block_size >= 16"):
+        create_backend("paged_flex", PagedKVCache(spec, 8, device="cuda"), 8, 2, 64)
 
 
 @pytest.mark.gpu

@@ -1,12 +1,18 @@
 """Triton split-K ("flash-decoding") attention for one new token per request, contiguous cache.
 
 `decode_attention(q, k_cache, v_cache, slots, seq_lens, scale)`:
-- stage 1, grid `(request, kv_head, split)`: a program takes the query heads of one KV-head
-  group (GQA: they share every K/V load) and one split of the request's context, and runs an
+- stage 1, grid `(request, kv_head, partition)`: every request's context is cut into fixed-size
+  partitions of `partition_size` tokens (a multiple of `BLOCK_N`); a program takes the query
+  heads of one KV-head group (GQA: they share every K/V load) and one partition, and runs an
   online softmax over `BLOCK_N`-row tiles of K and V, read by strides from
-  `cache[slot, pos, kv_head, :]` (so per-layer tensors and cross-layer strided views both work);
-- stage 2, grid `(request, head)`: combines the splits' partial outputs by their log-sum-exp.
-  With one split, stage 1 writes the final output and stage 2 is skipped.
+  `cache[slot, pos, kv_head, :]` (so per-layer tensors and cross-layer strided views both work).
+  Programs whose partition starts past the request's length exit at once: uneven lengths cost
+  what they read, and the grid (sized by the host's `max_seq_len`) is CUDA-graph safe;
+- stage 2, grid `(request, head)`: combines the request's `cdiv(seq_len, partition_size)`
+  partials by their log-sum-exp. With one partition, stage 1 writes the output, no stage 2.
+The default partition size (`default_partition_size`) aims at about 32 programs per SM with at
+least 256 tokens each (measured on the H200 against a split of each request's own length into a
+fixed count: the fixed partitions balance uneven batches better).
 With `block_tables` the same kernel reads a paged cache (the PagedAttention baseline `pa_triton`):
 token `pos` of request b is at `pool[table[b, pos // block_size], pos % block_size]`.
 Invariants: loads are masked to `pos < seq_len`, so rows past a request's length (possibly
@@ -36,7 +42,7 @@ def _split_kernel(
     stride_ab, stride_ah, stride_as,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    qk_scale,
+    qk_scale, partition_size,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -44,85 +50,86 @@ def _split_kernel(
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     seq_len = tl.load(SeqLens + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * chunk
-    end = tl.minimum(start + chunk, seq_len)
+    start = split * partition_size
+    if (start < seq_len) | (split == 0):  # partitions past the request's context do nothing
+        end = tl.minimum(start + partition_size, seq_len)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < GROUP
-    heads = kv_head * GROUP + offs_g
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)
-    k_base = K + kv_head.to(tl.int64) * stride_kh
-    v_base = V + kv_head.to(tl.int64) * stride_vh
-    if PAGED:  # token pos of request b lives at pool[table[b, pos // BLOCK_SIZE], pos % BLOCK_SIZE]
-        table = Tables + b.to(tl.int64) * stride_tb
-    else:  # ... or at cache[slot, pos]
-        slot = tl.load(Slots + b).to(tl.int64)
-        k_base += slot * stride_ks
-        v_base += slot * stride_vs
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_n = tl.arange(0, BLOCK_N)
+        g_mask = offs_g < GROUP
+        heads = kv_head * GROUP + offs_g
+        q_ptrs = Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=g_mask[:, None], other=0.0)
+        k_base = K + kv_head.to(tl.int64) * stride_kh
+        v_base = V + kv_head.to(tl.int64) * stride_vh
+        if PAGED:  # token pos of request b: pool[table[b, pos // BLOCK_SIZE], pos % BLOCK_SIZE]
+            table = Tables + b.to(tl.int64) * stride_tb
+        else:  # ... or at cache[slot, pos]
+            slot = tl.load(Slots + b).to(tl.int64)
+            k_base += slot * stride_ks
+            v_base += slot * stride_vs
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + offs_n
-        n_mask = pos < end
-        if PAGED:
-            blk = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            within = (pos % BLOCK_SIZE).to(tl.int64)
-            k_rows = blk * stride_ks + within * stride_kt
-            v_rows = blk * stride_vs + within * stride_vt
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + offs_n
+            n_mask = pos < end
+            if PAGED:
+                blk = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+                within = (pos % BLOCK_SIZE).to(tl.int64)
+                k_rows = blk * stride_ks + within * stride_kt
+                v_rows = blk * stride_vs + within * stride_vt
+            else:
+                rows = pos.to(tl.int64)
+                k_rows = rows * stride_kt
+                v_rows = rows * stride_vt
+            kv_mask = n_mask[:, None]
+            k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        if SINGLE:
+            o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
+            tl.store(o_ptrs + offs_d[None, :], out.to(Out.dtype.element_ty), mask=g_mask[:, None])
         else:
-            rows = pos.to(tl.int64)
-            k_rows = rows * stride_kt
-            v_rows = rows * stride_vt
-        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    if SINGLE:
-        o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_mask[:, None])
-    else:
-        a_ptrs = (
-            Acc
-            + b.to(tl.int64) * stride_ab
-            + heads[:, None] * stride_ah
-            + split * stride_as
-            + offs_d[None, :]
-        )
-        tl.store(a_ptrs, out, mask=g_mask[:, None])
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(Lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+            a_ptrs = (
+                Acc
+                + b.to(tl.int64) * stride_ab
+                + heads[:, None] * stride_ah
+                + split * stride_as
+                + offs_d[None, :]
+            )
+            tl.store(a_ptrs, out, mask=g_mask[:, None])
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+            l_ptrs = Lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split
+            tl.store(l_ptrs, lse, mask=g_mask)
 
 
 @triton.jit
 def _combine_kernel(
-    Acc, Lse, Out,
+    Acc, Lse, SeqLens, Out,
     stride_ab, stride_ah, stride_as,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    partition_size, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < tl.cdiv(tl.load(SeqLens + b), partition_size)  # the partitions that ran
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)  # finite unless seq_len == 0 (a padding row): then output zeros
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -134,21 +141,43 @@ def _combine_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
-def default_num_splits(
-    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, num_sms: int
+MAX_PARTITIONS = 128  # the combine kernel reads a request's partials in one tile
+
+
+def default_partition_size(
+    batch: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    block_n: int,
+    sms: int,
+    *,
+    programs_per_sm: int = 32,
+    min_size: int = 256,
 ) -> int:
-    """Splits that give about 4 programs per SM, each over at least 4 tiles of context."""
-    programs = batch * num_kv_heads
-    want = math.ceil(4 * num_sms / programs)
-    cap = max(1, math.ceil(max_seq_len / (4 * block_n)))
-    return max(1, min(want, cap, 128))
+    """Partition size (a multiple of `block_n`): enough programs for about `programs_per_sm` per
+    SM, so that uneven lengths still balance, but partitions of at least `min_size` tokens
+    (fewer partials to combine) and at most `MAX_PARTITIONS` per request. The defaults were the
+    best of `benchmarks/tune_decode.py`'s grid (8/16/32 programs per SM x 256/512 tokens) on the
+    H200 for long contexts; the paged baseline uses the same heuristic."""
+    want_parts = max(1, math.ceil(programs_per_sm * sms / max(1, batch * num_kv_heads)))
+    size = max(
+        math.ceil(max_seq_len / want_parts), min_size, math.ceil(max_seq_len / MAX_PARTITIONS)
+    )
+    return math.ceil(size / block_n) * block_n
+
+
+def splits_to_partition_size(max_seq_len: int, num_splits: int, block_n: int) -> int:
+    """The partition size that cuts a `max_seq_len` context into `num_splits` partitions."""
+    size = math.ceil(max(1, max_seq_len) / num_splits)
+    return max(block_n, math.ceil(size / block_n) * block_n)
 
 
 @functools.cache
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere)."""
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def decode_attention(
@@ -164,13 +193,16 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     block_tables: torch.Tensor | None = None,
+    partition_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of `q [B, Hq, D]` (one token per request) over `cache[slots[b], :seq_lens[b]]`.
 
     `k_cache`/`v_cache`: `[slots, max_len, Hkv, D]`, any strides with a contiguous last dim.
     With `block_tables [B, max_blocks]` they are paged pools `[blocks, block_size, Hkv, D]`
     instead (the PagedAttention baseline: same kernel, table addressing) and `slots` is unused.
-    `max_seq_len` (host int, >= every `seq_lens[b]`) sizes the split count. Returns `[B, Hq, D]`.
+    `max_seq_len` (host int, >= every `seq_lens[b]`) sizes the grid. The partition size is
+    `partition_size`, else the one that cuts `max_seq_len` into `num_splits` partitions, else
+    `default_partition_size`. Returns `[B, Hq, D]`.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -183,9 +215,20 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if block_n is None:
         block_n = 64 if head_dim <= 128 else 32
-    if num_splits is None:
-        num_splits = default_num_splits(
-            batch, num_kv_heads, max_seq_len, block_n, _num_sms(q.device)
+    if partition_size is None:
+        if num_splits is not None:
+            partition_size = splits_to_partition_size(max_seq_len, num_splits, block_n)
+        else:
+            partition_size = default_partition_size(
+                batch, num_kv_heads, max_seq_len, block_n, num_sms(q.device)
+            )
+    if partition_size < block_n or partition_size % block_n:
+        raise ValueError(f"partition_size {partition_size} must be a multiple of {block_n}")
+    num_splits = max(1, math.ceil(max_seq_len / partition_size))
+    if num_splits > MAX_PARTITIONS:
+        raise ValueError(
+            f"{num_splits} partitions of {partition_size} tokens for max_seq_len {max_seq_len}: "
+            f"at most {MAX_PARTITIONS}"
         )
     out = torch.empty_like(q)
     single = num_splits == 1
@@ -209,7 +252,7 @@ def decode_attention(
         tables.stride(0),
         *a_strides, *l_strides,
         out.stride(0), out.stride(1),
-        scale * LOG2E,
+        scale * LOG2E, partition_size,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, SINGLE=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -218,10 +261,10 @@ def decode_attention(
     )  # fmt: skip
     if not single:
         _combine_kernel[(batch, num_heads)](
-            acc, lse, out,
+            acc, lse, seq_lens, out,
             *a_strides, *l_strides,
             out.stride(0), out.stride(1),
-            num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            partition_size, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
             num_warps=4,
         )  # fmt: skip
     return out

@@ -45,9 +45,6 @@ def kernel_options(
     return {**(options or {}), "FORCE_USE_FLEX_ATTENTION": True}
 
 
-_COPY_PATTERNS: set[tuple[int, ...]] = set()  # stride patterns flex cannot compile in place
-
-
 def _flex_call(*args: Any, **kwargs: Any) -> Any:
     return flex_attention(*args, **kwargs)
 
@@ -163,33 +160,17 @@ class FlexBackend(ContiguousBackend):
                 "ignore", message=".*flex_attention called without torch.compile"
             )
             pattern = (*q.stride()[1:], *k.stride(), *v.stride())
-            if q.is_cuda and pattern in _COPY_PATTERNS:
-                k, v = k.contiguous(), v.contiguous()
-                pattern = (*q.stride()[1:], *k.stride(), *v.stride())
             flex = (
                 _compiled_flex(pattern) if q.is_cuda else cast(Callable[..., Any], flex_attention)
             )
-            args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
             group = self.num_heads // self.num_kv_heads
-            kwargs = dict(
+            o = flex(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
                 block_mask=mask,
                 scale=self.scale,
                 enable_gqa=group != 1,
                 kernel_options=kernel_options(n, group, BLOCK),
             )
-            try:
-                o = flex(*args, **kwargs)
-            except Exception as err:  # Inductor found no kernel for these strides
-                if not q.is_cuda or pattern in _COPY_PATTERNS:
-                    raise
-                # Seen on torch 2.11 with some VirtualKVCache views: run on dense copies of
-                # this request's rows instead (correct; the copy is what it costs).
-                warnings.warn(
-                    f"flex: no compiled kernel for strides {pattern} ({type(err).__name__});"
-                    " reading K/V through a copy",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                _COPY_PATTERNS.add(pattern)
-                return self._call(q, k, v, meta)
         return o.transpose(1, 2)

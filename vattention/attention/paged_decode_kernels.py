@@ -9,20 +9,21 @@
   partition starts past the request's length exit at once, so uneven lengths cost what they read;
 - stage 2, grid `(request, head)`: combines the request's partitions by their log-sum-exp.
   With one partition, stage 1 writes the output and stage 2 is skipped.
-The partition size comes from the batch shape (`default_partition_size`: about 16 programs per
-SM, at least 512 tokens each), so the grid depends on host ints only (CUDA-graph safe).
+The partition size comes from the batch shape (`default_partition_size`, shared with the
+contiguous kernel), so the grid depends on host ints only (CUDA-graph safe).
 Invariants: loads are masked to `pos < seq_len` (no block past a request's length is read);
 offsets are 64-bit; softmax runs in float32, base 2, with `scale * log2(e)` folded in.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from vattention.attention.decode_kernels import default_partition_size, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -130,25 +131,6 @@ def _paged_decode_stage2(
         m = m_new
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere)."""
-    if device.type != "cuda":
-        return 1
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def default_partition_size(
-    batch: int, num_kv_heads: int, max_seq_len: int, block_n: int, sms: int
-) -> int:
-    """Partition size (a multiple of `block_n`): enough programs for about 16 per SM, so that
-    uneven lengths still balance, but partitions of at least 512 tokens (vLLM's size; fewer
-    partials to combine) and at most 128 partitions per request."""
-    want_parts = max(1, math.ceil(16 * sms / max(1, batch * num_kv_heads)))
-    size = max(math.ceil(max_seq_len / want_parts), 512, math.ceil(max_seq_len / 128))
-    return math.ceil(size / block_n) * block_n
 
 
 def paged_decode(

@@ -110,6 +110,12 @@ class PagedFlexBackend(PagedBackend):
             )
         self.q_block = q_block
         bs = self.block_size
+        if self.device.type == "cuda" and bs < 16:
+            # Compiled flex multiplies P (a KV tile wide) by V: Triton's dot needs K >= 16.
+            raise ValueError(
+                f"paged_flex on CUDA needs block_size >= 16 (its KV tile is one page and Triton's "
+                f"dot needs 16), got {bs}; use paged_triton for smaller blocks"
+            )
         if kernel_options is None and bs < 128:
             # Flex's tiles must divide the mask's blocks: a KV tile no longer than a page.
             kernel_options = {"BLOCK_N": min(64, bs & -bs)}

@@ -2,9 +2,10 @@
 
 Decode only: every request of a batch must bring exactly one new token (`auto` routes prefill
 elsewhere). Runs on CUDA, or on the CPU under the Triton interpreter (`TRITON_INTERPRET=1`,
-small shapes, for tests). Launch knobs (`num_splits`, `block_n`, `num_warps`, `num_stages`) are
-constructor options so a benchmark can tune them; by default the split count is chosen from
-batch size, KV heads and context length to fill the GPU's SMs.
+small shapes, for tests). Launch knobs (`partition_size` or `num_splits`, `block_n`,
+`num_warps`, `num_stages`) are constructor options so a benchmark can tune them; by default the
+partition size is chosen from batch size, KV heads and the batch's longest context to fill the
+GPU's SMs (`decode_kernels.default_partition_size`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class TritonDecodeBackend(ContiguousBackend):
         block_n: int | None = None,
         num_warps: int = 4,
         num_stages: int = 2,
+        partition_size: int | None = None,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
         reason = triton_usable(self.device)
@@ -57,7 +59,13 @@ class TritonDecodeBackend(ContiguousBackend):
             raise ValueError(f"triton_decode needs a power-of-two head_dim >= 16, got {head_dim}")
         if num_splits is not None and num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        if partition_size is not None and (partition_size < 1 or num_splits is not None):
+            raise ValueError(
+                f"partition_size must be >= 1 and exclusive with num_splits, got "
+                f"{partition_size} (num_splits={num_splits})"
+            )
         self.num_splits = num_splits
+        self.partition_size = partition_size
         self.block_n = block_n
         self.num_warps = num_warps
         self.num_stages = num_stages
@@ -96,4 +104,5 @@ class TritonDecodeBackend(ContiguousBackend):
             block_n=self.block_n,
             num_warps=self.num_warps,
             num_stages=self.num_stages,
+            partition_size=self.partition_size,
         )
