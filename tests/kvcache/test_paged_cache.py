@@ -71,6 +71,8 @@ def test_tables_grow_by_blocks_and_free_returns_them(device: str) -> None:
         assert tuple(cache.k_cache(1).shape) == (20, 16, 2, 8)
         assert cache.k_cache(1).device.type == device
         assert torch.count_nonzero(cache.k_cache(0)[0]) == 0  # the padding block is zero
+        # Every block starts zero-filled (finite): eager flex weights unread rows by zero.
+        assert all(torch.count_nonzero(p) == 0 for p in (cache.k_cache(1), cache.v_cache(1)))
 
 
 def test_out_of_blocks_changes_nothing_and_async_defers_the_error() -> None:

@@ -5,8 +5,9 @@ front (the whole budget, as vLLM does); request tokens live in the blocks its bl
 in order: token `p` of a slot is at `pool[table[p // block_size], p % block_size]`. Kernels must
 follow the table (the `paged_*` attention backends); writes use `block * block_size + offset`.
 
-Invariants (checked by `check_integrity`): block 0 is the padding block, never handed out and
-zero-filled (padding rows of block tables and CUDA graphs point at it); every other block is free
+Invariants (checked by `check_integrity`): the pools are created zero-filled (every row finite
+until written); block 0 is the padding block, never handed out and zero-filled (padding rows of
+block tables and CUDA graphs point at it); every other block is free
 or in exactly one used slot's table; a used slot's table covers its length
 (`len(table) * block_size >= length`); `ensure`/`step` are all-or-nothing (`OutOfKVMemory` leaves
 every table, length and the free list as they were); `free_slot` returns the slot's blocks at
@@ -91,10 +92,11 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self._alloc = BlockAllocator(num_blocks, reserved=1)
         shape = (spec.num_layers, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self._k = torch.empty(shape, dtype=spec.dtype, device=self.device)
-        self._v = torch.empty(shape, dtype=spec.dtype, device=self.device)
-        self._k[:, 0].zero_()
-        self._v[:, 0].zero_()
+        # Zero-filled, so every block holds finite values from the start: a kernel that loads a
+        # whole tile and weights masked rows by zero (eager FlexAttention reads every block of
+        # the pool) must never meet uninitialized NaN/Inf (0 * NaN = NaN).
+        self._k = torch.zeros(shape, dtype=spec.dtype, device=self.device)
+        self._v = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         n = spec.max_slots
         self._tables: list[list[int]] = [[] for _ in range(n)]
         self._lengths = [0] * n
