@@ -70,6 +70,8 @@ def test_partitions_fill_the_gpu_and_respect_the_context() -> None:
     # `num_splits` becomes the partition size that cuts the longest context that many times.
     assert splits_to_partition_size(80, 3, 16) == 32
     assert splits_to_partition_size(1, 7, 16) == 16
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        splits_to_partition_size(80, 0, 16)
 
 
 def test_graph_sized_grid_over_short_requests() -> None:

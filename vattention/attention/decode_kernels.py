@@ -168,6 +168,8 @@ def default_partition_size(
 
 def splits_to_partition_size(max_seq_len: int, num_splits: int, block_n: int) -> int:
     """The partition size that cuts a `max_seq_len` context into `num_splits` partitions."""
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     size = math.ceil(max(1, max_seq_len) / num_splits)
     return max(block_n, math.ceil(size / block_n) * block_n)
 
@@ -224,27 +226,27 @@ def decode_attention(
             )
     if partition_size < block_n or partition_size % block_n:
         raise ValueError(f"partition_size {partition_size} must be a multiple of {block_n}")
-    num_splits = max(1, math.ceil(max_seq_len / partition_size))
-    if num_splits > MAX_PARTITIONS:
+    num_parts = max(1, math.ceil(max_seq_len / partition_size))
+    if num_parts > MAX_PARTITIONS:
         raise ValueError(
-            f"{num_splits} partitions of {partition_size} tokens for max_seq_len {max_seq_len}: "
+            f"{num_parts} partitions of {partition_size} tokens for max_seq_len {max_seq_len}: "
             f"at most {MAX_PARTITIONS}"
         )
     out = torch.empty_like(q)
-    single = num_splits == 1
+    single = num_parts == 1
     if single:
         acc = lse = out  # unused by the kernel
         a_strides: tuple[int, ...] = (0, 0, 0)
         l_strides: tuple[int, ...] = (0, 0)
     else:
         acc = torch.empty(
-            batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32
+            batch, num_heads, num_parts, head_dim, device=q.device, dtype=torch.float32
         )
-        lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+        lse = torch.empty(batch, num_heads, num_parts, device=q.device, dtype=torch.float32)
         a_strides, l_strides = acc.stride()[:3], lse.stride()[:2]
     paged = block_tables is not None
     tables = block_tables if block_tables is not None else seq_lens  # unused when not paged
-    _split_kernel[(batch, num_kv_heads, num_splits)](
+    _split_kernel[(batch, num_kv_heads, num_parts)](
         q, k_cache, v_cache, slots, seq_lens, acc, lse, out, tables,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -264,7 +266,7 @@ def decode_attention(
             acc, lse, seq_lens, out,
             *a_strides, *l_strides,
             out.stride(0), out.stride(1),
-            partition_size, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            partition_size, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_parts),
             num_warps=4,
         )  # fmt: skip
     return out
