@@ -35,7 +35,8 @@ def test_partition_size_heuristic() -> None:
         assert -(-max_len // size) <= 128
     # A small batch splits a long context finely; a large batch keeps it whole.
     assert default_partition_size(1, 8, 65536, 64, 132) < default_partition_size(256, 8, 65536, 64, 132)  # fmt: skip
-    assert default_partition_size(256, 8, 4096, 64, 132) == 1408  # 32 programs x 132 SMs / 2048 -> 3 parts
+    # 32 programs x 132 SMs / (256 x 8) programs per partition -> 3 partitions
+    assert default_partition_size(256, 8, 4096, 64, 132) == 1408
 
 
 def test_prefill_tiles_cover_every_query_longest_first() -> None:
