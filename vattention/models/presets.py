@@ -7,7 +7,7 @@ of the published `config.json` files.
 
 from __future__ import annotations
 
-from vattention.models.config import ModelConfig
+from vattention.models.config import ModelConfig, RopeScaling
 
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
@@ -51,6 +51,36 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001,),
         name="llama-3-8b",
+    ),
+    # Long-context checkpoints the vAttention paper evaluates or users run (128K / 200K tokens).
+    "llama-3.1-8b": ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+        name="llama-3.1-8b",
+    ),
+    "yi-6b-200k": ModelConfig(
+        vocab_size=64000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        max_position_embeddings=200_000,
+        rope_theta=5_000_000.0,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="yi-6b-200k",
     ),
     "yi-34b": ModelConfig(
         vocab_size=64000,

@@ -1,0 +1,297 @@
+"""Serving traces through `LLM`: our engine on the vAttention cache vs the paged baseline.
+
+Traces (seeded, token-id prompts, greedy, ignore EOS, every request submitted at once):
+- `fixed`: N x P prompt tokens -> O output tokens (default 256 x 512 -> 128);
+- `uneven`: prompts log-uniform in [128, 4096] (capped so prompt + output fit the model),
+  outputs uniform in [32, 1024];
+- `long-prompt`: prompts uniform in [2048, 7168], outputs uniform in [32, 512];
+- `long-context`: prompts uniform in [16K, 64K], outputs uniform in [64, 256] (use a long-context
+  preset: `llama-3.1-8b` or `yi-6b-200k`).
+
+    python benchmarks/bench_serving.py --model yi-6b --trace uneven --out benchmarks/results/serving/x
+    python benchmarks/bench_serving.py --quick          # CPU smoke test on the tiny preset
+
+Per system it prints output and total tok/s, steps, preemptions, host seconds per engine phase
+and, on CUDA, the GPU-busy share: kernel time over wall time from `torch.profiler` (CUDA
+activity only) on a second, shorter run over the first `--busy-fraction` of the trace (the timed
+run itself is not profiled). Each system first runs a warm-up trace (excluded) that compiles
+every kernel shape class. Ratios vattention/paged come from the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vattention import LLM, SamplingParams  # noqa: E402
+from vattention.models.presets import get_preset  # noqa: E402
+
+TRACES = ("fixed", "uneven", "long-prompt", "long-context")
+
+
+def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output tokens) per request; seeded, so every system gets the same."""
+    gen = torch.Generator().manual_seed(args.seed)
+    n = args.num_requests
+    scale = 64 if args.quick else 1  # --quick: lengths drawn at full scale, then divided
+    full_len = max_len * scale
+
+    def uniform(lo: int, hi: int) -> list[int]:
+        return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+    if args.trace == "fixed":
+        prompt_lens, out_lens = [args.prompt_len] * n, [args.output_len] * n
+    elif args.trace == "uneven":
+        out_lens = uniform(32, 1024)
+        hi = min(4096, full_len - 1024 - 1)
+        u = torch.rand(n, generator=gen, dtype=torch.float64)
+        prompt_lens = [int(round(math.exp(math.log(128) + x * math.log(hi / 128)))) for x in u]
+    elif args.trace == "long-prompt":
+        prompt_lens, out_lens = uniform(2048, 7168), uniform(32, 512)
+    elif args.trace == "long-context":
+        prompt_lens, out_lens = uniform(16384, 65536), uniform(64, 256)
+    else:
+        raise ValueError(f"unknown trace {args.trace!r}; known: {TRACES}")
+    if args.quick:  # shrink to the tiny preset's scale
+        prompt_lens = [max(4, p // scale) for p in prompt_lens]
+        out_lens = [max(2, o // scale) for o in out_lens]
+    trace = []
+    for p, o in zip(prompt_lens, out_lens, strict=True):
+        p = min(p, max_len - o - 1)
+        ids = torch.randint(10, vocab - 10, (p,), generator=gen).tolist()
+        trace.append((ids, o))
+    return trace
+
+
+def params_for(out_len: int) -> SamplingParams:
+    opts: dict[str, Any] = dict(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    if "detokenize" in {f.name for f in dataclasses.fields(SamplingParams)}:
+        opts["detokenize"] = False  # a benchmark reads token ids only (vLLM's option too)
+    return SamplingParams(**opts)
+
+
+def run_trace(llm: LLM, trace: list[tuple[list[int], int]]) -> tuple[float, int, int]:
+    """Submit every request, step until idle; returns (seconds, output tokens, steps)."""
+    engine = llm.engine
+    _sync()
+    t0 = time.perf_counter()
+    for ids, o in trace:
+        engine.add_request(ids, params_for(o))
+    generated = steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated += len(out.outputs[0].token_ids)
+        steps += 1
+    _sync()
+    return time.perf_counter() - t0, generated, steps
+
+
+def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, float]:
+    """Kernel seconds over wall seconds of one profiled run (CUDA activity only)."""
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        wall, _, steps = run_trace(llm, trace)
+    kernel_us = 0.0
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_us += e.self_device_time_total
+    return {
+        "busy_share": kernel_us / 1e6 / wall,
+        "kernel_s": kernel_us / 1e6,
+        "wall_s": wall,
+        "steps": steps,
+        "requests": len(trace),
+    }
+
+
+def engine_options(args: argparse.Namespace, kv_cache: str, max_len: int) -> dict[str, Any]:
+    opts: dict[str, Any] = dict(
+        kv_cache=kv_cache, load_format="dummy", dtype=args.dtype, max_model_len=max_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+        enforce_eager=args.eager, device=args.device,
+    )  # fmt: skip
+    if args.quick:
+        opts["kv_page_size"] = 64 * 1024
+    if kv_cache == "vattention" and args.attention_backend:
+        opts["attention_backend"] = args.attention_backend
+    if kv_cache == "paged" and args.paged_backend:
+        opts["attention_backend"] = args.paged_backend
+    if args.gpu_memory_utilization is not None:
+        opts["gpu_memory_utilization"] = args.gpu_memory_utilization
+    for item in args.opt:
+        key, _, value = item.partition("=")
+        opts[key] = json.loads(value)
+    return opts
+
+
+def warmup_trace(trace: list[tuple[list[int], int]], quick: bool) -> list[tuple[list[int], int]]:
+    """A few requests of the trace's length range, short outputs: compiles every shape class."""
+    by_len = sorted(trace, key=lambda t: len(t[0]))
+    pick = [by_len[0], by_len[len(by_len) // 2], by_len[-1]] + trace[:5]
+    return [(ids, min(o, 4 if quick else 16)) for ids, o in pick]
+
+
+def run_system(
+    args: argparse.Namespace, kv_cache: str, trace: list[tuple[list[int], int]], max_len: int
+) -> dict[str, Any]:
+    opts = engine_options(args, kv_cache, max_len)
+    t0 = time.perf_counter()
+    llm = LLM(args.model, **opts)
+    setup = time.perf_counter() - t0
+    try:
+        run_trace(llm, warmup_trace(trace, args.quick))
+        engine = llm.engine
+        engine.timings = dict.fromkeys(engine.timings, 0.0)
+        preempt0 = engine.scheduler.num_preemptions
+        seconds, generated, steps = run_trace(llm, trace)
+        prompt_tokens = sum(len(ids) for ids, _ in trace)
+        result: dict[str, Any] = {
+            "system": f"vattention engine, kv_cache={kv_cache}",
+            "kv_cache": kv_cache,
+            "attention_backend": type(engine.attn).__name__,
+            "cuda_graphs": engine.runner.graphs is not None,
+            "seconds": seconds,
+            "steps": steps,
+            "output_tokens": generated,
+            "output_tok_per_s": generated / seconds,
+            "total_tok_per_s": (generated + prompt_tokens) / seconds,
+            "preemptions": engine.scheduler.num_preemptions - preempt0,
+            "setup_s": setup,
+            "phase_seconds": {k: round(v, 3) for k, v in engine.timings.items()},
+            "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
+        }
+        stats = engine.cache.stats() if hasattr(engine.cache, "stats") else None
+        if stats is not None:
+            result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)
+        if args.device == "cuda" and args.busy_fraction > 0:
+            part = trace[: max(1, int(len(trace) * args.busy_fraction))]
+            result["gpu"] = gpu_busy(llm, part)
+        return result
+    finally:
+        llm.close()
+        del llm
+        _free()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Serving trace `{args.trace}` on `{args.model}`\n",
+        f"Command: `{' '.join(sys.argv)}`  \nEnvironment: `{json.dumps(info)}`  \n",
+        "| system | backend | graphs | seconds | steps | output tok/s | total tok/s | GPU busy "
+        "| preemptions | host ms/step (schedule, execute, sync, update) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | |")
+            continue
+        busy = r.get("gpu", {}).get("busy_share")
+        ms = r["host_ms_per_step"]
+        host = ", ".join(f"{ms.get(k, 0):.2f}" for k in ("schedule", "execute", "sync", "update"))
+        lines.append(
+            f"| {r['kv_cache']} | {r['attention_backend']} | {r['cuda_graphs']} | "
+            f"{r['seconds']:.2f} | {r['steps']} | {r['output_tok_per_s']:.0f} | "
+            f"{r['total_tok_per_s']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
+            f"{r['preemptions']} | {host} |"
+        )
+    ok = {r["kv_cache"]: r for r in results if "error" not in r}
+    if "vattention" in ok and "paged" in ok:
+        ratio = ok["vattention"]["output_tok_per_s"] / ok["paged"]["output_tok_per_s"]
+        lines.append(f"\nvattention / paged (output tok/s, same process): **{ratio:.2f}x**")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="yi-6b")
+    ap.add_argument("--trace", default="uneven", choices=TRACES)
+    ap.add_argument("--num-requests", type=int, default=None, help="default: per trace")
+    ap.add_argument("--prompt-len", type=int, default=512, help="fixed trace")
+    ap.add_argument("--output-len", type=int, default=128, help="fixed trace")
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-batched-tokens", type=int, default=8192)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--systems", default="vattention,paged")
+    ap.add_argument("--attention-backend", default=None, help="vattention side (default auto)")
+    ap.add_argument("--paged-backend", default=None, help="paged side (default pa_triton)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--opt", action="append", default=[], help="extra LLM option key=json")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--busy-fraction", type=float, default=0.3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny preset on the CPU (smoke test)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.num_requests is None:
+        args.num_requests = {"fixed": 256, "uneven": 200, "long-prompt": 128}.get(args.trace, 8)
+    if args.quick:
+        args.model, args.dtype, args.device = "tiny", "float32", "cpu"
+        args.num_requests, args.max_num_seqs = min(args.num_requests, 12), 8
+        args.max_batched_tokens, args.prompt_len, args.output_len = 64, 16, 4
+        args.busy_fraction = 0.0
+    preset = get_preset(args.model)
+    max_len = args.max_model_len or preset.max_position_embeddings
+    if args.quick:
+        max_len = min(max_len, 256)
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }  # fmt: skip
+    config = {k: v for k, v in vars(args).items() if k != "out"} | {"max_model_len": max_len}
+    trace = make_trace(args, preset.vocab_size, max_len)
+    p = [len(ids) for ids, _ in trace]
+    o = [n for _, n in trace]
+    shape = {
+        "requests": len(trace), "prompt_tokens": sum(p), "prompt_min": min(p),
+        "prompt_max": max(p), "output_tokens": sum(o), "output_min": min(o), "output_max": max(o),
+    }  # fmt: skip
+    print("# bench_serving")
+    print("config:", json.dumps({**config, **info}))
+    print("trace:", json.dumps(shape), flush=True)
+    results = []
+    for system in args.systems.split(","):
+        try:
+            r = run_system(args, system, trace, max_len)
+        except Exception as e:  # report and go on with the other systems
+            r = {"system": system, "kv_cache": system, "error": f"{type(e).__name__}: {e}"}
+            _free()
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    md = markdown(args, info, results)
+    print("\n" + md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"info": info, "config": config, "trace": shape, "results": results}, f,
+                      indent=1)  # fmt: skip
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(md)
+
+
+if __name__ == "__main__":
+    main()
