@@ -12,9 +12,9 @@ Traces (seeded, token-id prompts, greedy, ignore EOS, every request submitted at
     python benchmarks/bench_serving.py --quick          # CPU smoke test on the tiny preset
 
 Per system it prints output and total tok/s, steps, preemptions, host seconds per engine phase
-and, on CUDA, the GPU-busy share: kernel time over wall time from `torch.profiler` (CUDA
-activity only) on a second, shorter run over the first `--busy-fraction` of the trace (the timed
-run itself is not profiled). Each system first runs a warm-up trace (excluded) that compiles
+and, on CUDA, the GPU-busy share: kernel time from `torch.profiler` (CUDA activity only) on a
+second run of the first `--busy-fraction` of the trace (default all of it), over that run's wall
+time and, for the whole trace, over the timed (unprofiled) run's wall time too. Each system first runs a warm-up trace (excluded) that compiles
 every kernel shape class. Ratios vattention/paged come from the same process.
 """
 
@@ -175,9 +175,15 @@ def run_system(
         stats = engine.cache.stats() if hasattr(engine.cache, "stats") else None
         if stats is not None:
             result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)
+        steps_by_kind = getattr(engine.runner, "graph_steps", None)
+        if steps_by_kind is not None:
+            result["steps_by_kind"] = dict(steps_by_kind)  # warm-up and timed run together
         if args.device == "cuda" and args.busy_fraction > 0:
             part = trace[: max(1, int(len(trace) * args.busy_fraction))]
-            result["gpu"] = gpu_busy(llm, part)
+            gpu = gpu_busy(llm, part)
+            if len(part) == len(trace):  # the same work as the timed (unprofiled) run
+                gpu["busy_share_timed"] = gpu["kernel_s"] / seconds
+            result["gpu"] = gpu
         return result
     finally:
         llm.close()
@@ -208,7 +214,8 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
         if "error" in r:
             lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | |")
             continue
-        busy = r.get("gpu", {}).get("busy_share")
+        gpu = r.get("gpu", {})
+        busy = gpu.get("busy_share_timed", gpu.get("busy_share"))
         ms = r["host_ms_per_step"]
         host = ", ".join(f"{ms.get(k, 0):.2f}" for k in ("schedule", "execute", "sync", "update"))
         lines.append(
@@ -241,7 +248,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--opt", action="append", default=[], help="extra LLM option key=json")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--busy-fraction", type=float, default=0.3)
+    ap.add_argument("--busy-fraction", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny preset on the CPU (smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

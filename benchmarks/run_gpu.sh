@@ -10,6 +10,10 @@
 #   ours        bench_throughput: vattention and paged only
 #   profile     profile_engine (GPU time by kernel category over the throughput workload)
 #   flexfail    tracebacks of the flex GPU tests (diagnostic)
+#   steptests   the `gpu` tests of the step path: prefill kernels, pa_triton, auto variants,
+#               LLM.generate in every graph/mapping mode
+#   serving     bench_serving; SERVE_RUNS holds "model:trace[:extra args]" entries separated
+#               by ';' (default: yi-6b:uneven), each written to $OUT/serving_<model>_<trace>
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}
@@ -35,7 +39,7 @@ for part in "$@"; do
     grep -E "copy|^decode [a-z0-9-]+ B=(1|64|256) |prefill" "$OUT/attention_$tag.log" | cut -c1-200
     ;;
   memory)
-    timeout 100 python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
+    timeout ${MEM_TIMEOUT:-120} python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference"
     ;;
   throughput)
     timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput" 2>&1 | tail -12
@@ -53,6 +57,25 @@ for part in "$@"; do
         | grep -v DEBUG | grep -v "^E  *$" | tail -300 >> "$OUT/flex_failures.txt"
     done
     grep -E "passed|failed" "$OUT/flex_failures.txt"
+    ;;
+  steptests)
+    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention/test_prefill_kernels.py \
+      tests/attention/test_paged_backends.py tests/engine/test_llm_gpu.py tests/engine/test_llama3_8b_gpu.py \
+      "tests/attention/test_contiguous_backends.py" -k "auto or prefill or pa_triton or generate or async or llama" \
+      --tb=short -rf 2>&1 | grep -v DEBUG | tail -300 > "$OUT/tests_step.txt"
+    tail -n 5 "$OUT/tests_step.txt"
+    ;;
+  serving)
+    IFS=';' read -ra runs <<< "${SERVE_RUNS:-yi-6b:uneven}"
+    for run in "${runs[@]}"; do
+      IFS=':' read -r model trace extra <<< "$run"
+      name="serving_${model}_${trace}"
+      mkdir -p "$OUT/$name"  # results.json and run.log (which holds the table) come back
+      timeout ${SERVE_TIMEOUT:-230} python3 benchmarks/bench_serving.py --model "$model" --trace "$trace" \
+        ${extra:-} --out "/tmp/$name" > "$OUT/$name/run.log" 2>&1
+      cp "/tmp/$name/results.json" "$OUT/$name/" 2>/dev/null
+      grep -E "^\| (vattention|paged)|^vattention /" "$OUT/$name/run.log" || tail -n 5 "$OUT/$name/run.log"
+    done
     ;;
   *)
     echo "unknown part $part" >&2

@@ -37,16 +37,22 @@ GPU_CASES = {
     "mixed": ([3, 0, 8, 1, 6], [0, 900, 1700, 128, 0], [200, 1, 1, 333, 1]),
     "max_len": ([10], [3000], [1096]),
 }
-# "auto:..." are `auto` with options: its mixed-batch split (prefill by SDPA, decode rows by
-# Triton in one launch) and its whole-batch FA2 varlen route.
+# "auto:..." are `auto` with options: its mixed-batch split (decode rows by Triton in one
+# launch; prefill by SDPA per request, by our Triton prefill kernel, or by one FA2 varlen launch
+# with or without cuDNN for long fresh prompts).
 VARIANTS = {
-    "auto:triton": ("auto", {"decode": "triton_decode"}),
-    "auto:fa2": ("auto", {"prefill": "fa2_varlen"}),
+    "auto:triton": ("auto", {"decode": "triton_decode", "prefill": "sdpa"}),
+    "auto:tri_prefill": ("auto", {"decode": "triton_decode", "prefill": "triton"}),
+    "auto:fa2": ("auto", {"prefill": "fa2_varlen", "cudnn_min_tokens": 0}),
+    "auto:fa2_cudnn": ("auto", {"prefill": "fa2_varlen", "cudnn_min_tokens": 256}),
 }
 ALL_BACKENDS = [
-    "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "fa2_varlen", "auto:triton", "auto:fa2"
+    "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "fa2_varlen", "auto:triton",
+    "auto:tri_prefill", "auto:fa2", "auto:fa2_cudnn",
 ]  # fmt: skip
-CPU_BACKENDS = ["torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "auto:triton"]
+CPU_BACKENDS = [
+    "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "auto:triton", "auto:tri_prefill"
+]  # fmt: skip
 # GQA ratios on the per-layer layout, every layout at ratio 4.
 CPU_SHAPES = [
     (1, "per_layer"),

@@ -11,7 +11,13 @@ import pytest
 import torch
 from reference import random_requests, reference_attention
 
-from vattention.attention import AttentionMetadata, create_backend
+from vattention.attention import (
+    AttentionMetadata,
+    blocktable,
+    create_backend,
+    decode_kernels,
+    prefill_kernels,
+)
 from vattention.kvcache.paged import PagedKVCache
 from vattention.kvcache.spec import KVCacheSpec
 
@@ -21,6 +27,7 @@ CASES = [
     ([16, 31, 1], [1, 1, 1]),  # decode at and across block boundaries
     ([7, 0, 40, 15], [1, 9, 1, 16]),  # mixed decode + fresh prefill
     ([20, 3, 0], [12, 1, 33]),  # continued chunk + decode + fresh
+    ([33, 8, 5, 0, 47], [31, 24, 1, 9, 2]),  # continued chunks over several tiles, mixed
     ([0], [64]),  # max length
 ]
 
@@ -28,14 +35,15 @@ CASES = [
 def _run(backend_name: str, device: str, dtype: torch.dtype, heads: tuple[int, int], head_dim: int,
          block_size: int, ctx: list[int], new: list[int], tol: float) -> None:  # fmt: skip
     hq, hkv = heads
+    seq = [c + n for c, n in zip(ctx, new, strict=True)]
+    blocks = max(64, sum(-(-n // block_size) for n in seq) + 8)
     spec = KVCacheSpec(num_layers=2, num_kv_heads=hkv, head_dim=head_dim, max_slots=6,
-                       max_seq_len=64, dtype=dtype)  # fmt: skip
-    cache = PagedKVCache(spec, block_size, num_blocks=64, device=device)
+                       max_seq_len=max(64, *seq), dtype=dtype)  # fmt: skip
+    cache = PagedKVCache(spec, block_size, num_blocks=blocks, device=device)
     cache._k.fill_(float("nan"))
     cache._v.fill_(float("nan"))
     attn = create_backend(backend_name, cache, hq, hkv, head_dim)
     gen = torch.Generator().manual_seed(sum(ctx) + 7 * sum(new))
-    seq = [c + n for c, n in zip(ctx, new, strict=True)]
     keys, values = random_requests(seq, hkv, head_dim, torch.float32, "cpu", gen)
     slots = [cache.alloc_slot() for _ in seq]
     for _ in range(2):  # scatter the blocks: free one slot and take it back later
@@ -77,8 +85,32 @@ def test_paged_torch_cpu(heads: tuple[int, int], case: tuple[list[int], list[int
 
 @pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("case", CASES)
-def test_pa_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[int]]) -> None:
+def test_pa_triton_cpu_interpreter(
+    block_size: int, case: tuple[list[int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the interpreter every prefill row (continued chunks, and fresh prompts: no FA2 on
+    the CPU) goes through the shared prefill kernel, never the gather fallback."""
+
+    def no_gather(*args: object) -> None:
+        raise AssertionError("pa_triton gathered K/V although Triton can run")
+
+    monkeypatch.setattr(blocktable, "attend_gathered", no_gather)
     _run("pa_triton", "cpu", torch.float32, (8, 2), 16, block_size, *case, tol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pa_triton_cpu_without_triton_falls_back(
+    case: tuple[list[int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TRITON_INTERPRET on the CPU no Triton kernel runs: gather-then-SDPA instead."""
+
+    def no_kernel(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a Triton kernel ran although Triton cannot run here")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(prefill_kernels, "prefill_attention", no_kernel)
+    monkeypatch.setattr(decode_kernels, "decode_attention", no_kernel)
+    _run("pa_triton", "cpu", torch.float32, (8, 2), 16, 4, *case, tol=1e-5)
 
 
 @pytest.mark.gpu
@@ -90,3 +122,12 @@ def test_pa_triton_cpu_interpreter(block_size: int, case: tuple[list[int], list[
 def test_paged_backends_gpu(name: str, dtype: torch.dtype, block_size: int,
                             heads: tuple[int, int], case: tuple[list[int], list[int]]) -> None:  # fmt: skip
     _run(name, "cuda", dtype, heads, 128, block_size, *case, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_pa_triton_long_continued_chunks_gpu(block_size: int) -> None:
+    """Chunks over long cached contexts go through the paged prefill kernel in one launch (the
+    gather-then-SDPA path this replaced ran out of memory on 32K contexts)."""
+    ctx, new = [8000, 3000, 0, 700], [1024, 1000, 1500, 1]
+    _run("pa_triton", "cuda", torch.bfloat16, (32, 8), 128, block_size, ctx, new, tol=2e-2)

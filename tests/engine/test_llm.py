@@ -125,3 +125,22 @@ def test_async_scheduling_gives_the_same_outputs(
             assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     assert results[1][0][1] == "stop" and results[1][0][0][-1] == stop_on
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_max_model_len_ends_at_the_same_length_in_both_modes(
+    tmp_path: Path, async_scheduling: bool
+) -> None:
+    """A request may hold `max_model_len` tokens (prompt + output) whatever the scheduling: its
+    last token is not lost to the placeholder still in flight with async scheduling."""
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = prompts(3, seed=2, low=20, high=30)
+    limit = 40
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention", max_model_len=limit,
+              async_scheduling=async_scheduling) as llm:  # fmt: skip
+        outs = llm.generate(batch, params, use_tqdm=False)
+    for p, o in zip(batch, outs, strict=True):
+        assert len(p) + len(o.token_ids) == limit
+        assert o.outputs[0].finish_reason == "length"
+        assert o.token_ids == hf_greedy(hf, p, limit - len(p))

@@ -194,13 +194,16 @@ def test_trim_returns_memory(kind: str) -> None:
         cache.check_integrity()
 
 
+@pytest.mark.parametrize("mapping", ["thread", "inline"])
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str) -> None:
+def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str, mapping: str) -> None:
     spec = make_spec(kind)
     probe = VirtualKVCache(spec, kind, budget_bytes=0)
     tpp = tokens_per_page(probe)
     probe.close()
-    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=2 * tpp) as cache:
+    with VirtualKVCache(
+        spec, kind, budget_bytes=1 << 40, lookahead_tokens=2 * tpp, mapping=mapping
+    ) as cache:
         s = cache.alloc_slot()
         cache.step_async({s: 1})
         cache.wait(interrupt=False)
@@ -209,7 +212,7 @@ def test_step_async_maps_ahead_and_reports_oom_on_wait(kind: str) -> None:
         cache.step_async([tpp + 1 if i == s else 0 for i in range(spec.max_slots)])
         cache.wait(interrupt=False)
         assert cache.length(s) == tpp + 1
-    with VirtualKVCache(spec, kind, budget_bytes=0) as cache:
+    with VirtualKVCache(spec, kind, budget_bytes=0, mapping=mapping) as cache:
         s = cache.alloc_slot()
         cache.step_async({s: 1})
         with pytest.raises(OutOfKVMemory):
@@ -310,10 +313,13 @@ def test_spec_validation() -> None:
         KVCacheSpec(**ok, dtype="int8")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("mapping", ["thread", "inline"])
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_step_async_prepares_free_slots_for_upcoming_requests(kind: str) -> None:
+def test_step_async_prepares_free_slots_for_upcoming_requests(kind: str, mapping: str) -> None:
     spec = make_spec(kind)
-    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=0) as cache:
+    with VirtualKVCache(
+        spec, kind, budget_bytes=1 << 40, lookahead_tokens=0, mapping=mapping
+    ) as cache:
         tpp = tokens_per_page(cache)
         running = cache.alloc_slot()
         cache.step_async({running: 1}, reserve=[3 * tpp, tpp])
@@ -337,6 +343,30 @@ def test_wait_interrupts_eager_work_but_not_the_required_part() -> None:
             cache.wait()  # interrupts look-ahead and reservations, never the step itself
             assert cache.length(s) == n and cache.mapped_pages(s) >= cache.layout.pages_for(n)
             cache.check_integrity()
+
+
+def test_inline_mapping_caps_eager_work_per_call_and_resumes() -> None:
+    spec = make_spec("cpu", max_slots=4)
+    with VirtualKVCache(
+        spec, "cpu", budget_bytes=1 << 40, lookahead_tokens=0, eager_map_calls=2,
+        mapping="inline", inline_eager_pieces=1,
+    ) as cache:  # fmt: skip
+        nbuf = cache.layout.num_buffers
+        per_piece = max(1, 2 // nbuf)  # pages a piece maps
+        s = cache.alloc_slot()
+        want = cache.layout.pages_for(spec.max_seq_len)
+        free = [slot for slot in range(spec.max_slots) if slot != s]
+        mapped = [0]
+        for _ in range(3):
+            cache.step_async({s: 1}, reserve=[spec.max_seq_len])
+            cache.wait()  # nothing runs in the background: nothing to join
+            mapped.append(max(cache.mapped_pages(f) for f in free))
+            cache.check_integrity()
+        # The required part is always done; the reservation grows one piece per call.
+        assert cache.length(s) == 1
+        assert mapped[1:] == [min(want, k * per_piece) for k in (1, 2, 3)]
+    with pytest.raises(ValueError, match="mapping"):
+        VirtualKVCache(spec, "cpu", mapping="magic")
 
 
 def test_look_ahead_trigger_maps_in_bursts() -> None:

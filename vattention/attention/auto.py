@@ -1,20 +1,23 @@
-"""`auto` (the default backend): picks a contiguous kernel per batch phase.
+"""`auto` (the default backend): a fixed, small number of launches per layer whatever the batch.
 
 On CUDA:
 - decode-only batches -> `decode` (default `triton_decode`; `fa2_varlen` or `sdpa` without Triton);
-- batches with prefill -> `prefill`: with `sdpa` (the default) each prefill request is one SDPA
-  call (cuDNN for fresh prompts) and the batch's decode requests, if any, go to the decode kernel
-  in one launch; when more than `varlen_above` requests need prefill, or with
-  `prefill="fa2_varlen"`, the whole batch is one FA2 varlen launch instead.
+- mixed batches (see `mixed.py`) -> the decode kernel for the rows with one new token (one
+  launch) plus one varlen launch for the requests with more: `prefill="fa2_varlen"` (the
+  default: torch's FlashAttention-2 reading the cache in place), or `"triton"` (our shared
+  prefill kernel, `prefill_kernels`), or `"sdpa"` (one SDPA call per request: cuDNN for fresh
+  prompts). cuDNN builds a graph per new (query, key) shape, about 2 ms of host time a call,
+  so under `fa2_varlen` only fresh prompts of at least `cudnn_min_tokens` tokens (where its
+  faster kernel pays for that) take one cuDNN call each; 0 turns that off.
+- a step captured in a CUDA graph carries a fixed-shape `meta.mixed` plan; it always runs the
+  decode kernel plus the Triton prefill kernel over sentinel-padded tiles (no host lists read).
 On the CPU the default decode kernel is `torch_sdpa_ref` and prefill goes through `sdpa`'s
-per-request path (both plain torch); an explicit `decode="triton_decode"` also works there
-under the Triton interpreter, which is how the CPU tests cover the mixed-batch split.
+per-request path (both plain torch); `decode="triton_decode"` and `prefill="triton"` also work
+there under the Triton interpreter, which is how the CPU tests cover the mixed-batch split.
 Each sub-backend shares the cache; per-step index tensors are built once per metadata object.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -25,28 +28,19 @@ from vattention.attention.base import (
     register_backend,
 )
 from vattention.attention.contiguous import ContiguousBackend
+from vattention.attention.fa2 import flash_varlen, flat_rows, slot_offsets
+from vattention.attention.mixed import MixedPlan, plan_mixed
 from vattention.attention.sdpa import prefer_cudnn, sdpa_requests
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
 _DECODE_CHOICES = ("triton_decode", "fa2_varlen", "sdpa", "flex", "torch_sdpa_ref")
-_PREFILL_CHOICES = ("sdpa", "fa2_varlen")
-
-
-@dataclass(frozen=True)
-class _Split:
-    """A mixed batch cut into prefill requests and decode requests (rows, slots, lengths)."""
-
-    prefill: list[int]
-    decode: list[int]
-    decode_rows: torch.Tensor | None
-    decode_slots: torch.Tensor | None
-    decode_lens: torch.Tensor | None
-    decode_max_len: int
+_PREFILL_CHOICES = ("fa2_varlen", "triton", "sdpa")
+CUDNN_MIN_TOKENS = 4096
 
 
 @register_backend
 class AutoBackend(ContiguousBackend):
-    """Triton split-K decode, cuDNN/flash SDPA prefill, FA2 varlen for many-prompt batches."""
+    """Triton split-K decode plus one varlen prefill launch (FA2, or our Triton kernel)."""
 
     name = "auto"
 
@@ -59,24 +53,30 @@ class AutoBackend(ContiguousBackend):
         scale: float | None = None,
         *,
         decode: str | None = None,
-        prefill: str = "sdpa",
-        varlen_above: int = 8,
+        prefill: str | None = None,
+        cudnn_min_tokens: int = CUDNN_MIN_TOKENS,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
         if decode is not None and decode not in _DECODE_CHOICES:
             raise ValueError(f"decode must be one of {_DECODE_CHOICES}, got {decode!r}")
-        if prefill not in _PREFILL_CHOICES:
+        if prefill is not None and prefill not in _PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {_PREFILL_CHOICES}, got {prefill!r}")
+        if cudnn_min_tokens < 0:
+            raise ValueError(f"cudnn_min_tokens must be >= 0, got {cudnn_min_tokens}")
         args = (cache, num_heads, num_kv_heads, head_dim, self.scale)
         cuda = self.device.type == "cuda"
         fa2_ok = cuda and self.dtype in (torch.float16, torch.bfloat16)
         fa2_ok = fa2_ok and head_dim <= 256 and not head_dim % 8
+        pow2 = head_dim >= 16 and not head_dim & (head_dim - 1)
+        triton_ok = pow2 and triton_usable(self.device) is None
+        if prefill is None:
+            prefill = "fa2_varlen" if fa2_ok else "sdpa"
         if prefill == "fa2_varlen" and not fa2_ok:
             raise ValueError(f"fa2_varlen cannot run this cache ({self.device}, {self.dtype})")
-        self._varlen = get_backend_class("fa2_varlen")(*args) if fa2_ok else None
+        if prefill == "triton" and not triton_ok:
+            raise ValueError(f"the Triton prefill kernel cannot run this cache ({self.device})")
         if decode is None:
-            pow2 = head_dim >= 16 and not head_dim & (head_dim - 1)
-            if cuda and pow2 and triton_usable(self.device) is None:
+            if cuda and triton_ok:
                 decode = "triton_decode"
             elif cuda:
                 decode = "fa2_varlen" if fa2_ok else "sdpa"
@@ -84,45 +84,144 @@ class AutoBackend(ContiguousBackend):
                 decode = "torch_sdpa_ref"
         self._decode = get_backend_class(decode)(*args)
         self.prefill = prefill
-        self.varlen_above = varlen_above
+        self.cudnn_min_tokens = cudnn_min_tokens
+        self._tiles_config: tuple[int, int, int, int] | None = None
+        if triton_ok:
+            from vattention.attention.prefill_kernels import default_prefill_config
 
+            self._tiles_config = default_prefill_config(head_dim, self.device)
+
+    # -- CUDA graphs of mixed steps ------------------------------------------------------------
+    @property
+    def mixed_graph_block_m(self) -> int | None:
+        """The tile height a captured mixed step must plan with, or None if this backend cannot
+        run mixed steps from a fixed-shape plan (no Triton decode or prefill kernel)."""
+        if self._tiles_config is None or not isinstance(self._decode, TritonDecodeBackend):
+            return None
+        return self._tiles_config[0]
+
+    # -- AttentionBackend ---------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.check_q(q, meta)
+        if meta.mixed is not None:  # fixed shapes (a CUDA graph): no host list is read
+            return self._attend_planned(layer, q, meta, meta.mixed, triton_prefill=True)
         if meta.is_decode_only:
             return self._decode.attend(layer, q, meta)
-        split = self._plan(meta, "auto_split", lambda: self._split(meta))
-        if self._varlen is not None and (
-            self.prefill == "fa2_varlen" or len(split.prefill) > self.varlen_above
-        ):
-            return self._varlen.attend(layer, q, meta)
+        block_m = self._tiles_config[0] if self._tiles_config and self.prefill == "triton" else None
+        plan = self._plan(meta, "mixed", lambda: plan_mixed(meta, block_m))
+        return self._attend_planned(layer, q, meta, plan, triton_prefill=block_m is not None)
+
+    def _attend_planned(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: MixedPlan,
+        triton_prefill: bool,
+    ) -> torch.Tensor:
         k_cache, v_cache = self.layer_kv(layer)
         out = torch.empty_like(q)
-        with prefer_cudnn(q.is_cuda):
-            sdpa_requests(
-                q, k_cache, v_cache, meta, self.starts(meta), split.prefill, self.scale, out
-            )
-        if split.decode_rows is not None:
-            rows = split.decode_rows
+        if triton_prefill:
+            if plan.tile_req is not None and plan.tile_row is not None:
+                self._triton_prefill(q, k_cache, v_cache, meta, plan, out)
+        elif self.prefill == "fa2_varlen":
+            self._fa2_prefill(q, k_cache, v_cache, meta, plan.prefill, out)
+        else:
+            with prefer_cudnn(q.is_cuda):
+                sdpa_requests(
+                    q, k_cache, v_cache, meta, self.starts(meta), plan.prefill, self.scale, out
+                )
+        if plan.decode_rows is not None and plan.decode_idx is not None:
+            rows, idx = plan.decode_rows, plan.decode_idx
             if isinstance(self._decode, TritonDecodeBackend):
                 out[rows] = self._decode.decode(
-                    q[rows], k_cache, v_cache, split.decode_slots, split.decode_lens,
-                    split.decode_max_len,
+                    q[rows], k_cache, v_cache, meta.slots[idx], meta.seq_lens[idx],
+                    plan.decode_max_len,
                 )  # fmt: skip
             else:
-                sdpa_requests(
-                    q, k_cache, v_cache, meta, self.starts(meta), split.decode, self.scale, out
-                )
+                decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), decode, self.scale, out)
         return out
 
-    def _split(self, meta: AttentionMetadata) -> _Split:
-        prefill = [i for i, n in enumerate(meta.query_lens_host) if n > 1]
-        decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
-        if not decode:
-            return _Split(prefill, decode, None, None, None, 0)
+    def _triton_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: MixedPlan,
+        out: torch.Tensor,
+    ) -> None:
+        from vattention.attention.prefill_kernels import prefill_attention
+
+        assert self._tiles_config is not None and plan.tile_req is not None
+        assert plan.tile_row is not None
+        block_m, block_n, warps, stages = self._tiles_config
+        prefill_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, plan.tile_req,
+            plan.tile_row, self.scale, out, slots=meta.slots, block_m=block_m, block_n=block_n,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def _fa2_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        prefill: list[int],
+        out: torch.Tensor,
+    ) -> None:
+        """Long fresh prompts: one cuDNN call each; all other prefill rows: one FA2 launch."""
+        q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
+        cudnn, varlen = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill))
+        if cudnn:
+            with prefer_cudnn(True):
+                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), cudnn, self.scale, out)
+        if not varlen:
+            return
+        k_flat, v_flat = flat_rows(k_cache), flat_rows(v_cache)
+        if k_flat is None or v_flat is None or k_flat[1] != v_flat[1]:
+            with prefer_cudnn(False):  # no flat view: per-request flash calls
+                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), varlen, self.scale, out)
+            return
+        rows_per_slot, total = k_flat[1], k_flat[0].shape[0]
+        sub = self._plan(meta, ("varlen", rows_per_slot), lambda: self._varlen_subset(
+            meta, varlen, rows_per_slot, total))  # fmt: skip
+        rows, cu_q, seq_used, cu_k = sub
+        max_q = max(q_lens[i] for i in varlen)
+        max_k = max(s_lens[i] for i in varlen)
+        q_sub = q[rows]
+        o = flash_varlen(
+            q_sub, k_flat[0], v_flat[0], cu_q, cu_k, seq_used, max_q, max_k, self.scale
+        )
+        out[rows] = o
+
+    def _cudnn_split(self, meta: AttentionMetadata, prefill: list[int]) -> tuple[list, list]:
+        q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
+        limit = self.cudnn_min_tokens
+        cudnn = [i for i in prefill if limit and q_lens[i] >= limit and s_lens[i] == q_lens[i]]
+        chosen = set(cudnn)
+        return cudnn, [i for i in prefill if i not in chosen]
+
+    def _varlen_subset(
+        self, meta: AttentionMetadata, varlen: list[int], rows_per_slot: int, total: int
+    ) -> tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q rows, cum_seq_q, seqused_k, cum_seq_k) of the requests `varlen` (in order)."""
         starts = self.starts(meta)
+        first, last = varlen[0], varlen[-1]
         dev = meta.slots.device
-        rows = torch.tensor([starts[i] for i in decode], dtype=torch.int64)
-        rows = rows.to(dev, non_blocking=True)
-        idx = torch.tensor(decode, dtype=torch.int64).to(dev, non_blocking=True)
-        max_len = max(meta.seq_lens_host[i] for i in decode)
-        return _Split(prefill, decode, rows, meta.slots[idx], meta.seq_lens[idx], max_len)
+        if varlen == list(range(first, last + 1)):  # consecutive requests: slices, no gather
+            rows: torch.Tensor | slice = slice(starts[first], starts[last + 1])
+            cu_q = meta.query_start_loc[first : last + 2] - starts[first]
+            slots, seq_used = meta.slots[first : last + 1], meta.seq_lens[first : last + 1]
+        else:
+            flat = [r for i in varlen for r in range(starts[i], starts[i + 1])]
+            cu = [0]
+            for i in varlen:
+                cu.append(cu[-1] + meta.query_lens_host[i])
+            rows = torch.tensor(flat, dtype=torch.int64).to(dev, non_blocking=True)
+            cu_q = torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True)
+            idx = torch.tensor(varlen, dtype=torch.int64).to(dev, non_blocking=True)
+            slots, seq_used = meta.slots[idx], meta.seq_lens[idx]
+        return rows, cu_q.to(torch.int32), seq_used, slot_offsets(slots, rows_per_slot, total)

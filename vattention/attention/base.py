@@ -14,11 +14,13 @@ The metadata is built once per step and passed explicitly to every layer: no glo
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 
@@ -52,6 +54,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, paged caches only
     slot_mapping: torch.Tensor | None = None  # [T] int64 flat (block * block_size + offset), paged
     block_size: int = 0
+    # A fixed-shape decode/prefill cut of a mixed step (`mixed.MixedPlan`), set only for steps
+    # run as CUDA graphs: backends that support it then read no host list.
+    mixed: Any = None
 
     @property
     def num_seqs(self) -> int:
@@ -72,63 +77,131 @@ class AttentionMetadata:
         context_lens: Sequence[int],
         query_lens: Sequence[int],
         device: torch.device | str = "cpu",
-        block_tables: Sequence[Sequence[int]] | None = None,
+        block_tables: Sequence[Sequence[int]] | np.ndarray | None = None,
         block_size: int = 0,
     ) -> AttentionMetadata:
-        """Build the metadata of one step (host lists -> device tensors, one copy each)."""
-        if not (len(slots) == len(context_lens) == len(query_lens)) or not slots:
+        """Build the metadata of one step: host lists -> device tensors.
+
+        Vectorised (numpy): the per-token fields cost no Python work per token. Every field is
+        written into one fresh host buffer (pinned when copying to CUDA), which goes to the
+        device in one non-blocking copy; the fields are views of the device copy. Nothing here
+        waits for queued GPU work."""
+        n = len(slots)
+        if not (n == len(context_lens) == len(query_lens)) or not n:
             raise ValueError(
                 "slots, context_lens and query_lens must be non-empty and equal length"
             )
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"a slot appears twice in one batch: {list(slots)}")
-        for c, q in zip(context_lens, query_lens, strict=False):
-            if c < 0 or q < 1:
-                raise ValueError(f"need context_len >= 0 and query_len >= 1, got {c}, {q}")
-        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=False)]
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
-        tok_slots: list[int] = []
-        tok_pos: list[int] = []
-        for s, c, q in zip(slots, context_lens, query_lens, strict=False):
-            tok_slots.extend([s] * q)
-            tok_pos.extend(range(c, c + q))
-        dev = torch.device(device)
-
-        def i32(x: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(list(x), dtype=torch.int32).to(dev, non_blocking=True)
-
-        def i64(x: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(list(x), dtype=torch.int64).to(dev, non_blocking=True)
-
-        bt = None
-        mapping = None
+        slots_host = list(slots)
+        if len(set(slots_host)) != n:
+            raise ValueError(f"a slot appears twice in one batch: {slots_host}")
+        query_lens_host = list(query_lens)
+        slot = np.array(slots_host, dtype=np.int64).reshape(n)
+        ctx = np.array(context_lens, dtype=np.int64).reshape(n)
+        qlen = np.array(query_lens_host, dtype=np.int64).reshape(n)
+        if ctx.min() < 0 or qlen.min() < 1:
+            i = int(np.flatnonzero((ctx < 0) | (qlen < 1))[0])
+            raise ValueError(
+                f"need context_len >= 0 and query_len >= 1, got {context_lens[i]}, {query_lens[i]}"
+            )
+        paged = block_tables is not None
+        if paged and block_size <= 0:
+            raise ValueError("block_size must be given with block_tables")
+        seq = ctx + qlen
+        num_tokens = int(qlen.sum())
+        width = 0
+        array = isinstance(block_tables, np.ndarray)  # `[n, W]`, padded with block 0
         if block_tables is not None:
-            if block_size <= 0:
-                raise ValueError("block_size must be given with block_tables")
-            width = max(1, max(len(row) for row in block_tables))
-            rows = [list(row) + [0] * (width - len(row)) for row in block_tables]
-            bt = i32([x for row in rows for x in row]).view(len(rows), width)
-            flat = []
-            for row, c, q in zip(block_tables, context_lens, query_lens, strict=False):
-                for p in range(c, c + q):
-                    flat.append(row[p // block_size] * block_size + p % block_size)
-            mapping = i64(flat)
+            if len(block_tables) != n:
+                raise ValueError(f"got {len(block_tables)} block tables for {n} requests")
+            if array:  # rows padded to one width: the blocks each request needs are counted
+                table_lens = -(-seq // block_size)
+                if block_tables.ndim != 2 or block_tables.shape[1] < table_lens.max():
+                    raise ValueError(
+                        f"block table array of shape {block_tables.shape} is too narrow for "
+                        f"{int(seq.max())} tokens in blocks of {block_size}"
+                    )
+            else:
+                table_lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=n)
+            width = max(1, int(table_lens.max()))
+            short = np.flatnonzero(table_lens * block_size < seq)
+            if short.size:
+                i = int(short[0])
+                raise ValueError(
+                    f"request {i}: its block table has {int(table_lens[i])} blocks of"
+                    f" {block_size} tokens, too few for {int(seq[i])} tokens"
+                )
+
+        # One host buffer, seen as int32, holds every field (an int64 field takes two int32
+        # elements), each starting on a 16-byte boundary; `split` cuts the device copy back up.
+        sizes = [2 * num_tokens, 2 * num_tokens, 2 * num_tokens if paged else 0]
+        sizes += [n, n + 1, n, n, n * width]
+        pieces: list[int] = []  # split sizes: each field, then its padding
+        at: list[int] = []  # where each field starts
+        pos = 0
+        for size in sizes:
+            at.append(pos)
+            pad = -size % 4
+            pieces += [size, pad]
+            pos += size + pad
+        dev = torch.device(device)
+        pin = dev.type == "cuda" and torch.cuda.is_available()
+        host = torch.empty(pos, dtype=torch.int32, pin_memory=pin)
+        h32 = host.numpy()
+        h64 = h32.view(np.int64)  # every int64 field starts at an even int32 index
+
+        def field32(k: int) -> np.ndarray:
+            return h32[at[k] : at[k] + sizes[k]]
+
+        def field64(k: int) -> np.ndarray:
+            return h64[at[k] // 2 : (at[k] + sizes[k]) // 2]
+
+        tok_slots, positions, mapping = field64(0), field64(1), field64(2)
+        starts = field32(4)
+        starts[0] = 0
+        np.cumsum(qlen, out=starts[1:])
+        if num_tokens == n:  # decode only: one token per row
+            row_of_token = None
+            positions[:] = ctx
+            tok_slots[:] = slot
+        else:
+            # Token t of row i (rows starts[i]:starts[i+1]) sits at context_lens[i] + t - starts[i].
+            row_of_token = np.repeat(np.arange(n), qlen)
+            np.subtract(np.arange(num_tokens), (starts[:-1] - ctx)[row_of_token], out=positions)
+            np.take(slot, row_of_token, out=tok_slots)
+        field32(3)[:] = slot
+        field32(5)[:] = seq
+        field32(6)[:] = ctx
+        if block_tables is not None:
+            table = field32(7).reshape(n, width)
+            if array:
+                table[:] = block_tables[:, :width]  # type: ignore[index]
+            else:
+                table.fill(0)
+                flat = np.fromiter(
+                    itertools.chain.from_iterable(block_tables),
+                    dtype=np.int64,
+                    count=int(table_lens.sum()),
+                )
+                table[np.arange(width) < table_lens[:, None]] = flat
+            rows = np.arange(n) if row_of_token is None else row_of_token
+            np.multiply(table[rows, positions // block_size], block_size, out=mapping)
+            mapping += positions % block_size
+
+        parts = host.to(dev, non_blocking=True).split(pieces)
         return cls(
-            slots=i32(slots),
-            query_start_loc=i32(starts),
-            seq_lens=i32(seq_lens),
-            context_lens=i32(context_lens),
-            token_slots=i64(tok_slots),
-            token_positions=i64(tok_pos),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            slots_host=list(slots),
-            query_lens_host=list(query_lens),
-            seq_lens_host=seq_lens,
-            block_tables=bt,
-            slot_mapping=mapping,
+            slots=parts[6],
+            query_start_loc=parts[8],
+            seq_lens=parts[10],
+            context_lens=parts[12],
+            token_slots=parts[0].view(torch.int64),
+            token_positions=parts[2].view(torch.int64),
+            max_query_len=int(qlen.max()),
+            max_seq_len=int(seq.max()),
+            slots_host=slots_host,
+            query_lens_host=query_lens_host,
+            seq_lens_host=seq.tolist(),
+            block_tables=parts[14].view(n, width) if paged else None,
+            slot_mapping=parts[4].view(torch.int64) if paged else None,
             block_size=block_size,
         )
 

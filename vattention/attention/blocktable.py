@@ -1,11 +1,18 @@
 """Attention backends for the PagedAttention baseline (`PagedKVCache`: block pools + tables).
 
 - `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the contiguous
-  backends' own split-K kernel (`decode_kernels`) in its block-table mode, so the comparison
-  measures the addressing and nothing else; fresh prompts (no cached context) through FA2 varlen on
-  the new K/V directly (what vLLM does too: a fresh prompt needs nothing from the cache), and
-  continued prefill chunks by gather-then-SDPA (labelled: torch ships no paged prefill kernel
-  for small blocks; FA2's own paged mode needs blocks of 256 tokens).
+  backends' own split-K kernel (`decode_kernels`) in its block-table mode, and continued prefill
+  chunks (new rows over a cached context) through the causal prefill kernel written for both
+  caches (`prefill_kernels`) in its block-table mode, all of a step's chunks in one launch, so
+  the comparison measures the addressing and nothing else; fresh prompts (no cached context)
+  through FA2 varlen on the new K/V directly (what vLLM does too: a fresh prompt needs nothing
+  from the cache). Where FA2 does not apply (float32, or the CPU) fresh prompts join the
+  prefill kernel's launch. Where Triton cannot run (the CPU without `TRITON_INTERPRET=1`, see
+  `triton_decode.triton_usable`) every row falls back to gather-then-SDPA
+  (`paged_torch.attend_gathered`), fresh prompts to per-request SDPA on the new K/V.
+A mixed step captured in a CUDA graph carries a fixed-shape plan (`meta.mixed`): then decode rows
+take the split-K kernel and every prefill row (fresh or not) the prefill kernel over
+sentinel-padded tiles, reading only static buffers.
 Writes go through `meta.slot_mapping` (`block * block_size + offset` per new token).
 Invariant: only the first `seq_len` tokens of a request's table are read.
 """
@@ -13,68 +20,104 @@ Invariant: only the first `seq_len` tokens of a request's table are read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from vattention.attention.base import AttentionMetadata, register_backend
+from vattention.attention.base import AttentionMetadata, KVCacheView, register_backend
 from vattention.attention.paged_base import PagedBackend
 from vattention.attention.paged_torch import attend_gathered
 from vattention.attention.torch_ref import attend_one
+from vattention.attention.triton_decode import triton_usable
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """A mixed batch cut into decode rows, fresh prompts and continued chunks (built once)."""
+    """A mixed batch cut into decode rows, fresh prompts, prefill-kernel tiles and (without
+    Triton) gathered requests; built once per step, reused by every layer."""
 
-    cont: list[int]
-    decode_rows: torch.Tensor | None = None
-    decode_idx: torch.Tensor | None = None
+    gathered: tuple[int, ...] = ()  # requests by gather-then-SDPA (where Triton cannot run)
+    decode_rows: torch.Tensor | None = None  # [Bd] int64 rows of q holding decode tokens
+    decode_idx: torch.Tensor | None = None  # [Bd] int64 their request indices
     decode_max: int = 0
-    fresh_rows: torch.Tensor | None = None
+    fresh_rows: torch.Tensor | None = None  # rows of the fresh prompts FA2 (or SDPA) takes
     fresh_cu: torch.Tensor | None = None
     fresh_max: int = 0
+    tile_req: torch.Tensor | None = None  # [tiles] int32 tiles of the prefill kernel
+    tile_row: torch.Tensor | None = None  # [tiles] int32
 
 
 @register_backend
 class PagedTritonBackend(PagedBackend):
-    """Paged Triton decode; FA2 varlen for fresh prompts; gather-then-SDPA for continued chunks."""
+    """Paged Triton decode and causal prefill kernels (block-table modes of the contiguous
+    backends' kernels); FA2 varlen for fresh prompts."""
 
     name = "pa_triton"
+
+    def __init__(
+        self,
+        cache: KVCacheView,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        *,
+        prefill_config: tuple[int, int, int, int] | None = None,
+    ) -> None:
+        super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
+        from vattention.attention.prefill_kernels import default_prefill_config
+
+        self.use_triton = triton_usable(self.device) is None  # else: the gather fallback
+        # (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel
+        self.prefill_config = prefill_config or default_prefill_config(head_dim, self.device)
 
     def _build(self, meta: AttentionMetadata) -> _Plan:
         q_lens, dev = meta.query_lens_host, self.device
         ctx = [s - q for s, q in zip(meta.seq_lens_host, q_lens, strict=True)]
         starts = self.query_starts(meta)
-        decode = [i for i, n in enumerate(q_lens) if n == 1]
-        fresh = [i for i, n in enumerate(q_lens) if n > 1 and ctx[i] == 0]
-        cont = [i for i, n in enumerate(q_lens) if n > 1 and ctx[i] > 0]
-        plan = _Plan(cont)
-        if decode:
-            plan = _Plan(
-                cont,
-                decode_rows=_h2d([starts[i] for i in decode], torch.int64, dev),
-                decode_idx=_h2d(decode, torch.int64, dev),
-                decode_max=max(meta.seq_lens_host[i] for i in decode),
-            )
+        fa2 = dev.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        prefill = [i for i, n in enumerate(q_lens) if n > 1]
+        fresh = [i for i in prefill if ctx[i] == 0 and (fa2 or not self.use_triton)]
+        is_fresh = set(fresh)
+        fields: dict[str, Any] = {}
+        if not self.use_triton:
+            fields["gathered"] = tuple(i for i in range(len(q_lens)) if i not in is_fresh)
+        else:
+            decode = [i for i, n in enumerate(q_lens) if n == 1]
+            kernel = [i for i in prefill if i not in is_fresh]
+            if decode:
+                fields.update(
+                    decode_rows=_h2d([starts[i] for i in decode], torch.int64, dev),
+                    decode_idx=_h2d(decode, torch.int64, dev),
+                    decode_max=max(meta.seq_lens_host[i] for i in decode),
+                )
+            if kernel:
+                from vattention.attention.prefill_kernels import prefill_tiles
+
+                block_m = self.prefill_config[0]
+                req, row = prefill_tiles(kernel, q_lens, meta.seq_lens_host, block_m)
+                packed = _h2d(req + row, torch.int32, dev)  # one copy for both
+                fields.update(tile_req=packed[: len(req)], tile_row=packed[len(req) :])
         if fresh:
-            rows = [r for i in fresh for r in range(starts[i], starts[i + 1])]
             cu = [0]
             for i in fresh:
                 cu.append(cu[-1] + q_lens[i])
-            plan = _Plan(
-                cont, plan.decode_rows, plan.decode_idx, plan.decode_max,
+            rows = [r for i in fresh for r in range(starts[i], starts[i + 1])]
+            fields.update(
                 fresh_rows=_h2d(rows, torch.int64, dev),
                 fresh_cu=_h2d(cu, torch.int32, dev),
                 fresh_max=max(q_lens[i] for i in fresh),
-            )  # fmt: skip
-        return plan
+            )
+        return _Plan(**fields)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         tables = self.check_step(q, meta)
         self.write_kv(layer, k, v, meta)
-        if meta.is_decode_only:
+        if meta.mixed is not None:  # fixed shapes (a CUDA graph): no host list is read
+            return self._forward_planned(layer, q, tables, meta)
+        if meta.is_decode_only and self.use_triton:
             return self._decode(layer, q, tables, meta.seq_lens, meta.max_seq_len)
         plan = self.plan(meta, "pa_triton", lambda: self._build(meta))
         out = torch.empty_like(q)
@@ -86,8 +129,44 @@ class PagedTritonBackend(PagedBackend):
         if plan.fresh_rows is not None and plan.fresh_cu is not None:
             rows = plan.fresh_rows
             out[rows] = self._fresh(q[rows], k[rows], v[rows], plan.fresh_cu, plan.fresh_max)
-        if plan.cont:
-            attend_gathered(self, layer, q, meta, plan.cont, out)
+        if plan.tile_req is not None and plan.tile_row is not None:
+            from vattention.attention.prefill_kernels import prefill_attention
+
+            k_pool, v_pool = self.layer_kv(layer)
+            block_m, block_n, warps, stages = self.prefill_config
+            prefill_attention(
+                q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens,
+                plan.tile_req, plan.tile_row, self.scale, out, block_tables=tables,
+                block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        if plan.gathered:
+            attend_gathered(self, layer, q, meta, list(plan.gathered), out)
+        return out
+
+    @property
+    def mixed_graph_block_m(self) -> int | None:
+        """The tile height a captured mixed step plans with (None: Triton cannot run here)."""
+        return self.prefill_config[0] if self.use_triton else None
+
+    def _forward_planned(
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """A mixed step from `meta.mixed`: decode rows by the split-K kernel, every prefill row
+        (fresh or continued) by the prefill kernel over sentinel-padded tiles."""
+        from vattention.attention.prefill_kernels import prefill_attention
+
+        plan = meta.mixed
+        out = torch.empty_like(q)
+        k_pool, v_pool = self.layer_kv(layer)
+        block_m, block_n, warps, stages = self.prefill_config
+        prefill_attention(
+            q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens, plan.tile_req,
+            plan.tile_row, self.scale, out, block_tables=tables, block_m=block_m,
+            block_n=block_n, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        rows, idx = plan.decode_rows, plan.decode_idx
+        out[rows] = self._decode(layer, q[rows], tables[idx], meta.seq_lens[idx],
+                                 plan.decode_max_len)  # fmt: skip
         return out
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

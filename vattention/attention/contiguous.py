@@ -92,6 +92,7 @@ class ContiguousBackend(AttentionBackend):
         self.dtype = k.dtype
         self.max_seq_len = k.shape[1]
         self._plan_meta: AttentionMetadata | None = None
+        self._plan_capturing = False
         self._plans: dict[Any, Any] = {}
 
     # -- shared helpers -----------------------------------------------------------------------
@@ -118,9 +119,15 @@ class ContiguousBackend(AttentionBackend):
         return self._plan(meta, "query_starts", lambda: query_starts(meta))  # type: ignore[no-any-return]
 
     def _plan(self, meta: AttentionMetadata, key: Any, build: Any) -> Any:
-        """`build()` once per (step metadata object, key); later layers get the cached value."""
-        if meta is not self._plan_meta:
+        """`build()` once per (step metadata object, key); later layers get the cached value.
+
+        A CUDA-graph capture rebuilds it once even for a metadata object seen in the warm-up,
+        so that device work done by `build` (e.g. offsets from `meta.slots`) is recorded in
+        the graph and redone at every replay, not frozen at the warm-up's values."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if meta is not self._plan_meta or capturing != self._plan_capturing:
             self._plan_meta = meta
+            self._plan_capturing = capturing
             self._plans = {}
         if key not in self._plans:
             self._plans[key] = build()

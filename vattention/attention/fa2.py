@@ -70,6 +70,14 @@ def per_request_offsets(
     return [(r[0:2], r[2:4], r[4:5]) for r in table]
 
 
+def slot_offsets(slots: torch.Tensor, rows_per_slot: int, total_rows: int) -> torch.Tensor:
+    """`cum_seq_k` of a flat view: request i starts at row `slots[i] * rows_per_slot`; the last
+    entry is the view's end (int32, on the device, no host sync)."""
+    starts = slots.to(torch.int64) * rows_per_slot
+    end = torch.full((1,), total_rows, dtype=torch.int64, device=starts.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
 @register_backend
 class FlashVarlenBackend(ContiguousBackend):
     """FA2 varlen over the whole batch in one launch (per request if slots are not whole rows)."""
@@ -100,14 +108,12 @@ class FlashVarlenBackend(ContiguousBackend):
         k_flat, v_flat = flat_rows(k_cache), flat_rows(v_cache)
         if k_flat is None or v_flat is None or k_flat[1] != v_flat[1]:
             return self._attend_per_request(q, k_cache, v_cache, meta)
-        rows_per_slot = k_flat[1]
-
-        def offsets() -> torch.Tensor:
-            starts = meta.slots.to(torch.int64) * rows_per_slot
-            end = torch.full((1,), k_flat[0].shape[0], dtype=torch.int64, device=starts.device)
-            return torch.cat([starts, end]).to(torch.int32)
-
-        cum_seq_k = self._plan(meta, ("cum_seq_k", rows_per_slot), offsets)
+        rows_per_slot, total = k_flat[1], k_flat[0].shape[0]
+        cum_seq_k = self._plan(
+            meta,
+            ("cum_seq_k", rows_per_slot),
+            lambda: slot_offsets(meta.slots, rows_per_slot, total),
+        )
         return flash_varlen(
             q,
             k_flat[0],

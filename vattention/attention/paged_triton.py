@@ -1,8 +1,9 @@
 """`paged_triton`: the PagedAttention baseline's Triton kernels as an attention backend.
 
 - decode rows (one new token) go to `paged_decode_kernels.paged_decode` in one launch;
-- prefill rows (fresh prompts and chunks continuing a cached context) go to
-  `paged_prefill_kernels.paged_prefill` in one launch, reading every key through the tables;
+- prefill rows (fresh prompts and chunks continuing a cached context) go to the causal prefill
+  kernel written for both caches (`prefill_kernels.prefill_attention`) in its block-table mode,
+  in one launch, reading every key through the tables;
 - a decode-only batch uses the metadata's device tensors only (no host work, no plan): this is
   the path CUDA graphs capture. Mixed batches build their index tensors once per step.
 Runs on CUDA, or on the CPU under the Triton interpreter (`TRITON_INTERPRET=1`, small shapes).
@@ -58,7 +59,7 @@ class PagedTritonBackend(PagedBackend):
             raise ValueError(f"paged_triton unavailable: {reason}")
         if head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"paged_triton needs a power-of-two head_dim >= 16, got {head_dim}")
-        from vattention.attention.paged_prefill_kernels import default_prefill_config
+        from vattention.attention.prefill_kernels import default_prefill_config
 
         self.partition_size = partition_size
         self.decode_block_n = decode_block_n
@@ -71,14 +72,14 @@ class PagedTritonBackend(PagedBackend):
         k_pool, v_pool = self.layer_kv(layer)
         if meta.is_decode_only:
             return self._decode(q, k_pool, v_pool, tables, meta.seq_lens, meta.max_seq_len)
-        from vattention.attention.paged_prefill_kernels import paged_prefill
+        from vattention.attention.prefill_kernels import prefill_attention
 
         plan = self.plan(meta, "mixed", lambda: self._mixed_plan(meta, tables))
         out = torch.empty_like(q)
         block_m, block_n, warps, stages = self.prefill_config
-        paged_prefill(
-            q, k_pool, v_pool, tables, meta.query_start_loc, meta.seq_lens,
-            plan.tile_req, plan.tile_row, self.scale, out,
+        prefill_attention(
+            q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens,
+            plan.tile_req, plan.tile_row, self.scale, out, block_tables=tables,
             block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         if plan.decode_rows is not None:
@@ -111,7 +112,7 @@ class PagedTritonBackend(PagedBackend):
         )  # fmt: skip
 
     def _mixed_plan(self, meta: AttentionMetadata, tables: torch.Tensor) -> _MixedPlan:
-        from vattention.attention.paged_prefill_kernels import prefill_tiles
+        from vattention.attention.prefill_kernels import prefill_tiles
 
         q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
         starts = self.query_starts(meta)

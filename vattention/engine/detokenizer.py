@@ -9,6 +9,9 @@ Two implementations behind one class: `tokenizers.decoders.DecodeStream` (Rust, 
 tokenizer is (or wraps) a `tokenizers.Tokenizer` and the installed `tokenizers` can seed a stream
 with prompt ids; otherwise any object with `decode(ids, skip_special_tokens=...)`, decoded over a
 sliding window (prefix and read offsets).
+
+The text grows by appending pieces to a list, joined only when `text` is read: `text += piece`
+on an attribute copies the whole text per token (quadratic in the output length).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ class IncrementalDetokenizer:
             use_stream = rust is not None and _STREAM_TAKES_IDS
         if use_stream and (rust is None or not _STREAM_TAKES_IDS):
             raise ValueError("use_stream needs a tokenizers.Tokenizer and tokenizers >= 0.22")
-        self.text = ""
+        self._text = ""
+        self._pieces: list[str] = []  # text added since `_text` was last joined
         self._skip = skip_special_tokens
         self._tokenizer = rust if use_stream else tokenizer
         self._stream = (
@@ -85,6 +89,19 @@ class IncrementalDetokenizer:
         self._read = len(context)
 
     @property
+    def text(self) -> str:
+        """The output text so far."""
+        if self._pieces:
+            self._text += "".join(self._pieces)
+            self._pieces.clear()
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._pieces.clear()
+        self._text = value
+
+    @property
     def uses_stream(self) -> bool:
         return self._stream is not None
 
@@ -94,7 +111,8 @@ class IncrementalDetokenizer:
             delta = self._stream.step(self._tokenizer, token_id) or ""
         else:
             delta = self._window_step(token_id)
-        self.text += delta
+        if delta:
+            self._pieces.append(delta)
         return delta
 
     def _window_step(self, token_id: int) -> str:

@@ -1,8 +1,9 @@
 """`LLMEngine`: model, KV cache, scheduler, runner and sampler wired together, one step at a time.
 
 A step: `scheduler.schedule()` (backs every row, preempts on `OutOfKVMemory`) ->
-`runner.execute()` (launches the forward pass and sampling, then hands the cache the next step's
-lengths: its background thread maps them, then maps ahead, until the next `execute` joins it)
+`runner.execute()` (launches the forward pass, as a CUDA-graph replay where the step fits one,
+and sampling, then hands the cache the next step's lengths: it maps them and maps ahead while
+the GPU runs, inline by default or on its background thread until the next `execute` joins it)
 -> read the sampled ids of the step before -> `scheduler.update()` of that step (puts the
 tokens into their placeholders, applies stop conditions, frees finished slots). The cache's
 lock orders the scheduler's own cache calls with the background work, which re-checks slot
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from vattention.attention import create_backend
+from vattention.engine.cuda_graphs import mixed_token_sizes
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
 from vattention.engine.request import Request
@@ -65,11 +67,20 @@ class EngineConfig:
     kv_layout: str = "cross_layer"
     kv_page_size: int | None = None  # bytes; None = the backend's (2 MiB)
     enforce_eager: bool = False
+    # CUDA graphs of mixed prefill/decode steps of fewer than this many new tokens (token
+    # buckets of powers of two up to it; 0: decode-only graphs), with at most
+    # `max_graph_prefills` prefilling requests; larger steps run eagerly.
+    mixed_graph_tokens: int = 2048
+    max_graph_prefills: int = 16
     async_scheduling: bool = True
     # Create every physical page of the KV budget at start-up (still mapped only on demand), as
     # vLLM allocates its KV memory up front: no page creation (10-20 us each on the H200) on
     # the serving path. None: on CUDA only.
     kv_preallocate: bool | None = None
+    # Where the vAttention cache maps the next step's pages: "inline" (on the engine thread,
+    # right after the step's launch, while the GPU runs it) or "thread" (a background thread,
+    # joined by the next step: it competes with the launching thread for the interpreter).
+    kv_mapping: str = "inline"
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +94,15 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        from vattention.kvcache.virtual import MAPPING_MODES
+
+        if self.kv_mapping not in MAPPING_MODES:
+            raise ValueError(f"kv_mapping must be one of {MAPPING_MODES}, got {self.kv_mapping!r}")
+        if self.mixed_graph_tokens < 0 or self.max_graph_prefills < 1:
+            raise ValueError(
+                f"need mixed_graph_tokens >= 0 and max_graph_prefills >= 1, got "
+                f"{self.mixed_graph_tokens} and {self.max_graph_prefills}"
+            )
 
 
 class LLMEngine:
@@ -139,6 +159,15 @@ class LLMEngine:
             max_len,
             default_graph_sizes(config.max_num_seqs) if use_graphs else (),
             dummy,
+            mixed_sizes=mixed_token_sizes(
+                self.scheduler.config.max_num_batched_tokens,
+                config.max_num_seqs,
+                config.mixed_graph_tokens,
+            )
+            if use_graphs
+            else (),
+            max_num_seqs=config.max_num_seqs,
+            max_graph_prefills=config.max_graph_prefills,
         )
         # Wall-clock seconds per phase of `step`, summed (for benchmarks; cheap to keep).
         self.timings: dict[str, float] = dict.fromkeys(
@@ -170,7 +199,9 @@ class LLMEngine:
             from vattention.kvcache.virtual import VirtualKVCache
 
             backend = "cuda" if self.device.type == "cuda" else "cpu"
-            cache = VirtualKVCache(spec, backend, device=self.device, budget_bytes=budget)
+            cache = VirtualKVCache(
+                spec, backend, device=self.device, budget_bytes=budget, mapping=config.kv_mapping
+            )
             preallocate = config.kv_preallocate
             if preallocate or (preallocate is None and self.device.type == "cuda"):
                 cache.prefill_pool(budget // cache.page_size)
@@ -272,6 +303,7 @@ class LLMEngine:
         if close is not None:
             self.runner.join_mapping()
             self.runner.graphs = None
+            self.runner.mixed_graphs = None
             close()
 
 

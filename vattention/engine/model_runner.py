@@ -6,19 +6,17 @@ Per step, `execute(out, reserve, prev)`:
    placeholder token (sampled by the previous step, `prev`, not yet copied to the host) is
    filled in on the device from `prev`'s sampled ids, so step i+1 can launch before step i's
    tokens reach the host;
-2. runs the model: a captured CUDA graph for decode-only batches (when enabled), else eagerly,
-   and computes logits for the sampling rows only;
+2. runs the model: a captured CUDA graph (`cuda_graphs`: decode-only batches by batch size,
+   mixed prefill/decode batches by token bucket) when enabled and the step fits one, else
+   eagerly; logits are computed for the sampling rows only;
 3. joins the cache's previous mapping job and hands it the lengths the *next* step will need
    (`step_async`), so page mapping runs on the cache's background thread while this step's
    kernels (queued above) run;
 4. samples, and starts copying the sampled ids to pinned host memory (`StepResult`), so reading
    them later waits for this step only, not for a step launched after it.
 
-CUDA graphs are captured once per batch-size bucket for decode-only batches. They stay valid for
-the whole run because the KV cache's tensors never move (the virtual range is reserved once);
-the graphs read per-step metadata from static buffers that `execute` refills. Padding rows of a
-bucket point at a dedicated dummy slot that has one backed token, so they read and write only
-memory that is mapped and belongs to nobody.
+CUDA graphs (see `cuda_graphs`) stay valid for the whole run because the KV cache's tensors
+never move; their padding rows point at a dedicated dummy slot that has one backed token.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 
 from vattention.attention.base import AttentionBackend, AttentionMetadata
+from vattention.engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from vattention.engine.logprobs import HostLogprobs
 from vattention.engine.request import PLACEHOLDER
 from vattention.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
@@ -125,6 +124,10 @@ class ModelRunner:
         max_model_len: int,
         graph_sizes: Sequence[int] = (),
         dummy_slot: int | None = None,
+        mixed_sizes: Sequence[int] = (),
+        max_num_seqs: int = 0,
+        max_graph_prefills: int = 16,
+        emulate_graphs: bool = False,
     ) -> None:
         self.model = model
         self.cache = cache
@@ -133,14 +136,28 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.block_size = int(getattr(cache, "block_size", 0)) if attn.paged else 0
-        self.graphs: _DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.join_seconds = 0.0  # spent joining the cache's background mapping (a benchmark stat)
-        if graph_sizes:
-            if device.type != "cuda":
+        self.graph_steps = {"decode": 0, "mixed": 0, "eager": 0}  # steps run each way
+        block_m = getattr(attn, "mixed_graph_block_m", None)
+        mixed_sizes = sorted(set(mixed_sizes)) if block_m else []
+        if graph_sizes or mixed_sizes:
+            if device.type != "cuda" and not emulate_graphs:
                 raise ValueError("CUDA graphs need a CUDA device")
             if dummy_slot is None:
                 raise ValueError("CUDA graphs need a dummy slot for padding rows")
-            self.graphs = _DecodeGraphs(self, sorted(set(graph_sizes)), dummy_slot)
+            # emulate_graphs (tests on the CPU): the same static buffers and padding, with the
+            # forward pass run in place of each replay.
+            pool = None if emulate_graphs else torch.cuda.graph_pool_handle()
+            if mixed_sizes:  # larger graphs first: the decode graphs reuse their memory
+                if max_num_seqs < 1:
+                    raise ValueError("mixed CUDA graphs need max_num_seqs")
+                self.mixed_graphs = MixedGraphs(
+                    self, mixed_sizes, max_num_seqs, dummy_slot, block_m, max_graph_prefills, pool
+                )
+            if graph_sizes:
+                self.graphs = DecodeGraphs(self, sorted(set(graph_sizes)), dummy_slot, pool)
 
     # -- one step ---------------------------------------------------------------------------
     def prepare(
@@ -153,7 +170,10 @@ class ModelRunner:
             starts.append(len(ids))
             ids.extend(row.token_ids())
         slots = [row.slot for row in rows]
-        tables = self.cache.block_tables(slots) if self.attn.paged else None
+        tables: Any = None
+        if self.attn.paged:  # one numpy index of the cache's table array when it has one
+            array = getattr(self.cache, "block_table_array", None)
+            tables = array(slots) if array is not None else self.cache.block_tables(slots)
         meta = AttentionMetadata.build(
             slots,
             [row.start for row in rows],
@@ -193,7 +213,12 @@ class ModelRunner:
         decode_only = all(r.num_new_tokens == 1 for r in rows)
         if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
             logits = self.graphs.run(out, prev)
+            self.graph_steps["decode"] += 1
+        elif self.mixed_graphs is not None and not decode_only and self.mixed_graphs.fits(out):
+            logits = self.mixed_graphs.run(out, prev)
+            self.graph_steps["mixed"] += 1
         else:
+            self.graph_steps["eager"] += 1
             input_ids, meta = self.prepare(out, prev)
             hidden = self.model(input_ids, meta.token_positions, meta, self.attn)
             sample_rows = [i for i, r in enumerate(rows) if r.sample]
@@ -204,19 +229,21 @@ class ModelRunner:
                 index = torch.tensor([ends[i] for i in sample_rows], dtype=torch.int64)
                 index = index.to(self.device, non_blocking=True)  # never waits for the GPU
             logits = self.model.compute_logits(hidden[index])
-        # The step's kernels are queued: map the next step's pages while they run. Started
-        # after the launch so the mapping thread never competes with it for the interpreter.
+        requests = [r.request for r in rows if r.sample]
+        if not requests:  # only unfinished prefill chunks: nothing to sample
+            empty = torch.empty(0, dtype=torch.int64, device=self.device)
+            result = StepResult(out, SamplerOutput(empty, None))
+        else:
+            smeta = SamplingMetadata.for_requests(requests, self.device)
+            result = StepResult(out, self.sampler(logits, smeta))
+        # The step's kernels are queued: map the next step's pages while they run (inline, or
+        # on the cache's thread). Started after the launch so that it never delays it.
         if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
             t0 = time.perf_counter()
             self.join_mapping()  # the previous step's job: its shortage is the scheduler's
             self.join_seconds += time.perf_counter() - t0
             self.cache.step_async(out.next_lengths, reserve)
-        requests = [r.request for r in rows if r.sample]
-        if not requests:  # only unfinished prefill chunks: nothing to sample
-            empty = torch.empty(0, dtype=torch.int64, device=self.device)
-            return StepResult(out, SamplerOutput(empty, None))
-        smeta = SamplingMetadata.for_requests(requests, self.device)
-        return StepResult(out, self.sampler(logits, smeta))
+        return result
 
     def join_mapping(self) -> None:
         """Wait for the background mapping of `step_async`; its shortage is not an error here
@@ -234,125 +261,3 @@ def _cumsum(xs: list[int]) -> list[int]:
         total += x
         out.append(total)
     return out
-
-
-class _DecodeGraphs:
-    """CUDA graphs of the decode forward pass (model + logits), one per batch-size bucket."""
-
-    def __init__(self, runner: ModelRunner, sizes: list[int], dummy_slot: int) -> None:
-        self.runner = runner
-        self.sizes = sizes
-        self.max_size = sizes[-1]
-        self.dummy_slot = dummy_slot
-        dev = runner.device
-        n = self.max_size
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slots = torch.full((n,), dummy_slot, dtype=torch.int32, device=dev)
-        self.token_slots = torch.full((n,), dummy_slot, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.context_lens = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.query_start = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.block_tables: torch.Tensor | None = None
-        self.slot_mapping: torch.Tensor | None = None
-        self.dummy_row: list[int] = []
-        if runner.attn.paged:
-            bs = runner.block_size
-            width = -(-runner.max_model_len // bs)
-            self.dummy_row = list(runner.cache.block_table(dummy_slot))
-            table = (self.dummy_row + [self.dummy_row[0]] * width)[:width]
-            self.block_tables = torch.tensor([table] * n, dtype=torch.int32, device=dev)
-            self.slot_mapping = torch.full((n,), table[0] * bs, dtype=torch.int64, device=dev)
-        # Two pinned staging buffers, used in turn: when step i+1 is filled, step i-1 (the
-        # other user of its buffer) has finished, so its copies have too.
-        self.pinned = torch.empty((2, 4, n), dtype=torch.int64, pin_memory=True)
-        self._turn = 0
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        self.metas: dict[int, AttentionMetadata] = {}
-        self._capture()
-
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slots=self.slots[:b],
-            query_start_loc=self.query_start[: b + 1],
-            seq_lens=self.seq_lens[:b],
-            context_lens=self.context_lens[:b],
-            token_slots=self.token_slots[:b],
-            token_positions=self.positions[:b],
-            max_query_len=1,
-            max_seq_len=self.runner.max_model_len,
-            slots_host=[self.dummy_slot] * b,
-            query_lens_host=[1] * b,
-            seq_lens_host=[self.runner.max_model_len] * b,
-            block_tables=None if self.block_tables is None else self.block_tables[:b],
-            slot_mapping=None if self.slot_mapping is None else self.slot_mapping[:b],
-            block_size=self.runner.block_size,
-        )
-
-    def _forward(self, b: int) -> torch.Tensor:
-        meta = self.metas[b]
-        model = self.runner.model
-        hidden = model(self.input_ids[:b], self.positions[:b], meta, self.runner.attn)
-        return model.compute_logits(hidden)
-
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            self.metas[b] = self._meta(b)
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up: compile kernels, settle allocator
-                    self._forward(b)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
-
-    def run(self, out: SchedulerOutput, prev: StepResult | None = None) -> torch.Tensor:
-        rows = out.scheduled
-        n = len(rows)
-        b = next(s for s in self.sizes if s >= n)
-        pad = b - n
-        ids = [r.request.all_token_ids[r.start] for r in rows]
-        starts = [r.start for r in rows]
-        host = self.pinned[self._turn]
-        self._turn ^= 1
-        # One host tensor write for all rows (padding rows: token 0 at position 0 of the dummy).
-        host[:4, :b] = torch.tensor(
-            [
-                ids + [0] * pad,
-                starts + [0] * pad,
-                [r.slot for r in rows] + [self.dummy_slot] * pad,
-                [r.context_len for r in rows] + [1] * pad,
-            ],
-            dtype=torch.int64,
-        )
-        self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
-        self.positions[:b].copy_(host[1, :b], non_blocking=True)
-        self.slots[:b].copy_(host[2, :b], non_blocking=True)
-        self.token_slots[:b].copy_(host[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(host[3, :b], non_blocking=True)
-        self.context_lens[:b].copy_(host[1, :b], non_blocking=True)
-        if self.block_tables is not None and self.slot_mapping is not None:
-            bs = self.runner.block_size
-            width = self.block_tables.shape[1]
-            tables = self.runner.cache.block_tables([r.slot for r in rows])
-            fill = self.dummy_row[0]
-            padded = [list(t) + [fill] * (width - len(t)) for t in tables]
-            padded += [[fill] * width] * (b - n)
-            mapping = [
-                t[r.start // bs] * bs + r.start % bs for t, r in zip(padded, rows, strict=False)
-            ]
-            mapping += [fill * bs] * (b - n)
-            self.block_tables[:b].copy_(torch.tensor(padded, dtype=torch.int32), non_blocking=True)
-            self.slot_mapping[:b].copy_(torch.tensor(mapping, dtype=torch.int64), non_blocking=True)
-        self.runner.fill_placeholders(
-            self.input_ids, *_placeholders(ids, list(range(n)), out, prev), prev
-        )
-        self.graphs[b].replay()
-        return self.logits[b][:n]

@@ -1,6 +1,8 @@
 """What a finished (or streaming) request returns, in the shape vLLM users know.
 
-`RequestOutput.outputs[0]` is the completion; `text` and `token_ids` are shortcuts to it.
+`RequestOutput.outputs[0]` is the completion; `text` and `token_ids` are shortcuts to it. The text
+is "" when the request has no tokenizer or asked for `SamplingParams(detokenize=False)`; the token
+ids (and logprobs, stop reasons) are there either way.
 """
 
 from __future__ import annotations

@@ -6,21 +6,27 @@ the tokens generated so far are prefilled again).
 
 Invariants:
 - `all_token_ids == prompt_token_ids + output_token_ids + [PLACEHOLDER] * num_inflight`;
-  `num_tokens` is its length. A placeholder stands for a token that a launched step will sample
-  (so the next step can be scheduled before it is known, see `Scheduler`); `resolve_output`
-  replaces the oldest one, in order;
+  `num_tokens` is its length. `all_token_ids` is the live list (a plain attribute, read in the
+  scheduler's hot loops): read it, do not change it. A placeholder stands for a token that a
+  launched step will sample (so the next step can be scheduled before it is known, see
+  `Scheduler`); `resolve_output` replaces the oldest one, in order;
 - `0 <= num_computed_tokens <= num_tokens`: the first `num_computed_tokens` tokens have their K/V
   in the cache at `slot`, or will have once the launched steps ran (vLLM v1's meaning); it is 0
   whenever the request holds no slot;
 - `slot is not None` exactly while RUNNING;
 - a finished request has a `finish_reason` and never changes again; preemption keeps the output
-  tokens, the text and the seeded generator, so a resumed request continues where it stopped.
+  tokens, the text and the seeded generator, so a resumed request continues where it stopped;
+- `params` and `eos_token_ids` are fixed at construction (`token_limit` and `length_stops_only`
+  are derived from them once);
+- there is a detokenizer exactly when a tokenizer was given and `params.detokenize`: without
+  one the output text stays "".
 """
 
 from __future__ import annotations
 
 import enum
 import operator
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -84,7 +90,7 @@ class Request:
         self.eos_token_ids = _id_set(eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
-        self._all_token_ids = prompt
+        self.all_token_ids: list[int] = prompt  # the live list: read it, do not change it
         self.num_computed_tokens = 0
         self.num_inflight = 0  # tokens launched steps will sample (placeholders at the end)
         self.status = RequestStatus.WAITING
@@ -96,9 +102,18 @@ class Request:
             [] if params.logprobs is not None else None
         )
         self.detokenizer = (
-            None
-            if tokenizer is None
-            else IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
+            IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
+            if tokenizer is not None and params.detokenize
+            else None
+        )
+        # Derived once for the scheduler's per-token work: the most tokens (prompt plus output)
+        # max_tokens allows, and whether only the length limits can end the request (no EOS
+        # check, no stop tokens, no stop strings), so its stop check is two comparisons.
+        self.token_limit = (
+            sys.maxsize if params.max_tokens is None else len(prompt) + params.max_tokens
+        )
+        self.length_stops_only = not (
+            (self.eos_token_ids and not params.ignore_eos) or params.stop_token_ids or params.stop
         )
         self._generator: torch.Generator | None = None
 
@@ -110,11 +125,6 @@ class Request:
 
     # -- tokens -----------------------------------------------------------------------------
     @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt then output token ids (the live list: read it, do not change it)."""
-        return self._all_token_ids
-
-    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -124,11 +134,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self._all_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self._all_token_ids) - self.num_computed_tokens
+        return len(self.all_token_ids) - self.num_computed_tokens
 
     @property
     def num_expected_outputs(self) -> int:
@@ -137,24 +147,29 @@ class Request:
 
     def add_placeholder(self) -> None:
         """A launched step will sample this request's next token."""
-        self._all_token_ids.append(PLACEHOLDER)
+        self.all_token_ids.append(PLACEHOLDER)
         self.num_inflight += 1
 
     def resolve_output(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
-        """Put a sampled token in its placeholder (the oldest one); return the text it added."""
-        if self.num_inflight < 1:
+        """Put a sampled token in its placeholder (the oldest one); return the text it added
+        ("" without a detokenizer)."""
+        inflight = self.num_inflight
+        if inflight < 1:
             raise RuntimeError(f"request {self.request_id}: no placeholder for a sampled token")
-        self._all_token_ids[len(self._all_token_ids) - self.num_inflight] = token_id
-        self.num_inflight -= 1
+        ids = self.all_token_ids
+        ids[len(ids) - inflight] = token_id
+        self.num_inflight = inflight - 1
         self.output_token_ids.append(token_id)
-        if self.output_logprobs is not None and logprobs is not None:
+        if logprobs is not None and self.output_logprobs is not None:
             self.output_logprobs.append(logprobs)
-        return "" if self.detokenizer is None else self.detokenizer.push(token_id)
+        detokenizer = self.detokenizer
+        return "" if detokenizer is None else detokenizer.push(token_id)
 
     # -- text -------------------------------------------------------------------------------
     @property
     def output_text(self) -> str:
-        """Text of the output so far (stop strings trimmed); "" without a tokenizer."""
+        """Text of the output so far (stop strings trimmed); "" without a tokenizer or with
+        `detokenize=False`."""
         return "" if self.detokenizer is None else self.detokenizer.text
 
     def stream_text(self) -> str:

@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vattention.engine.logprobs import Logprobs
-from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 if TYPE_CHECKING:
     from vattention.engine.request import Request
@@ -103,9 +104,44 @@ class SamplingMetadata:
     def for_requests(
         cls, requests: Sequence[Request], device: torch.device | str
     ) -> SamplingMetadata:
-        """Metadata for a step's sampling rows: each request's params and its own generator."""
+        """Metadata for a step's sampling rows: each request's params and its own generator.
+
+        Runs every step: a batch of unseeded greedy rows (the common serving case) is detected
+        in one pass and gets its (constant) tensors from a cache, with no per-row tensors built
+        and no host-to-device copy; the result equals `build`'s."""
+        device = torch.device(device)
+        wanted = -1  # most top log-probabilities asked for; -1: none
+        for r in requests:
+            p = r.params
+            if p.temperature >= GREEDY_TEMPERATURE or p.seed is not None:
+                break
+            if p.logprobs is not None and p.logprobs > wanted:
+                wanted = p.logprobs
+        else:
+            if requests:
+                greedy, temperature = _all_greedy_tensors(device, len(requests))
+                return cls(
+                    num_rows=len(requests),
+                    greedy=greedy,
+                    temperature=temperature,
+                    all_greedy=True,
+                    top_k=None,
+                    max_top_k=0,
+                    top_p=None,
+                    min_p=None,
+                    generators={},
+                    num_logprobs=None if wanted < 0 else wanted,
+                )
         gens = [r.generator(device) for r in requests]
         return cls.build([r.params for r in requests], gens, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _all_greedy_tensors(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`greedy` (all True) and `temperature` (all 1.0) of n greedy rows on `device`, built once
+    per size (read-only: the sampler never writes them)."""
+    greedy = torch.ones(n, dtype=torch.bool, device=device)
+    return greedy, torch.ones(n, dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ Invariants: a `SamplingParams` is frozen and validated at construction, so every
 `top_k` is -1 or 0 (off) or a positive count; `0 < top_p <= 1`; `0 <= min_p <= 1`;
 `max_tokens` is None (until the model's length limit) or positive; `stop_token_ids` and `stop`
 are tuples (lists are accepted and converted); `logprobs` is None (off) or the number of top
-alternatives returned with each sampled token's own log-probability (0 = the sampled one only).
+alternatives returned with each sampled token's own log-probability (0 = the sampled one only);
+`stop` strings need `detokenize` (they are matched in the output text).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class SamplingParams:
     ignore_eos: keep generating past the end-of-sequence token.
     logprobs: None, or return each sampled token's log-probability plus this many top ones.
     skip_special_tokens: leave special tokens out of the output text.
+    detokenize: produce the output text; False returns token ids only (text ""), which saves
+        the per-token detokenization (stop strings then cannot be used).
     """
 
     n: int = 1
@@ -58,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -99,6 +103,13 @@ class SamplingParams:
                 raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
         if not isinstance(self.skip_special_tokens, bool):
             raise TypeError("skip_special_tokens must be a bool")
+        if not isinstance(self.detokenize, bool):
+            raise TypeError(f"detokenize must be a bool, got {type(self.detokenize).__name__}")
+        if self.stop and not self.detokenize:
+            raise ValueError(
+                f"stop strings {list(self.stop)} need detokenize=True: they are matched in the"
+                " output text, which detokenize=False does not produce (use stop_token_ids)"
+            )
 
     @staticmethod
     def _check_real(name: str, value: Any) -> None:

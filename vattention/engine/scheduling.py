@@ -15,7 +15,7 @@ Invariants of a `SchedulerOutput` (built by `Scheduler.schedule`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from vattention.engine.request import Request
 
@@ -61,9 +61,11 @@ class SchedulerConfig:
             raise ValueError("max_model_len must be >= 2 (a prompt token and an output token)")
 
 
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One row of a step: `num_new_tokens` tokens of `request`, ending at `context_len`."""
+class ScheduledRequest(NamedTuple):
+    """One row of a step: `num_new_tokens` tokens of `request`, ending at `context_len`.
+
+    Immutable; a named tuple rather than a frozen dataclass because one is built per row and
+    step (about 2.5x cheaper to create)."""
 
     request: Request
     slot: int
@@ -92,6 +94,10 @@ class SchedulerOutput:
     # running: a hint for `cache.step_async`. Requests sure to end this step are left out; a
     # slot whose request stops on a token may still be freed by `update`.
     next_lengths: dict[int, int] = field(default_factory=dict)
+    # (scheduled list, its length, its sampling rows): `sampling` is read several times a step.
+    _sampling: tuple[list[ScheduledRequest], int, list[ScheduledRequest]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def num_batched_tokens(self) -> int:
@@ -99,8 +105,13 @@ class SchedulerOutput:
 
     @property
     def sampling(self) -> list[ScheduledRequest]:
-        """The rows that sample a token, in batch order (the sampler's rows)."""
-        return [s for s in self.scheduled if s.sample]
+        """The rows that sample a token, in batch order (the sampler's rows); a new list."""
+        rows = self.scheduled
+        cached = self._sampling
+        if cached is None or cached[0] is not rows or cached[1] != len(rows):
+            cached = (rows, len(rows), [s for s in rows if s.sample])
+            self._sampling = cached
+        return list(cached[2])
 
     @property
     def is_empty(self) -> bool:
@@ -115,12 +126,12 @@ def next_lengths(rows: list[ScheduledRequest], max_model_len: int) -> dict[int, 
     lengths: dict[int, int] = {}
     for s in rows:
         r = s.request
+        end = s.context_len
+        n = len(r.all_token_ids)
         if not s.sample:
-            remaining = r.num_tokens - s.context_len
-            lengths[s.slot] = s.context_len + min(remaining, s.num_new_tokens)
-            continue
-        if not ends_in_flight(r, max_model_len):
-            lengths[s.slot] = s.context_len + 1
+            lengths[s.slot] = end + min(n - end, s.num_new_tokens)
+        elif not r.num_inflight or (n < max_model_len and n < r.token_limit):
+            lengths[s.slot] = end + 1  # not ends_in_flight(r, max_model_len)
     return lengths
 
 
@@ -129,7 +140,6 @@ def ends_in_flight(r: Request, max_model_len: int) -> bool:
     length limit reached, whatever they turn out to be."""
     if not r.num_inflight:
         return False
-    limit = r.params.max_tokens
-    return (limit is not None and r.num_expected_outputs >= limit) or (
-        r.num_tokens >= max_model_len
-    )
+    # num_expected_outputs >= max_tokens <=> num_tokens >= num_prompt_tokens + max_tokens
+    n = len(r.all_token_ids)
+    return n >= max_model_len or n >= r.token_limit

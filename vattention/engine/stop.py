@@ -34,22 +34,28 @@ def find_stop_string(text: str, num_new_chars: int, stops: Sequence[str]) -> tup
 def check_stop(
     request: Request, token_id: int, new_text: str, max_model_len: int
 ) -> FinishReason | None:
-    """Why `request` must stop after `token_id` (just appended, adding `new_text`), or None."""
-    params = request.params
-    if not params.ignore_eos and token_id in request.eos_token_ids:
-        request.stop_reason = None
-        return FinishReason.STOP
-    if token_id in params.stop_token_ids:
-        request.stop_reason = token_id
-        return FinishReason.STOP
-    if params.stop:
-        hit = find_stop_string(request.output_text, len(new_text), params.stop)
-        if hit is not None:
-            request.trim_text(hit[0])
-            request.stop_reason = hit[1]
+    """Why `request` must stop after `token_id` (just appended, adding `new_text`), or None.
+
+    Cheap when only the length limits can apply (`request.length_stops_only`)."""
+    if not request.length_stops_only:
+        params = request.params
+        if not params.ignore_eos and token_id in request.eos_token_ids:
+            request.stop_reason = None
             return FinishReason.STOP
-    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return FinishReason.STOP
+        if params.stop and new_text:
+            hit = find_stop_string(request.output_text, len(new_text), params.stop)
+            if hit is not None:
+                request.trim_text(hit[0])
+                request.stop_reason = hit[1]
+                return FinishReason.STOP
+    limit = request.params.max_tokens
+    if limit is not None and len(request.output_token_ids) >= limit:
         return FinishReason.LENGTH
-    if request.num_tokens >= max_model_len:
+    # Tokens still in flight (placeholders of later launched steps) do not count yet: each
+    # is checked when it arrives, so async scheduling ends at the same length as sync.
+    if len(request.all_token_ids) - request.num_inflight >= max_model_len:
         return FinishReason.LENGTH
     return None

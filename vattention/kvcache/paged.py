@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from vattention.kvcache.block_allocator import BlockAllocator
@@ -99,6 +100,9 @@ class PagedKVCache:
         self._v = torch.zeros(shape, dtype=spec.dtype, device=self.device)
         n = spec.max_slots
         self._tables: list[list[int]] = [[] for _ in range(n)]
+        # The same tables as one host array, padded with block 0 (kept in step with `_tables`):
+        # a step's tables are one fancy index of it (`block_table_array`), no Python per entry.
+        self._table_array = np.zeros((n, -(-spec.max_seq_len // block_size)), dtype=np.int32)
         self._lengths = [0] * n
         self._used = [False] * n
         self._error: OutOfKVMemory | None = None
@@ -129,6 +133,7 @@ class PagedKVCache:
         """Give a slot back and return its blocks to the free list at once."""
         self._check_slot(slot)
         self._alloc.free(self._tables[slot])
+        self._table_array[slot, : len(self._tables[slot])] = 0
         self._tables[slot] = []
         self._lengths[slot] = 0
         self._used[slot] = False
@@ -156,6 +161,13 @@ class PagedKVCache:
             self._check_slot(s)
         return [self._tables[s] for s in slots]
 
+    def block_table_array(self, slots: Sequence[int]) -> np.ndarray:
+        """`[len(slots), ceil(max_seq_len / block_size)]` int32 tables of `slots` (a copy),
+        padded with block 0 (the padding block)."""
+        for s in slots:
+            self._check_slot(s)
+        return self._table_array[list(slots)]
+
     # -- backing ----------------------------------------------------------------------------
     def ensure(self, slot: int, num_tokens: int) -> None:
         """Back tokens `[0, num_tokens)` of `slot`, or raise `OutOfKVMemory` (nothing changed)."""
@@ -168,7 +180,10 @@ class PagedKVCache:
         blocks = self._alloc.allocate(sum(growth.values()))
         at = 0
         for s, k in growth.items():
-            self._tables[s].extend(blocks[at : at + k])
+            if k:
+                held = len(self._tables[s])
+                self._tables[s].extend(blocks[at : at + k])
+                self._table_array[s, held : held + k] = blocks[at : at + k]
             at += k
         for s, n in targets.items():
             self._lengths[s] = n
@@ -236,6 +251,9 @@ class PagedKVCache:
                 problems.append(f"slot {s}: its table is shorter than its length")
             if not self._used[s] and (self._tables[s] or self._lengths[s]):
                 problems.append(f"free slot {s} still holds blocks or tokens")
+            row, n = self._table_array[s], len(self._tables[s])
+            if row[:n].tolist() != self._tables[s] or row[n:].any():
+                problems.append(f"slot {s}: its table array differs from its table")
         if problems:
             raise RuntimeError("paged KV cache integrity: " + "; ".join(problems))
 

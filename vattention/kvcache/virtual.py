@@ -33,6 +33,12 @@ from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
 from vattention.memory.errors import OutOfKVMemory
 
+# Where `step_async` maps: "thread" (a background thread, joined by `wait()`), or "inline" (on
+# the caller's thread at once, eager work capped at `inline_eager_pieces` pieces a call: meant
+# to be called right after a step's launch, so it runs while the GPU works without competing
+# with the launching thread for the interpreter).
+MAPPING_MODES = ("thread", "inline")
+
 
 class VirtualKVCache:
     """A KV cache contiguous in virtual memory, backed on demand by physical pages."""
@@ -49,6 +55,8 @@ class VirtualKVCache:
         lookahead_tokens: int = 128,
         lookahead_trigger_tokens: int | None = None,
         eager_map_calls: int = 8,
+        mapping: str = "thread",
+        inline_eager_pieces: int = 16,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
@@ -77,6 +85,13 @@ class VirtualKVCache:
         if eager_map_calls < 1:
             raise ValueError(f"eager_map_calls must be >= 1, got {eager_map_calls}")
         self.eager_map_calls = eager_map_calls
+        if mapping not in MAPPING_MODES:
+            raise ValueError(f"mapping must be one of {MAPPING_MODES}, got {mapping!r}")
+        if inline_eager_pieces < 1:
+            raise ValueError(f"inline_eager_pieces must be >= 1, got {inline_eager_pieces}")
+        self.mapping = mapping
+        self.inline_eager_pieces = inline_eager_pieces
+        self._inline_error: OutOfKVMemory | None = None
         nbuf = self.layout.num_buffers
         max_pages = self.layout.pages_per_slot * spec.max_slots * nbuf
         if budget_bytes is None:
@@ -181,6 +196,12 @@ class VirtualKVCache:
         top = self.spec.max_seq_len
         upcoming = [min(int(n), top) for n in reserve if int(n) > 0]
         self.wait()
+        if self.mapping == "inline":  # on the caller's thread, now (see `mapping`)
+            try:
+                self._step_and_look_ahead(targets, upcoming, self.inline_eager_pieces)
+            except OutOfKVMemory as err:
+                self._inline_error = err
+            return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattention-map")
         self._pending = self._executor.submit(self._step_and_look_ahead, targets, upcoming)
@@ -190,6 +211,9 @@ class VirtualKVCache:
 
         With `interrupt` (the default) eager work still running stops after its current piece;
         the required part always completes."""
+        error, self._inline_error = self._inline_error, None
+        if error is not None:
+            raise error
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -230,22 +254,26 @@ class VirtualKVCache:
         cap, pages_for = self._cap_tokens, self.layout.pages_for
         return {s: pages_for(n) for s, n in targets.items() if n > cap[s]}
 
-    def _step_and_look_ahead(self, targets: dict[int, int], reserve: list[int]) -> None:
+    def _step_and_look_ahead(
+        self, targets: dict[int, int], reserve: list[int], max_pieces: int | None = None
+    ) -> None:
         with self._lock:
             # A slot freed since `step_async` was called is left alone (it has no live tokens).
             targets = {s: n for s, n in targets.items() if self._used[s]}
             self._back(self._growth(targets))
             for s, n in targets.items():
                 self._lengths[s] = n
-        self._map_ahead(reserve)
+        if not self._map_ahead(reserve, max_pieces):
+            return
         while len(self._pool.free) < self._pool.batch and not self._interrupt.is_set():
             with self._lock:
                 if self._closed or not self._pool.creatable:
                     return
                 self._pool.refill(min(self._pool.batch, len(self._pool.free) + 4))
 
-    def _map_ahead(self, reserve: list[int]) -> None:
-        """Eager allocation in interruptible pieces (see `step_async`)."""
+    def _map_ahead(self, reserve: list[int], max_pieces: int | None = None) -> bool:
+        """Eager allocation in interruptible pieces (see `step_async`), at most `max_pieces`
+        of them; False if it stopped before the end of its work."""
         pages_for, top = self.layout.pages_for, self.spec.max_seq_len
         with self._lock:
             # (spare tokens, slot, pages wanted, whether the slot is in use)
@@ -265,11 +293,14 @@ class VirtualKVCache:
                 free.sort(key=lambda s: (-len(self._pages[s]), s))  # alloc_slot's order
                 wanted += [(0, s, pages_for(n), False) for s, n in zip(free, reserve, strict=False)]
         piece = max(1, self.eager_map_calls // self.layout.num_buffers)
+        pieces = 0
         for _, s, want, used in wanted:
             while not self._interrupt.is_set():
+                if max_pieces is not None and pieces >= max_pieces:
+                    return False
                 with self._lock:
                     if self._closed:
-                        return
+                        return False
                     if self._used[s] != used:
                         break  # freed (or handed out) since the plan was made: not for it now
                     have = len(self._pages[s])
@@ -277,8 +308,10 @@ class VirtualKVCache:
                     if add <= 0:
                         break
                     if add * self.layout.num_buffers > self._pool.obtainable:
-                        return
+                        return False
                     self._back({s: have + add}, reclaim=False)
+                    pieces += 1
+        return not self._interrupt.is_set()
 
     def _pages_needed(self, pages: dict[int, int]) -> int:
         extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
