@@ -95,6 +95,7 @@ class _Replay:
         return self.output
 
 
+@torch.inference_mode()
 def _capture(
     sizes: Sequence[int], forward: Callable[[int], torch.Tensor], pool: Any
 ) -> dict[int, _Replay]:

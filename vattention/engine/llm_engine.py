@@ -150,7 +150,26 @@ class LLMEngine:
         if use_graphs:
             dummy = self.cache.alloc_slot()  # padding rows of CUDA graphs point here
             self.cache.ensure(dummy, 1)
-        self.runner = ModelRunner(
+        try:
+            self.runner = self._make_runner(config, device, max_len, dummy, use_graphs)
+        except BaseException:  # e.g. out of memory capturing graphs: give the cache back
+            close = getattr(self.cache, "close", None)
+            if close is not None:
+                close()
+            raise
+        # Wall-clock seconds per phase of `step`, summed (for benchmarks; cheap to keep).
+        self.timings: dict[str, float] = dict.fromkeys(
+            ("join", "schedule", "execute", "sync", "update"), 0.0
+        )
+        self._inflight: deque[StepResult] = deque()  # launched, not yet updated
+        self._ids = itertools.count()
+        self._prompts: dict[str, str | None] = {}
+
+    def _make_runner(
+        self, config: EngineConfig, device: torch.device, max_len: int, dummy: int | None,
+        use_graphs: bool,
+    ) -> ModelRunner:  # fmt: skip
+        return ModelRunner(
             self.model,
             self.cache,
             self.attn,
@@ -169,13 +188,6 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_graph_prefills=config.max_graph_prefills,
         )
-        # Wall-clock seconds per phase of `step`, summed (for benchmarks; cheap to keep).
-        self.timings: dict[str, float] = dict.fromkeys(
-            ("join", "schedule", "execute", "sync", "update"), 0.0
-        )
-        self._inflight: deque[StepResult] = deque()  # launched, not yet updated
-        self._ids = itertools.count()
-        self._prompts: dict[str, str | None] = {}
 
     def _make_cache(self, config: EngineConfig, max_len: int, extra_slots: int) -> Any:
         mcfg = self.model.config
