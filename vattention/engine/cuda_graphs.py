@@ -97,15 +97,26 @@ class _Replay:
 
 @torch.inference_mode()
 def _capture(
-    sizes: Sequence[int], forward: Callable[[int], torch.Tensor], pool: Any
+    sizes: Sequence[int],
+    forward: Callable[[int], torch.Tensor],
+    pool: Any,
+    prepare: Callable[[int], None],
 ) -> dict[int, _Replay]:
-    """One graph per size, largest first (so smaller ones reuse its memory), in `pool`."""
+    """One graph per size, largest first (so smaller ones reuse its memory), in `pool`.
+
+    `prepare(b)` fills the static buffers with an all-padding step of size `b` before its
+    warm-up runs (padding entries may depend on the size). Without CUDA (`pool is None`) the
+    warm-up still runs once per size, so the same padding is exercised."""
     if pool is None:
+        for b in sizes:
+            prepare(b)
+            forward(b)
         return {b: _Replay(None, lambda b=b: forward(b), None) for b in sizes}  # type: ignore[misc]
     replays: dict[int, _Replay] = {}
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
     for b in sorted(sizes, reverse=True):
+        prepare(b)
+        side.wait_stream(torch.cuda.current_stream())  # the buffers' copies are done
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: compile kernels, settle the allocator
                 forward(b)
@@ -164,9 +175,10 @@ class DecodeGraphs(_Graphs):
             fields["tables"] = (torch.int32, (n, self.width))
         self.buf = _Staging(fields, runner.device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
-        self._fill(SchedulerOutput(), None, n)  # every row a padding row
         self.metas = {b: self._meta(b) for b in self.sizes}
-        self.replays = _capture(self.sizes, self._forward, pool)
+        self.replays = _capture(
+            self.sizes, self._forward, pool, lambda b: self._fill(SchedulerOutput(), None, b)
+        )
 
     def _meta(self, b: int) -> AttentionMetadata:
         buf, max_len = self.buf, self.runner.max_model_len
@@ -290,9 +302,10 @@ class MixedGraphs(_Graphs):
             fields["slot_mapping"] = (torch.int64, (t,))
             fields["tables"] = (torch.int32, (nb, self.width))
         self.buf = _Staging(fields, runner.device)
-        self._fill(SchedulerOutput(), t)
         self.metas = {b: self._meta(b) for b in self.sizes}
-        self.replays = _capture(self.sizes, self._forward, pool)
+        self.replays = _capture(
+            self.sizes, self._forward, pool, lambda b: self._fill(SchedulerOutput(), b)
+        )
 
     def fits(self, out: SchedulerOutput) -> bool:
         rows = out.scheduled
