@@ -60,9 +60,11 @@ for part in "$@"; do
     ;;
   steptests)  # one process per file: a sticky CUDA error cannot fail the files after it
     : > "$OUT/tests_step.txt"
-    for f in tests/engine/test_llm_gpu.py tests/attention/test_prefill_kernels.py \
-             tests/attention/test_paged_backends.py tests/engine/test_llama3_8b_gpu.py \
-             "tests/attention/test_contiguous_backends.py -k auto"; do
+    files=(tests/engine/test_llm_gpu.py tests/attention/test_prefill_kernels.py
+           tests/attention/test_paged_backends.py tests/engine/test_llama3_8b_gpu.py
+           "tests/attention/test_contiguous_backends.py -k auto")
+    [ -n "${STEP_TEST_FILES:-}" ] && IFS=';' read -ra files <<< "$STEP_TEST_FILES"
+    for f in "${files[@]}"; do
       echo "### $f" >> "$OUT/tests_step.txt"
       timeout ${TEST_TIMEOUT:-120} python3 -m pytest -q -p no:cacheprovider -m gpu $f -x \
         --tb=short -rf 2>&1 | grep -v DEBUG | head -150 >> "$OUT/tests_step.txt"
