@@ -2,8 +2,8 @@
 
 A tiny random Llama in float32 (HF format, saved and loaded through the real loader): greedy
 tokens equal HF `generate`'s, with async scheduling on (the default) and off, with CUDA graphs
-(decode and mixed steps, or decode only) and eagerly, with either mapping mode, and FA2 varlen
-in decode graphs, for the vAttention cache and the paged baseline; and a mixed batch (stop tokens,
+(decode and mixed steps, or decode only) and eagerly, with either mapping mode, for the
+vAttention cache and the paged baseline; and a mixed batch (stop tokens,
 seeded sampling) gives the same tokens with async scheduling on and off.
 """
 
@@ -40,16 +40,12 @@ def test_generate_on_cuda_matches_hf_in_every_mode(tmp_path: Path, kv_cache: str
         {}, {"async_scheduling": False}, {"enforce_eager": True}, {"mixed_graph_tokens": 0},
         {"kv_mapping": "thread"},
     ]  # fmt: skip
-    if kv_cache == "vattention":  # FA2 varlen in decode graphs (its offsets are recorded)
-        modes.append({"attention_backend": "fa2_varlen"})
     for opts in modes:
         with _llm(tmp_path / "m", kv_cache, **opts) as llm:
             runner = llm.engine.runner
             assert (runner.graphs is None) == bool(opts.get("enforce_eager"))
             outs = llm.generate(batch, params, use_tqdm=False)
             mixed_expected = not opts.get("enforce_eager") and opts.get("mixed_graph_tokens") != 0
-            if "attention_backend" in opts:
-                mixed_expected = False  # fa2_varlen has no fixed-shape mixed path
             assert (runner.graph_steps["mixed"] > 0) == mixed_expected, (opts, runner.graph_steps)
         assert [o.token_ids for o in outs] == want, opts
     torch.cuda.synchronize()
