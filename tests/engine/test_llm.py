@@ -144,3 +144,29 @@ def test_max_model_len_ends_at_the_same_length_in_both_modes(
         assert len(p) + len(o.token_ids) == limit
         assert o.outputs[0].finish_reason == "length"
         assert o.token_ids == hf_greedy(hf, p, limit - len(p))
+
+
+def test_step_include_running_streams_every_token(tmp_path: Path) -> None:
+    """`step(include_running=True)`: each request's outputs grow token by token, in order,
+    ending with the finished output (what a streaming server sends)."""
+    save_tiny("llama", tmp_path / "m")
+    batch = prompts(4, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        eng = llm.engine
+        final = {o.request_id: o for o in llm.generate(batch, params, use_tqdm=False)}
+        ids = [eng.add_request(p, params) for p in batch]
+        seen: dict[str, list[list[int]]] = {rid: [] for rid in ids}
+        done = set()
+        while eng.has_unfinished_requests():
+            for out in eng.step(include_running=True):
+                assert out.request_id not in done
+                seen[out.request_id].append(list(out.token_ids))
+                if out.finished:
+                    done.add(out.request_id)
+    assert done == set(ids)
+    for rid, old in zip(ids, final, strict=True):
+        snapshots = seen[rid]
+        assert snapshots[-1] == final[old].token_ids
+        assert [len(s) for s in snapshots] == list(range(1, len(snapshots) + 1))
+        assert all(s == snapshots[-1][: len(s)] for s in snapshots)

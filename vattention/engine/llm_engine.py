@@ -258,18 +258,21 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or bool(self._inflight)
 
     # -- one step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, include_running: bool = False) -> list[RequestOutput]:
         """Schedule and launch one step, then apply the tokens of the oldest launched step that
-        is due (this one without `async_scheduling`); returns the requests that finished."""
+        is due (this one without `async_scheduling`); returns the requests that finished and,
+        with `include_running` (streaming), also those still running that got new tokens
+        (`finished=False`, text held back where it could still become a stop string)."""
         clock, t = time.perf_counter, self.timings
         t0 = clock()
         out = self.scheduler.schedule()
         t1 = clock()
         t["schedule"] += t1 - t0
-        finished = []
+        finished: list[Request] = []
+        updated: list[Request] = []
         if out.is_empty:  # nothing to launch: apply what is in flight, then this empty step
             while self._inflight:
-                finished += self._apply(self._inflight.popleft())
+                finished += self._apply(self._inflight.popleft(), updated)
             finished += self.scheduler.update(out, [])
         else:
             prev = self._inflight[-1] if self._inflight else None
@@ -278,13 +281,21 @@ class LLMEngine:
             t["execute"] += clock() - t1  # includes joining the cache's mapping job:
             t["join"] += self.runner.join_seconds - joined
             if len(self._inflight) > (1 if self.config.async_scheduling else 0):
-                finished += self._apply(self._inflight.popleft())
-        return [
+                finished += self._apply(self._inflight.popleft(), updated)
+        outputs = [
             RequestOutput.from_request(r, self._prompts.pop(r.request_id, None)) for r in finished
         ]
+        if include_running:
+            seen: set[str] = set()
+            for r in updated:
+                if not r.is_finished and r.request_id not in seen:
+                    seen.add(r.request_id)
+                    outputs.append(RequestOutput.from_request(r, self._prompts.get(r.request_id)))
+        return outputs
 
-    def _apply(self, result: StepResult) -> list[Request]:
-        """Wait for a launched step's sampled ids and hand them to the scheduler."""
+    def _apply(self, result: StepResult, updated: list[Request] | None = None) -> list[Request]:
+        """Wait for a launched step's sampled ids and hand them to the scheduler; the requests
+        its rows sampled for are appended to `updated`."""
         clock, t = time.perf_counter, self.timings
         t0 = clock()
         token_ids = result.token_ids()
@@ -293,6 +304,8 @@ class LLMEngine:
         finished = self.scheduler.update(result.out, token_ids, logprobs)
         t["sync"] += t1 - t0
         t["update"] += clock() - t1
+        if updated is not None:
+            updated.extend(row.request for row in result.out.sampling)
         return finished
 
     def _upcoming(self) -> list[int]:
