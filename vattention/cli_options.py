@@ -1,0 +1,96 @@
+"""Command-line options that mirror `EngineConfig`, one `--kebab-case` flag per field.
+
+Every field of `EngineConfig` (except `model`, a positional argument) becomes a flag with its
+type, default and help text, so `vattention serve --help` documents every engine option and a
+new field cannot be forgotten (a test checks that every field has a help text here).
+`engine_config(args)` builds the frozen, validated `EngineConfig` back from parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+HELP: dict[str, str] = {
+    "kv_cache": "KV cache: 'vattention' (contiguous virtual memory) or 'paged' (block tables)",
+    "dtype": "weights and KV dtype (float32, bfloat16, float16); default: the checkpoint's",
+    "device": "cuda or cpu; default: cuda when available",
+    "load_format": "auto/safetensors (read the weights) or dummy (random weights, presets)",
+    "seed": "seed of random weights and of unseeded sampling",
+    "max_num_seqs": "most requests running at once (KV slots)",
+    "max_num_batched_tokens": "token budget of one step (decodes plus prefill chunks)",
+    "max_model_len": "most tokens (prompt + output) of one request; default: the model's",
+    "gpu_memory_utilization": "share of free device memory for weights, activations and KV",
+    "kv_cache_memory": "KV cache budget in bytes (overrides --gpu-memory-utilization)",
+    "attention_backend": "attention backend name; default auto (vattention) / pa_triton (paged)",
+    "block_size": "tokens per block of the paged cache",
+    "kv_layout": "vattention layout: cross_layer (one page holds all layers) or per_layer",
+    "kv_page_size": "physical page size in bytes (default: the backend's, 2 MiB on CUDA)",
+    "enforce_eager": "no CUDA graphs",
+    "mixed_graph_tokens": "CUDA graphs for mixed steps below this many new tokens (0: off)",
+    "max_graph_prefills": "most prefilling requests in a step run as a CUDA graph",
+    "async_scheduling": "schedule and launch step i+1 before step i's tokens are read",
+    "kv_preallocate": "create the whole KV page budget at start-up (default: on CUDA)",
+    "kv_mapping": "where pages are mapped: inline (after each launch) or thread",
+    "tokenizer": "tokenizer directory, if not the model's",
+}
+
+
+def _base_type(name: str) -> type:
+    """The type of field `name` without `None` (`int | None` -> int)."""
+    hint = typing.get_type_hints(_config_class())[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint  # type: ignore[no-any-return]
+
+
+def _config_class() -> Any:
+    from vattention.engine.llm_engine import EngineConfig
+
+    return EngineConfig
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per `EngineConfig` field (but `model`) to `parser`."""
+    group = parser.add_argument_group("engine options (EngineConfig)")
+    for f in dataclasses.fields(_config_class()):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _base_type(f.name)
+        default = f.default
+        help_text = HELP.get(f.name, f.name)
+        shown = "" if default is None else f" (default: {default})"
+        if kind is bool and default is False:
+            group.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif kind is bool:
+            group.add_argument(flag, type=_bool, default=None, metavar="{true,false}",
+                               help=f"{help_text}{shown}")  # fmt: skip
+        else:
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"{help_text}{shown}")  # fmt: skip
+
+
+def engine_config(model: str, args: argparse.Namespace, **overrides: Any) -> Any:
+    """The `EngineConfig` of parsed arguments: flags left unset keep the dataclass default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(_config_class()):
+        if f.name == "model":
+            continue
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _config_class()(model=model, **values)
