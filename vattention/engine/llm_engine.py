@@ -42,6 +42,7 @@ from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerConfig
 from vattention.kvcache.spec import parse_dtype
 from vattention.models.loader import load_model
+from vattention.models.resolve import resolve_model
 from vattention.models.tokenizer import load_tokenizer
 
 KV_CACHES = ("vattention", "paged")
@@ -115,7 +116,10 @@ class LLMEngine:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         dtype = parse_dtype(config.dtype) if config.dtype not in (None, "auto") else None
-        self.model = load_model(config.model, dtype, device, config.load_format, config.seed)
+        # GGUF files and built-in names -> a converted, cached HF directory (others unchanged)
+        self.model_path = resolve_model(config.model)
+        tokenizer_path = resolve_model(config.tokenizer) if config.tokenizer else self.model_path
+        self.model = load_model(self.model_path, dtype, device, config.load_format, config.seed)
         mcfg = self.model.config
         self.model_config = mcfg
         max_len = config.max_model_len or mcfg.max_position_embeddings
@@ -125,7 +129,7 @@ class LLMEngine:
                 f"{mcfg.max_position_embeddings}"
             )
         self.max_model_len = max_len
-        self.tokenizer: Any = _tokenizer_or_none(config.tokenizer or config.model)
+        self.tokenizer: Any = _tokenizer_or_none(tokenizer_path)
         eos = set(mcfg.eos_token_ids)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(tok_eos, int):

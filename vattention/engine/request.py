@@ -178,7 +178,7 @@ class Request:
         if self.is_finished or not self.params.stop:
             return text
         hold = max(len(s) for s in self.params.stop) - 1
-        return text[: len(text) - hold] if hold else text
+        return text[: max(0, len(text) - hold)]  # (a negative end would cut from the end)
 
     def trim_text(self, length: int) -> None:
         """Cut the output text to its first `length` characters (a stop string matched there)."""

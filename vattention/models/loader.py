@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from vattention.kvcache.spec import parse_dtype
+from vattention.models.builtin import builtin_names, is_builtin
 from vattention.models.config import ModelConfig
 from vattention.models.layers import FusedLinear
 from vattention.models.llama import LlamaForCausalLM
@@ -45,9 +46,15 @@ def resolve_config(path_or_preset: str | Path) -> tuple[ModelConfig, Path | None
         return ModelConfig.from_pretrained(path), path
     if str(path_or_preset).lower() in PRESETS:
         return get_preset(str(path_or_preset)), None
+    if is_builtin(str(path_or_preset)) or path.suffix.lower() == ".gguf":
+        raise ValueError(
+            f"{str(path_or_preset)!r} is a built-in model or a GGUF file: turn it into a directory "
+            "with vattention.models.resolve_model first (LLM(...) does)"
+        )
     raise ValueError(
         f"{str(path_or_preset)!r} is neither a local model directory nor a preset "
-        f"(presets: {preset_names()}); nothing is downloaded"
+        f"(presets: {preset_names()}), a GGUF file or a built-in model (built-in: "
+        f"{builtin_names()}); nothing is downloaded"
     )
 
 

@@ -1,0 +1,387 @@
+"""`create_app`: the OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI).
+
+Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with SSE streaming),
+`GET /v1/models`, `GET /health`, `GET /metrics`.
+
+Invariants:
+- a request is validated completely (body size, JSON, fields, model name, sampling params,
+  chat template, prompt ids, context length) before it reaches the engine; every failure is an
+  OpenAI-style error body (`errors.py`) with a 4xx status, and leaves nothing behind;
+- a request that reached the engine is aborted (slot and pages freed) whenever its client goes
+  away first: a streaming response that is cancelled or fails to send, a non-streaming one
+  whose connection closes while it waits (watched with `receive()`), a handler that raises;
+- the tokenizer is only read here (encode, chat template, one-token decodes for logprobs);
+  the engine itself is touched only through the `AsyncEngine`;
+- with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
+  `/health` and `/metrics` stay open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vattention.engine.outputs import RequestOutput
+from vattention.engine.sampling_params import SamplingParams
+from vattention.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineShutdownError,
+    EngineStepError,
+    RequestStream,
+)
+from vattention.server.errors import APIError, bad_request, error_body
+from vattention.server.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
+from vattention.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_json,
+    validate,
+)
+from vattention.server.render import DONE, ChatRenderer, CompletionRenderer, sse
+
+logger = logging.getLogger("vattention.server")
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+SNAPSHOT_TIMEOUT_S = 5.0
+
+
+def create_app(
+    async_engine: AsyncEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The API over `async_engine` (whose lifecycle stays the caller's), answering to the model
+    name `served_model_name`."""
+    app = FastAPI(title="vattention", docs_url=None, redoc_url=None, openapi_url=None)
+    server = _Server(async_engine, served_model_name, max_body_bytes)
+    app.state.server = server
+    metrics = server.metrics
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        metrics.request_errors.labels(status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {
+            404: f"no route {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        metrics.request_errors.labels(status=str(exc.status_code)).inc()
+        return JSONResponse(
+            error_body(message, "invalid_request_error", None, code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
+        metrics.request_errors.labels(status="500").inc()
+        return JSONResponse(
+            error_body("internal server error", "server_error", None, "internal_error"),
+            status_code=500,
+        )
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_crash)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise APIError(
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                HTTPStatus.UNAUTHORIZED,
+                code="invalid_api_key",
+            )
+
+    auth = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.healthy:
+            raise APIError("the engine is not running", HTTPStatus.SERVICE_UNAVAILABLE)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        try:
+            snap = await asyncio.wait_for(async_engine.snapshot(), SNAPSHOT_TIMEOUT_S)
+        except (asyncio.TimeoutError, EngineShutdownError, EngineDeadError):
+            snap = None  # the request metrics are still worth a scrape
+        return Response(metrics.render(snap), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> Response:
+        card = {
+            "id": served_model_name,
+            "object": "model",
+            "created": server.created,
+            "owned_by": "vattention",
+            "root": async_engine.engine.config.model,
+            "max_model_len": async_engine.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request) -> Response:
+        body = parse_json(await _read_body(request, max_body_bytes))
+        req: CompletionRequest = validate(CompletionRequest, body)
+        server.check_model(req.model)
+        params = req.to_sampling_params()
+        ids = server.prompt_ids(req.prompt)
+        server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        renderer = CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs)
+        return await server.serve(
+            request, ids, params, rid, renderer, req.stream, req.include_usage
+        )
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request) -> Response:
+        body = parse_json(await _read_body(request, max_body_bytes))
+        req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
+        server.check_model(req.model)
+        params = req.to_sampling_params()
+        ids = server.chat_prompt_ids(req)
+        which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        server.check_length(len(ids), params.max_tokens, "messages", which)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        renderer = ChatRenderer(rid, served_model_name, async_engine.tokenizer, top)
+        return await server.serve(
+            request, ids, params, rid, renderer, req.stream, req.include_usage
+        )
+
+    return app
+
+
+class _Server:
+    """What the routes share: the engine, the model name, the metrics, and request plumbing."""
+
+    def __init__(self, engine: AsyncEngine, model: str, max_body_bytes: int) -> None:
+        self.engine = engine
+        self.model = model
+        self.max_body_bytes = max_body_bytes
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+
+    # -- validation that needs the engine's facts ---------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.model:
+            raise APIError(
+                f"The model `{model}` does not exist (this server serves `{self.model}`)",
+                HTTPStatus.NOT_FOUND,
+                param="model",
+                code="model_not_found",
+            )
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            tokenizer = self.engine.tokenizer
+            if tokenizer is None:
+                raise bad_request(
+                    "this model has no tokenizer: send the prompt as token ids", "prompt"
+                )
+            ids = list(tokenizer.encode(prompt))  # as LLMEngine.add_request encodes text
+        else:
+            ids = list(prompt)
+        vocab = self.engine.vocab_size
+        if not ids:
+            raise bad_request("the prompt has no tokens", "prompt")
+        if max(ids) >= vocab:
+            raise bad_request(
+                f"prompt token id {max(ids)} is outside the vocabulary (size {vocab})", "prompt"
+            )
+        return ids
+
+    def chat_prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise bad_request(
+                "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
+                "format messages; use /v1/completions with a prompt",
+                "messages",
+                code="chat_template_missing",
+            )
+        try:
+            rendered = tokenizer.apply_chat_template(
+                req.message_dicts(), tokenize=True, add_generation_prompt=req.add_generation_prompt
+            )
+        except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), ...
+            raise bad_request(
+                f"the chat template failed on these messages: {e}", "messages"
+            ) from None
+        return self.prompt_ids(_token_ids(rendered))
+
+    def check_length(self, n: int, max_tokens: int | None, what: str, max_name: str) -> None:
+        limit = self.engine.max_model_len
+        if n >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but the {what} has "
+                f"{n} tokens (no room for any output)",
+                what,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and n + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but {n + max_tokens} "
+                f"were requested ({n} in the {what}, {max_tokens} for the completion)",
+                max_name,
+                code="context_length_exceeded",
+            )
+
+    # -- generation -------------------------------------------------------------------------
+    async def serve(
+        self, request: Request, ids: list[int], params: SamplingParams, rid: str,
+        renderer: CompletionRenderer | ChatRenderer, stream: bool, include_usage: bool,
+    ) -> Response:  # fmt: skip
+        tracker = self.metrics.tracker()
+        try:
+            out_stream = await self.engine.add_request(ids, params, rid)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), "prompt") from None
+        except (EngineShutdownError, EngineDeadError) as e:
+            raise APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
+        if stream:
+            events = self._events(out_stream, renderer, tracker, include_usage)
+            return _SSEResponse(events, on_close=lambda: self._ended(out_stream, tracker))
+        try:
+            final = await _until_disconnect(request, self._final(out_stream, tracker))
+        finally:
+            self._ended(out_stream, tracker)
+        if final is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        return JSONResponse(renderer.response(final))
+
+    async def _final(self, stream: RequestStream, tracker: RequestTracker) -> RequestOutput:
+        last: RequestOutput | None = None
+        try:
+            async for out in stream:
+                _observe(tracker, out)
+                last = out
+        except (EngineStepError, EngineDeadError, EngineShutdownError) as e:
+            raise _engine_error(e) from None
+        assert last is not None and last.finished
+        return last
+
+    async def _events(
+        self, stream: RequestStream, renderer: CompletionRenderer | ChatRenderer,
+        tracker: RequestTracker, include_usage: bool,
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        try:
+            if isinstance(renderer, ChatRenderer):
+                yield sse(renderer.role_chunk(include_usage))
+            last = None
+            async for out in stream:
+                _observe(tracker, out)
+                last = out
+                for chunk in renderer.chunks(out, include_usage):
+                    yield sse(chunk)
+            if include_usage and last is not None:
+                yield sse(renderer.usage_chunk(last))
+        except (EngineStepError, EngineDeadError, EngineShutdownError) as e:
+            yield sse(_engine_error(e).body())
+        yield DONE
+
+    def _ended(self, stream: RequestStream, tracker: RequestTracker) -> None:
+        """The response is over (sent, failed or abandoned): abort the request if it runs."""
+        stream.abort()  # a no-op once it finished
+        if not tracker.done:
+            tracker.observe(0, 0, "abort")
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events; `on_close` runs however the response ends (sent, cancelled on a
+    disconnect, failed to send), so an abandoned request is aborted at once."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _until_disconnect(request: Request, work: Any) -> Any:
+    """Await `work`; None (and `work` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = APIError(
+        f"the request body is larger than {limit} bytes",
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        code="request_too_large",
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _observe(tracker: RequestTracker, out: RequestOutput) -> None:
+    reason = out.outputs[0].finish_reason if out.finished else None
+    tracker.observe(len(out.prompt_token_ids), len(out.outputs[0].token_ids), reason)
+
+
+def _engine_error(e: BaseException) -> APIError:
+    if isinstance(e, EngineShutdownError):
+        return APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE)
+    return APIError(str(e), HTTPStatus.INTERNAL_SERVER_ERROR, code="engine_error")
+
+
+def _token_ids(rendered: Any) -> list[int]:
+    """The ids `apply_chat_template(tokenize=True)` returned (a list, or a BatchEncoding)."""
+    if hasattr(rendered, "keys") and "input_ids" in rendered:
+        rendered = rendered["input_ids"]
+    if rendered and isinstance(rendered[0], list):
+        rendered = rendered[0]
+    return [int(t) for t in rendered]

@@ -1,0 +1,299 @@
+"""Request models of `/v1/completions` and `/v1/chat/completions` (OpenAI's fields, pydantic v2)
+and their mapping to `SamplingParams`.
+
+Invariants:
+- validation is strict (no coercion: `"5"` is not an int, `1` is not a bool, `true` is not a
+  number, NaN and infinities are refused) and every failure becomes an `APIError` (400) whose
+  `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
+  as OpenAI does;
+- parameters this server does not implement are accepted at their neutral value only (`n` 1,
+  penalties 0, no `logit_bias`, no tools, `echo` false, ...); anything else is a 400 naming
+  the parameter (`code: "unsupported_parameter"`);
+- after validation a completion's `prompt` is a `str` or a non-empty `list[int]` of
+  non-negative ids, and a chat message's `content` is a `str` (text parts joined);
+- `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
+  turned into 400s as well. Context-length checks need the token count and live in the app.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from vattention.engine.sampling_params import SamplingParams
+from vattention.server.errors import APIError, bad_request, unsupported
+
+MAX_LOGPROBS = 20  # most top alternatives per token (OpenAI's chat limit; vLLM's default)
+
+_STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints (OpenAI's, plus vLLM's `top_k`, `min_p`, `ignore_eos`,
+    `stop_token_ids`, `skip_special_tokens`, `repetition_penalty`)."""
+
+    model_config = _STRICT
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(s, str) for s in v):
+            return v
+        raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _stop_ids(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, list) and all(_is_id(t) for t in v)):
+            return v
+        raise PydanticCustomError("stop_token_ids_type", "must be a list of non-negative ints")
+
+    def check_common(self) -> None:
+        """400 for the parameters set to values this server does not implement."""
+        if self.n != 1:
+            raise unsupported("n", f"only one completion per request (n=1), got n={self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value:
+                raise unsupported(name, f"the sampler has no penalties (got {value}); use 0")
+        if self.repetition_penalty not in (None, 1.0):
+            raise unsupported("repetition_penalty", "only 1.0 (no penalty)")
+        if self.logit_bias:
+            raise unsupported("logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request(
+                "stream_options is only allowed when stream is true", "stream_options"
+            )
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return dict(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids or (),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    """`POST /v1/completions`; `prompt` becomes a `str` or a `list[int]` of token ids."""
+
+    prompt: str | list[int]
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        return _one_prompt(v)
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check_common()
+        if self.suffix:
+            raise unsupported("suffix")
+        if self.echo:
+            raise unsupported("echo")
+        if self.best_of not in (None, 1):
+            raise unsupported("best_of", f"only 1, got {self.best_of}")
+        return make_sampling_params(
+            max_tokens=self.max_tokens, logprobs=self.logprobs, **self.sampling_kwargs()
+        )
+
+
+Role = Literal["system", "user", "assistant", "developer"]
+
+
+class ChatMessage(BaseModel):
+    """One message; `content` is normalized to a string (text parts joined)."""
+
+    model_config = _STRICT
+
+    role: Role
+    content: str = ""
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list):
+            texts = []
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise PydanticCustomError(
+                        "content_part",
+                        "only text parts are supported, not {kind}",
+                        {"kind": repr(kind)},
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise PydanticCustomError("content_part", "a text part needs a string 'text'")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise PydanticCustomError("content_type", "must be a string or a list of text parts")
+
+
+class ChatCompletionRequest(_Common):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check_common()
+        if self.tools:
+            raise unsupported("tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise unsupported("tool_choice")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise unsupported("response_format", "only {'type': 'text'}")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return make_sampling_params(
+            max_tokens=self.requested_max_tokens, logprobs=logprobs, **self.sampling_kwargs()
+        )
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        """Messages as a chat template expects them (`developer` is a system message)."""
+        out = []
+        for m in self.messages:
+            d = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            if m.name:
+                d["name"] = m.name
+            out.append(d)
+        return out
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    if not raw.strip():
+        raise bad_request("the request body is empty: expected a JSON object")
+    try:
+        obj = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def validate(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    """`model.model_validate(body)`, its first error as a 400 naming the field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def validation_error(e: ValidationError) -> APIError:
+    err = e.errors(include_url=False)[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "missing":
+        return bad_request(f"'{param}' is a required property", param, code="missing_required")
+    got = repr(err.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return bad_request(f"Invalid value for '{param}': {err['msg']} (got {got})", param)
+
+
+def make_sampling_params(**kwargs: Any) -> SamplingParams:
+    """`SamplingParams(**kwargs)`, its validation errors as 400s naming the parameter."""
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        word = str(e).split(" ", 1)[0]
+        raise bad_request(str(e), word if word in kwargs else None) from None
+
+
+def _one_prompt(v: Any) -> Any:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v:
+        batch = all(isinstance(p, str) for p in v) or all(isinstance(p, list) for p in v)
+        if batch and len(v) != 1:
+            raise PydanticCustomError(
+                "prompt_batch",
+                "only one prompt per request is supported ({n} given)",
+                {"n": len(v)},
+            )
+        if batch:
+            v = v[0]
+        if isinstance(v, str):
+            return v
+        if v and all(_is_int(t) for t in v):
+            if any(t < 0 for t in v):
+                raise PydanticCustomError("prompt_ids", "token ids must be non-negative")
+            return v
+    if isinstance(v, list) and not v:
+        raise PydanticCustomError("prompt_empty", "must not be empty")
+    raise PydanticCustomError(
+        "prompt_type", "must be a string, a list of one string, or a list of token ids"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON number")
