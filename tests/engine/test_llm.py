@@ -170,3 +170,33 @@ def test_step_include_running_streams_every_token(tmp_path: Path) -> None:
         assert snapshots[-1] == final[old].token_ids
         assert [len(s) for s in snapshots] == list(range(1, len(snapshots) + 1))
         assert all(s == snapshots[-1][: len(s)] for s in snapshots)
+
+
+def test_reset_after_a_failed_step_leaves_a_clean_engine(tmp_path: Path) -> None:
+    """A step that raises (device OOM, a kernel error) is contained by `reset()`: every request
+    is aborted, no slot or page stays held, and the engine serves new requests exactly."""
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = prompts(4, seed=11)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        eng = llm.engine
+        real, calls = eng.runner.execute, [0]
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected step failure")
+            return real(*args, **kwargs)
+
+        eng.runner.execute = flaky  # type: ignore[method-assign]
+        for p in batch:
+            eng.add_request(p, params)
+        with pytest.raises(RuntimeError, match="injected"):
+            while eng.has_unfinished_requests():
+                eng.step()
+        aborted = eng.reset()
+        assert len(aborted) == len(batch) and not eng.has_unfinished_requests()
+        assert eng.cache.num_free_slots == eng.cache.spec.max_slots
+        eng.cache.check_integrity()
+        outs = llm.generate(batch, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in batch]

@@ -23,6 +23,7 @@ CUDA its pages are created at start-up (`kv_preallocate`) and mapped only on dem
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -257,6 +258,20 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)
+
+    def reset(self) -> list[str]:
+        """Abort every request and drop the launched steps (after a failed step, say), so the
+        engine starts clean: every slot is freed, nothing is left in flight. Returns the ids
+        of the aborted requests."""
+        with contextlib.suppress(Exception):  # the failed step may have left the job broken
+            self.runner.join_mapping()
+        ids = list(self.scheduler.requests)
+        for rid in ids:
+            self.scheduler.abort_request(rid)
+        self._inflight.clear()
+        self.scheduler.drop_pending()
+        self._prompts.clear()
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._inflight)

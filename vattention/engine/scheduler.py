@@ -98,6 +98,12 @@ class Scheduler:
         self._finish(request, FinishReason.ABORT)
         return True
 
+    def drop_pending(self) -> None:
+        """Forget the scheduled-but-not-updated steps and the finished list (an engine reset:
+        their requests were aborted, so nothing is waiting for their tokens)."""
+        self._pending.clear()
+        self._finished.clear()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -384,24 +384,7 @@ def _put_all(batch: list[tuple[RequestStream, Any]]) -> None:
 
 
 def reset_engine(engine: LLMEngine) -> None:
-    """After a failed step: abort every request and drop the launched steps, so the engine
-    starts clean. `LLMEngine` has no public reset, so this reaches into its (and the
-    scheduler's) queues of launched-but-unapplied steps."""
-    runner_join = getattr(engine.runner, "join_mapping", None)
-    if runner_join is not None:
-        try:
-            runner_join()
-        except Exception:
-            logger.warning("joining the cache's mapping job failed", exc_info=True)
-    sched = engine.scheduler
-    for rid in list(sched.requests):
-        engine.abort_request(rid)
-    for owner, name in ((engine, "_inflight"), (sched, "_pending"), (sched, "_finished")):
-        queue = getattr(owner, name, None)
-        if queue is not None:
-            queue.clear()
-    prompts = getattr(engine, "_prompts", None)
-    if prompts is not None:
-        prompts.clear()
-    if sched.has_unfinished_requests():
+    """After a failed step: abort every request and drop the launched steps (`engine.reset`)."""
+    engine.reset()
+    if engine.scheduler.has_unfinished_requests():
         raise RuntimeError("requests are left in the scheduler after the reset")
