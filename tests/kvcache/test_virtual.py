@@ -6,6 +6,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.kvcache.helpers import BACKENDS, make_spec
 from vattention import KVCacheSpec, OutOfKVMemory, VirtualKVCache
@@ -414,3 +416,58 @@ def test_cache_stays_usable_while_eager_mapping_runs() -> None:
             cache.free_slot(b)
             cache.free_slot(c)
         cache.check_integrity()
+
+
+@settings(max_examples=25, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 300)), min_size=1, max_size=30))
+def test_stats_account_for_every_mapped_byte(ops: list[tuple[int, int]]) -> None:
+    """`used_mapped = live + slack + lookahead` and `prepared <= reclaimable`, whatever was
+    done; slack stays under one page per buffer per used slot."""
+    spec = make_spec("cpu", max_slots=4, max_seq_len=512)
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 40, lookahead_tokens=64,
+                        mapping="inline") as cache:  # fmt: skip
+        held: list[int] = []
+        for kind, n in ops:
+            if kind == 0 and cache.num_free_slots:
+                held.append(cache.alloc_slot())
+            elif kind == 1 and held:
+                cache.free_slot(held.pop(n % len(held)))
+            elif kind == 2 and held:
+                s = held[n % len(held)]
+                cache.step_async({s: max(cache.length(s), n)}, reserve=[n])
+            elif held:
+                cache.ensure(held[n % len(held)], n)
+            st_ = cache.stats()
+            assert st_.used_mapped_bytes == st_.live_bytes + st_.slack_bytes + st_.lookahead_bytes
+            assert st_.slack_bytes >= 0 and st_.lookahead_bytes >= 0
+            assert (
+                st_.slack_bytes
+                < max(1, st_.slots_used) * cache.page_size * cache.layout.num_buffers
+            )
+            assert 0 <= st_.prepared_bytes <= st_.reclaimable_bytes
+            assert st_.mapped_bytes == st_.used_mapped_bytes + st_.reclaimable_bytes
+        cache.check_integrity()
+
+
+def test_prepared_pages_are_reported_apart_from_leftovers() -> None:
+    spec = make_spec("cpu", max_slots=3)
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 40, lookahead_tokens=0) as cache:
+        tpp = tokens_per_page(cache)
+        a = cache.alloc_slot()
+        cache.ensure(a, 2 * tpp)
+        cache.free_slot(a)  # leftovers: reclaimable, not prepared
+        st_ = cache.stats()
+        assert st_.reclaimable_bytes > 0 and st_.prepared_bytes == 0
+        b = cache.alloc_slot()  # takes a's pages (most mapped)
+        cache.step_async({b: 1}, reserve=[3 * tpp])
+        cache.wait(interrupt=False)
+        st_ = cache.stats()
+        want = cache.layout.pages_for(3 * tpp) * cache.layout.num_buffers * cache.page_size
+        assert st_.prepared_bytes == want == st_.reclaimable_bytes
+        assert (
+            st_.lookahead_bytes
+            == st_.used_mapped_bytes - cache.page_size * cache.layout.num_buffers
+        )
+        c = cache.alloc_slot()  # handed the prepared slot: no longer "prepared"
+        assert cache.mapped_pages(c) == cache.layout.pages_for(3 * tpp)
+        assert cache.stats().prepared_bytes == 0

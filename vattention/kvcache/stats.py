@@ -1,4 +1,9 @@
-"""A snapshot of a KV cache's memory use (all sizes in bytes)."""
+"""A snapshot of a KV cache's memory use (all sizes in bytes).
+
+Every mapped byte is accounted for: `mapped = used_mapped + reclaimable`, where
+`used_mapped = live + slack + lookahead` (used slots) and `prepared <= reclaimable` are the
+free slots' pages mapped ahead for upcoming requests (the rest is deferred reclamation).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ class KVCacheStats:
     created_bytes: int  # physical pages that exist (mapped or pooled)
     mapped_bytes: int  # pages mapped into any slot, used or free
     live_bytes: int  # bytes holding the live tokens of used slots
-    used_mapped_bytes: int  # pages mapped into used slots
+    used_mapped_bytes: int  # pages mapped into used slots = live + slack + look-ahead
     reclaimable_bytes: int  # pages still mapped in free slots (deferred reclamation)
     pool_free_bytes: int  # created pages mapped nowhere
     slots_used: int
@@ -23,6 +28,11 @@ class KVCacheStats:
     set_access_calls: int
     create_calls: int
     destroy_calls: int
+    # The split of used slots' mapped bytes (`live + slack + lookahead == used_mapped`):
+    slack_bytes: int = 0  # page granularity: the unused tail of the pages live tokens need
+    lookahead_bytes: int = 0  # pages mapped ahead, beyond those the live tokens need
+    # Part of `reclaimable_bytes`: free slots' pages mapped for the requests expected next.
+    prepared_bytes: int = 0
 
     @property
     def internal_fragmentation(self) -> float:

@@ -114,6 +114,7 @@ class VirtualKVCache:
         self._lengths = [0] * n
         self._cap_tokens = [0] * n  # tokens the mapped pages of each slot can hold
         self._used = [False] * n
+        self._prepared = [False] * n  # a free slot mapped ahead for an upcoming request
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._interrupt = threading.Event()
@@ -139,6 +140,7 @@ class VirtualKVCache:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
             slot = max(free, key=lambda s: (len(self._pages[s]), -s))
             self._used[slot] = True
+            self._prepared[slot] = False
             self._lengths[slot] = 0
             return slot
 
@@ -310,6 +312,8 @@ class VirtualKVCache:
                     if add * self.layout.num_buffers > self._pool.obtainable:
                         return False
                     self._back({s: have + add}, reclaim=False)
+                    if not used:
+                        self._prepared[s] = True
                     pieces += 1
         return not self._interrupt.is_set()
 
@@ -432,6 +436,11 @@ class VirtualKVCache:
             used = [s for s in range(self.spec.max_slots) if self._used[s]]
             used_pages = sum(len(self._pages[s]) for s in used) * nbuf
             live = sum(self._lengths[s] for s in used) * self.layout.buffer_token_bytes * nbuf
+            needed = sum(self.layout.pages_for(self._lengths[s]) for s in used) * nbuf
+            prepared = sum(
+                len(self._pages[s]) for s in range(self.spec.max_slots)
+                if self._prepared[s] and not self._used[s]
+            ) * nbuf  # fmt: skip
             return KVCacheStats(
                 page_size=ps,
                 budget_bytes=self._pool.budget * ps,
@@ -449,6 +458,9 @@ class VirtualKVCache:
                 set_access_calls=self._access_calls,
                 create_calls=self._pool.create_calls,
                 destroy_calls=self._pool.destroy_calls,
+                slack_bytes=needed * ps - live,
+                lookahead_bytes=(used_pages - needed) * ps,
+                prepared_bytes=prepared * ps,
             )
 
     def check_integrity(self) -> None:
