@@ -286,6 +286,9 @@ def test_health_and_models(served: Running, client: openai.OpenAI) -> None:
 
 
 def test_metrics_parse_and_kv_figures_equal_cache_stats(served: Running) -> None:
+    body = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", served.base_url + "/completions", json=body) as resp:
+        assert resp.status_code == 200 and "[DONE]" in resp.read().decode()
     wait_for(lambda: idle(served.engine), what="the engine to be idle")
     text = httpx.get(served.url + "/metrics").text
     stats = served.engine.call_sync(lambda e: e.cache.stats().as_dict())
