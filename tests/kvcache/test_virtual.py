@@ -471,3 +471,32 @@ def test_prepared_pages_are_reported_apart_from_leftovers() -> None:
         c = cache.alloc_slot()  # handed the prepared slot: no longer "prepared"
         assert cache.mapped_pages(c) == cache.layout.pages_for(3 * tpp)
         assert cache.stats().prepared_bytes == 0
+
+
+def test_look_ahead_yields_before_a_step_runs_out_of_memory() -> None:
+    """When the pool is short, other used slots' look-ahead pages are taken back (never their
+    live tokens' pages) before `ensure` reports `OutOfKVMemory`."""
+    spec = make_spec("cpu", max_slots=3, max_seq_len=2048)
+    probe = VirtualKVCache(spec, "cpu", budget_bytes=0)
+    tpp, nbuf = tokens_per_page(probe), probe.layout.num_buffers
+    page = probe.page_size
+    probe.close()
+    total = 6  # pages per buffer in the whole budget
+    with VirtualKVCache(
+        spec, "cpu", budget_bytes=total * nbuf * page, lookahead_tokens=3 * tpp, mapping="inline"
+    ) as cache:
+        a = cache.alloc_slot()
+        cache.step_async({a: 1})  # a: 1 live page plus look-ahead
+        cache.wait()
+        held = cache.mapped_pages(a)
+        assert held >= 3 and cache.stats().lookahead_bytes == (held - 1) * nbuf * page
+        b = cache.alloc_slot()
+        want = total - held + 2  # two more pages than the pool has left: a yields two
+        cache.ensure(b, want * tpp)
+        assert cache.mapped_pages(b) == cache.layout.pages_for(want * tpp)
+        assert cache.mapped_pages(a) == held - 2 and cache.length(a) == 1
+        assert cache.can_fit({b: (want + held - 3) * tpp})  # a's remaining spare would do
+        with pytest.raises(OutOfKVMemory):  # it would need a's live page: refused, unchanged
+            cache.ensure(b, total * tpp)
+        assert cache.mapped_pages(a) == held - 2 and cache.length(a) == 1
+        cache.check_integrity()

@@ -230,8 +230,9 @@ class VirtualKVCache:
         """Whether `step(lengths)` would succeed now (nothing is changed)."""
         targets = self._normalize(lengths)
         with self._lock:
-            need = self._pages_needed(self._growth(targets))
-            return need <= self._pool.obtainable + self._reclaimable()
+            growth = self._growth(targets)
+            need = self._pages_needed(growth)
+            return need <= self._pool.obtainable + self._reclaimable() + self._trimmable(growth)
 
     def prefill_pool(self, num_pages: int) -> None:
         """Create up to `num_pages` free pages now (within the budget), off the critical path."""
@@ -325,13 +326,27 @@ class VirtualKVCache:
         n = sum(len(self._pages[s]) for s in range(self.spec.max_slots) if not self._used[s])
         return n * self.layout.num_buffers
 
+    def _trimmable(self, exclude: set[int] | dict[int, int]) -> int:
+        """Look-ahead pages of used slots (beyond what their live tokens need), but those of
+        `exclude`: the first memory to give back when the pool runs short."""
+        pages_for = self.layout.pages_for
+        n = sum(
+            max(0, len(self._pages[s]) - pages_for(self._lengths[s]))
+            for s in range(self.spec.max_slots)
+            if self._used[s] and s not in exclude
+        )
+        return n * self.layout.num_buffers
+
     def _back(self, pages: dict[int, int], reclaim: bool = True) -> None:
-        """Map pages so each slot in `pages` has at least that many; all-or-nothing."""
+        """Map pages so each slot in `pages` has at least that many; all-or-nothing.
+
+        With `reclaim`, a short pool is topped up from free slots' pages, then from other used
+        slots' look-ahead (never from their live tokens' pages)."""
         self._check_open()
         need = self._pages_needed(pages)
         if need == 0:
             return
-        reclaimable = self._reclaimable() if reclaim else 0
+        reclaimable = self._reclaimable() + self._trimmable(pages) if reclaim else 0
         if need > self._pool.obtainable + reclaimable:
             self._raise_oom(need, self._pool.obtainable + reclaimable)
         if need > len(self._pool.free):
@@ -339,7 +354,7 @@ class VirtualKVCache:
         if need > len(self._pool.free) + reclaimable:
             self._raise_oom(need, len(self._pool.free) + reclaimable)
         if need > len(self._pool.free):
-            self._reclaim(need - len(self._pool.free))
+            self._reclaim(need - len(self._pool.free), exclude=pages)
         handles = self._pool.take(need)
         done: list[tuple[int, int]] = []  # (slot, first new page) for rollback
         try:
@@ -386,17 +401,33 @@ class VirtualKVCache:
             pages.pop()
         self._cap_tokens[slot] = len(pages) * self.page_size // self.layout.buffer_token_bytes
 
-    def _reclaim(self, need: int) -> None:
-        """Take at least `need` pages back from free slots, smallest slots first."""
+    def _reclaim(self, need: int, exclude: set[int] | dict[int, int] | None = None) -> None:
+        """Take at least `need` pages back: from free slots first (leftovers before pages
+        prepared for upcoming requests, smallest slots first), then from the look-ahead of used
+        slots not in `exclude` (largest look-ahead first), never below a slot's live tokens."""
         nbuf = self.layout.num_buffers
         free = [s for s in range(self.spec.max_slots) if not self._used[s] and self._pages[s]]
         self._backend.synchronize()
-        for s in sorted(free, key=lambda s: len(self._pages[s])):
+        for s in sorted(free, key=lambda s: (self._prepared[s], len(self._pages[s]))):
             if need <= 0:
-                break
+                return
             count = min(len(self._pages[s]), -(-need // nbuf))
             self._unmap_tail(s, count)
             need -= count * nbuf
+        skip = exclude or ()
+        pages_for = self.layout.pages_for
+        spare = {
+            s: len(self._pages[s]) - pages_for(self._lengths[s])
+            for s in range(self.spec.max_slots)
+            if self._used[s] and s not in skip
+        }
+        for s in sorted(spare, key=lambda s: -spare[s]):
+            if need <= 0:
+                return
+            count = min(spare[s], -(-need // nbuf))
+            if count > 0:
+                self._unmap_tail(s, count)
+                need -= count * nbuf
 
     def _raise_oom(self, need: int, available: int) -> None:
         raise OutOfKVMemory(
