@@ -35,6 +35,7 @@ HELP: dict[str, str] = {
     "async_scheduling": "schedule and launch step i+1 before step i's tokens are read",
     "kv_preallocate": "create the whole KV page budget at start-up (default: on CUDA)",
     "kv_mapping": "where pages are mapped: inline (after each launch) or thread",
+    "kv_lookahead_tokens": "tokens mapped ahead of each request beyond the next step's need",
     "tokenizer": "tokenizer directory, if not the model's",
 }
 

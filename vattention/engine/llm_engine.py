@@ -83,6 +83,10 @@ class EngineConfig:
     # right after the step's launch, while the GPU runs it) or "thread" (a background thread,
     # joined by the next step: it competes with the launching thread for the interpreter).
     kv_mapping: str = "inline"
+    # Tokens the vAttention cache maps ahead of each running request's length, beyond what the
+    # next step needs (which is always mapped, after the launch). Small, so that mapped memory
+    # tracks live tokens; the look-ahead also yields first when memory runs short.
+    kv_lookahead_tokens: int = 16
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -100,6 +104,8 @@ class EngineConfig:
 
         if self.kv_mapping not in MAPPING_MODES:
             raise ValueError(f"kv_mapping must be one of {MAPPING_MODES}, got {self.kv_mapping!r}")
+        if self.kv_lookahead_tokens < 0:
+            raise ValueError(f"kv_lookahead_tokens must be >= 0, got {self.kv_lookahead_tokens}")
         if self.mixed_graph_tokens < 0 or self.max_graph_prefills < 1:
             raise ValueError(
                 f"need mixed_graph_tokens >= 0 and max_graph_prefills >= 1, got "
@@ -217,8 +223,9 @@ class LLMEngine:
 
             backend = "cuda" if self.device.type == "cuda" else "cpu"
             cache = VirtualKVCache(
-                spec, backend, device=self.device, budget_bytes=budget, mapping=config.kv_mapping
-            )
+                spec, backend, device=self.device, budget_bytes=budget, mapping=config.kv_mapping,
+                lookahead_tokens=config.kv_lookahead_tokens,
+            )  # fmt: skip
             preallocate = config.kv_preallocate
             if preallocate or (preallocate is None and self.device.type == "cuda"):
                 cache.prefill_pool(budget // cache.page_size)
