@@ -82,8 +82,14 @@ def params_for(out_len: int) -> SamplingParams:
     return SamplingParams(**opts)
 
 
-def run_trace(llm: LLM, trace: list[tuple[list[int], int]]) -> tuple[float, int, int]:
-    """Submit every request, step until idle; returns (seconds, output tokens, steps)."""
+def run_trace(
+    llm: LLM,
+    trace: list[tuple[list[int], int]],
+    samples: list[dict[str, float]] | None = None,
+    every: int = 16,
+) -> tuple[float, int, int]:
+    """Submit every request, step until idle; returns (seconds, output tokens, steps). With
+    `samples`, the cache's stats are appended every `every` steps (memory per live token)."""
     engine = llm.engine
     _sync()
     t0 = time.perf_counter()
@@ -94,8 +100,32 @@ def run_trace(llm: LLM, trace: list[tuple[list[int], int]]) -> tuple[float, int,
         for out in engine.step():
             generated += len(out.outputs[0].token_ids)
         steps += 1
+        if samples is not None and steps % every == 0 and hasattr(engine.cache, "stats"):
+            samples.append(engine.cache.stats().as_dict())
     _sync()
     return time.perf_counter() - t0, generated, steps
+
+
+def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Physical bytes held by used slots over bytes of live tokens, time-averaged (sum over
+    sum) and at worst, from stats samples; plus the vattention split when it is there."""
+    held_key = (
+        "used_mapped_bytes" if samples and "used_mapped_bytes" in samples[0] else "used_bytes"
+    )
+    rows = [s for s in samples if s.get("live_bytes", 0) > 0]
+    if not rows:
+        return {}
+    out = {
+        "held_over_live_mean": sum(s[held_key] for s in rows) / sum(s["live_bytes"] for s in rows),
+        "held_over_live_max": max(s[held_key] / s["live_bytes"] for s in rows),
+        "samples": float(len(rows)),
+    }
+    for key in ("slack_bytes", "lookahead_bytes", "reclaimable_bytes", "prepared_bytes"):
+        if key in rows[0]:
+            out[key.replace("_bytes", "_share_of_live")] = sum(s[key] for s in rows) / sum(
+                s["live_bytes"] for s in rows
+            )
+    return out
 
 
 def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, float]:
@@ -155,7 +185,8 @@ def run_system(
         engine = llm.engine
         engine.timings = dict.fromkeys(engine.timings, 0.0)
         preempt0 = engine.scheduler.num_preemptions
-        seconds, generated, steps = run_trace(llm, trace)
+        samples: list[dict[str, float]] = []
+        seconds, generated, steps = run_trace(llm, trace, samples)
         prompt_tokens = sum(len(ids) for ids, _ in trace)
         result: dict[str, Any] = {
             "system": f"vattention engine, kv_cache={kv_cache}",
@@ -172,6 +203,7 @@ def run_system(
             "phase_seconds": {k: round(v, 3) for k, v in engine.timings.items()},
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
         }
+        result["memory"] = memory_per_live_token(samples)
         stats = engine.cache.stats() if hasattr(engine.cache, "stats") else None
         if stats is not None:
             result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)
@@ -207,12 +239,12 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
         f"# Serving trace `{args.trace}` on `{args.model}`\n",
         f"Command: `{' '.join(sys.argv)}`  \nEnvironment: `{json.dumps(info)}`  \n",
         "| system | backend | graphs | seconds | steps | output tok/s | total tok/s | GPU busy "
-        "| preemptions | host ms/step (schedule, execute, sync, update) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preemptions | host ms/step (schedule, execute, sync, update) | held/live mean (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | |")
+            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | | |")
             continue
         gpu = r.get("gpu", {})
         busy = gpu.get("busy_share_timed", gpu.get("busy_share"))
@@ -222,13 +254,19 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
             f"| {r['kv_cache']} | {r['attention_backend']} | {r['cuda_graphs']} | "
             f"{r['seconds']:.2f} | {r['steps']} | {r['output_tok_per_s']:.0f} | "
             f"{r['total_tok_per_s']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
-            f"{r['preemptions']} | {host} |"
+            f"{r['preemptions']} | {host} | {_held(r.get('memory', {}))} |"
         )
     ok = {r["kv_cache"]: r for r in results if "error" not in r}
     if "vattention" in ok and "paged" in ok:
         ratio = ok["vattention"]["output_tok_per_s"] / ok["paged"]["output_tok_per_s"]
         lines.append(f"\nvattention / paged (output tok/s, same process): **{ratio:.2f}x**")
     return "\n".join(lines) + "\n"
+
+
+def _held(m: dict[str, float]) -> str:
+    if "held_over_live_mean" not in m:
+        return ""
+    return f"{m['held_over_live_mean']:.3f} ({m['held_over_live_max']:.2f})"
 
 
 def main() -> None:

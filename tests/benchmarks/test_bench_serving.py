@@ -1,0 +1,35 @@
+"""The serving benchmarks run end to end on the CPU (`--quick`) and write their results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_serving_quick_writes_both_systems(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--quick",
+           "--trace", "uneven", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    data = json.loads((tmp_path / "results.json").read_text())
+    systems = {r["kv_cache"]: r for r in data["results"]}
+    assert set(systems) == {"vattention", "paged"}
+    for r in systems.values():
+        assert "error" not in r, r
+        assert r["output_tokens"] == data["trace"]["output_tokens"]
+        assert r["memory"]["held_over_live_mean"] >= 1.0
+    assert "vattention / paged" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_online_quick_serves_both_caches(tmp_path: Path) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_online.py"), "--quick",
+           "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["cache"] for r in rows} == {"vattention", "paged"}
+    for r in rows:
+        assert r["num_errors"] == 0 and r["output_tok_per_s"] > 0
+        assert r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
