@@ -200,3 +200,50 @@ def test_reset_after_a_failed_step_leaves_a_clean_engine(tmp_path: Path) -> None
         eng.cache.check_integrity()
         outs = llm.generate(batch, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in batch]
+
+
+def test_generate_contains_a_failed_step(tmp_path: Path) -> None:
+    """`generate` re-raises a failing step's error, leaves nothing held, and the next call works."""
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = prompts(3, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        real, calls = llm.engine.runner.execute, [0]
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise MemoryError("injected device OOM")
+            return real(*args, **kwargs)
+
+        llm.engine.runner.execute = flaky  # type: ignore[method-assign]
+        with pytest.raises(MemoryError, match="injected"):
+            llm.generate(batch, params, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+        assert llm.engine.cache.num_free_slots == llm.engine.cache.spec.max_slots
+        outs = llm.generate(batch, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, 6) for p in batch]
+
+
+def test_engine_create_close_cycles_leak_nothing(tmp_path: Path) -> None:
+    """Engines created and closed in a loop give back every mapping and file (CPU backend)."""
+    import os
+
+    save_tiny("llama", tmp_path / "m")
+
+    def counts() -> tuple[int, int]:
+        with open("/proc/self/maps") as f:
+            maps = sum(1 for _ in f)
+        return maps, len(os.listdir("/proc/self/fd"))
+
+    def cycle() -> None:
+        with _llm(tmp_path / "m", "vattention") as llm:
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+    cycle()  # the first run loads libraries and fills caches
+    before = counts()
+    for _ in range(12):
+        cycle()
+    after = counts()
+    assert after[1] <= before[1], (before, after)  # no memfd or other file left open
+    assert after[0] <= before[0] + 8, (before, after)  # no reserved range left mapped

@@ -70,6 +70,11 @@ class LLM:
                 for out in engine.step():
                     done[out.request_id] = out
                     bar.update(1)
+        except BaseException:
+            # A failed step (device OOM, a kernel error, Ctrl-C): abort this call's requests and
+            # drop the launched steps, so the engine stays usable for the next call.
+            engine.reset()
+            raise
         finally:
             bar.close()
         return [done[rid] for rid in ids]
