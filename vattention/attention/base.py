@@ -109,15 +109,15 @@ class AttentionMetadata:
         seq = ctx + qlen
         num_tokens = int(qlen.sum())
         width = 0
-        array = isinstance(block_tables, np.ndarray)  # `[n, W]`, padded with block 0
+        array = block_tables if isinstance(block_tables, np.ndarray) else None  # padded `[n, W]`
         if block_tables is not None:
             if len(block_tables) != n:
                 raise ValueError(f"got {len(block_tables)} block tables for {n} requests")
-            if array:  # rows padded to one width: the blocks each request needs are counted
+            if array is not None:  # rows padded to one width: count the blocks each one needs
                 table_lens = -(-seq // block_size)
-                if block_tables.ndim != 2 or block_tables.shape[1] < table_lens.max():
+                if array.ndim != 2 or array.shape[1] < table_lens.max():
                     raise ValueError(
-                        f"block table array of shape {block_tables.shape} is too narrow for "
+                        f"block table array of shape {array.shape} is too narrow for "
                         f"{int(seq.max())} tokens in blocks of {block_size}"
                     )
             else:
@@ -173,8 +173,8 @@ class AttentionMetadata:
         field32(6)[:] = ctx
         if block_tables is not None:
             table = field32(7).reshape(n, width)
-            if array:
-                table[:] = block_tables[:, :width]  # type: ignore[index]
+            if array is not None:
+                table[:] = array[:, :width]
             else:
                 table.fill(0)
                 flat = np.fromiter(

@@ -100,7 +100,7 @@ def _capture(
     sizes: Sequence[int],
     forward: Callable[[int], torch.Tensor],
     pool: Any,
-    prepare: Callable[[int], None],
+    prepare: Callable[[int], object],
 ) -> dict[int, _Replay]:
     """One graph per size, largest first (so smaller ones reuse its memory), in `pool`.
 

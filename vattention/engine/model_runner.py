@@ -150,7 +150,7 @@ class ModelRunner:
             # emulate_graphs (tests on the CPU): the same static buffers and padding, with the
             # forward pass run in place of each replay.
             pool = None if emulate_graphs else torch.cuda.graph_pool_handle()
-            if mixed_sizes:  # larger graphs first: the decode graphs reuse their memory
+            if mixed_sizes and block_m:  # larger graphs first: decode graphs reuse their memory
                 if max_num_seqs < 1:
                     raise ValueError("mixed CUDA graphs need max_num_seqs")
                 self.mixed_graphs = MixedGraphs(

@@ -297,14 +297,14 @@ class VirtualKVCache:
                 wanted += [(0, s, pages_for(n), False) for s, n in zip(free, reserve, strict=False)]
         piece = max(1, self.eager_map_calls // self.layout.num_buffers)
         pieces = 0
-        for _, s, want, used in wanted:
+        for _, s, want, in_use in wanted:
             while not self._interrupt.is_set():
                 if max_pieces is not None and pieces >= max_pieces:
                     return False
                 with self._lock:
                     if self._closed:
                         return False
-                    if self._used[s] != used:
+                    if self._used[s] != in_use:
                         break  # freed (or handed out) since the plan was made: not for it now
                     have = len(self._pages[s])
                     add = min(want - have, piece)
@@ -313,7 +313,7 @@ class VirtualKVCache:
                     if add * self.layout.num_buffers > self._pool.obtainable:
                         return False
                     self._back({s: have + add}, reclaim=False)
-                    if not used:
+                    if not in_use:
                         self._prepared[s] = True
                     pieces += 1
         return not self._interrupt.is_set()
