@@ -21,7 +21,6 @@ every kernel shape class. Ratios vattention/paged come from the same process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -35,7 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vattention import LLM, SamplingParams  # noqa: E402
+from vattention import LLM  # noqa: E402
+from vattention.bench import run_requests  # noqa: E402
 from vattention.models.presets import get_preset  # noqa: E402
 
 TRACES = ("fixed", "uneven", "long-prompt", "long-context")
@@ -75,35 +75,12 @@ def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple
     return trace
 
 
-def params_for(out_len: int) -> SamplingParams:
-    opts: dict[str, Any] = dict(temperature=0.0, max_tokens=out_len, ignore_eos=True)
-    if "detokenize" in {f.name for f in dataclasses.fields(SamplingParams)}:
-        opts["detokenize"] = False  # a benchmark reads token ids only (vLLM's option too)
-    return SamplingParams(**opts)
-
-
 def run_trace(
-    llm: LLM,
-    trace: list[tuple[list[int], int]],
-    samples: list[dict[str, float]] | None = None,
-    every: int = 16,
+    llm: LLM, trace: list[tuple[list[int], int]], samples: list[dict[str, float]] | None = None
 ) -> tuple[float, int, int]:
-    """Submit every request, step until idle; returns (seconds, output tokens, steps). With
-    `samples`, the cache's stats are appended every `every` steps (memory per live token)."""
-    engine = llm.engine
-    _sync()
-    t0 = time.perf_counter()
-    for ids, o in trace:
-        engine.add_request(ids, params_for(o))
-    generated = steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            generated += len(out.outputs[0].token_ids)
-        steps += 1
-        if samples is not None and steps % every == 0 and hasattr(engine.cache, "stats"):
-            samples.append(engine.cache.stats().as_dict())
-    _sync()
-    return time.perf_counter() - t0, generated, steps
+    """Submit every request, step until idle: (seconds, output tokens, steps); see
+    `vattention.bench.run_requests` (greedy, ignore EOS, no detokenizing)."""
+    return run_requests(llm.engine, trace, samples)
 
 
 def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:

@@ -42,6 +42,33 @@ def make_trace(
     return trace
 
 
+def run_requests(
+    engine: Any,
+    trace: list[tuple[list[int], int]],
+    samples: list[dict[str, float]] | None = None,
+    every: int = 16,
+) -> tuple[float, int, int]:
+    """Submit every (prompt ids, output tokens) request at once (greedy, ignore EOS, no text)
+    and step `engine` until idle; returns (seconds, output tokens, steps). With `samples`, the
+    cache's `stats().as_dict()` is appended every `every` steps."""
+    from vattention import SamplingParams
+
+    _sync()
+    t0 = time.perf_counter()
+    for ids, o in trace:
+        p = SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)
+        engine.add_request(ids, p)
+    generated = steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            generated += len(out.token_ids)
+        steps += 1
+        if samples is not None and steps % every == 0 and hasattr(engine.cache, "stats"):
+            samples.append(engine.cache.stats().as_dict())
+    _sync()
+    return time.perf_counter() - t0, generated, steps
+
+
 def run_bench(
     config: Any,
     trace_kind: str = "fixed",
@@ -51,7 +78,6 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    from vattention import SamplingParams
     from vattention.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(config)
@@ -61,23 +87,9 @@ def run_bench(
             trace_kind, num_requests, prompt_len, output_len, vocab, engine.max_model_len, seed
         )
 
-        def run(items: list[tuple[list[int], int]]) -> tuple[float, int, int]:
-            _sync()
-            t0 = time.perf_counter()
-            for ids, o in items:
-                p = SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False)
-                engine.add_request(ids, p)
-            generated = steps = 0
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    generated += len(out.token_ids)
-                steps += 1
-            _sync()
-            return time.perf_counter() - t0, generated, steps
-
-        run([(ids, min(o, 4)) for ids, o in trace[:4]])  # warm-up, excluded
+        run_requests(engine, [(ids, min(o, 4)) for ids, o in trace[:4]])  # warm-up, excluded
         preempt0 = engine.scheduler.num_preemptions
-        seconds, generated, steps = run(trace)
+        seconds, generated, steps = run_requests(engine, trace)
         prompt_tokens = sum(len(ids) for ids, _ in trace)
         cfg = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
         result = {

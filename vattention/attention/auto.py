@@ -139,8 +139,9 @@ class AutoBackend(ContiguousBackend):
                     plan.decode_max_len,
                 )  # fmt: skip
             else:
-                decode = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
-                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), decode, self.scale, out)
+                sdpa_requests(
+                    q, k_cache, v_cache, meta, self.starts(meta), plan.decode, self.scale, out
+                )
         return out
 
     def _triton_prefill(
@@ -173,7 +174,6 @@ class AutoBackend(ContiguousBackend):
         out: torch.Tensor,
     ) -> None:
         """Long fresh prompts: one cuDNN call each; all other prefill rows: one FA2 launch."""
-        q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
         cudnn, varlen = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill))
         if cudnn:
             with prefer_cudnn(True):
@@ -188,14 +188,10 @@ class AutoBackend(ContiguousBackend):
         rows_per_slot, total = k_flat[1], k_flat[0].shape[0]
         sub = self._plan(meta, ("varlen", rows_per_slot), lambda: self._varlen_subset(
             meta, varlen, rows_per_slot, total))  # fmt: skip
-        rows, cu_q, seq_used, cu_k = sub
-        max_q = max(q_lens[i] for i in varlen)
-        max_k = max(s_lens[i] for i in varlen)
-        q_sub = q[rows]
-        o = flash_varlen(
-            q_sub, k_flat[0], v_flat[0], cu_q, cu_k, seq_used, max_q, max_k, self.scale
+        rows, cu_q, seq_used, cu_k, max_q, max_k = sub
+        out[rows] = flash_varlen(
+            q[rows], k_flat[0], v_flat[0], cu_q, cu_k, seq_used, max_q, max_k, self.scale
         )
-        out[rows] = o
 
     def _cudnn_split(self, meta: AttentionMetadata, prefill: list[int]) -> tuple[list, list]:
         q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
@@ -206,8 +202,8 @@ class AutoBackend(ContiguousBackend):
 
     def _varlen_subset(
         self, meta: AttentionMetadata, varlen: list[int], rows_per_slot: int, total: int
-    ) -> tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q rows, cum_seq_q, seqused_k, cum_seq_k) of the requests `varlen` (in order)."""
+    ) -> tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """(q rows, cum_seq_q, seqused_k, cum_seq_k, max_q, max_k) of the requests `varlen`."""
         starts = self.starts(meta)
         first, last = varlen[0], varlen[-1]
         dev = meta.slots.device
@@ -224,4 +220,7 @@ class AutoBackend(ContiguousBackend):
             cu_q = torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True)
             idx = torch.tensor(varlen, dtype=torch.int64).to(dev, non_blocking=True)
             slots, seq_used = meta.slots[idx], meta.seq_lens[idx]
-        return rows, cu_q.to(torch.int32), seq_used, slot_offsets(slots, rows_per_slot, total)
+        max_q = max(meta.query_lens_host[i] for i in varlen)
+        max_k = max(meta.seq_lens_host[i] for i in varlen)
+        cu_k = slot_offsets(slots, rows_per_slot, total)
+        return rows, cu_q.to(torch.int32), seq_used, cu_k, max_q, max_k

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from vattention.attention.base import AttentionMetadata, KVCacheView, register_backend
+from vattention.attention.mixed import MixedPlan, h2d, plan_mixed
 from vattention.attention.paged_base import PagedBackend
 from vattention.attention.paged_torch import attend_gathered
 from vattention.attention.torch_ref import attend_one
@@ -33,18 +34,14 @@ from vattention.attention.triton_decode import triton_usable
 
 @dataclass(frozen=True)
 class _Plan:
-    """A mixed batch cut into decode rows, fresh prompts, prefill-kernel tiles and (without
-    Triton) gathered requests; built once per step, reused by every layer."""
+    """A mixed batch cut into fresh prompts (FA2 on the new K/V), decode rows and prefill-kernel
+    tiles (`mixed`), or, where Triton cannot run, gathered requests; built once per step."""
 
+    mixed: MixedPlan | None = None  # decode rows + tiles of the continued chunks (Triton)
     gathered: tuple[int, ...] = ()  # requests by gather-then-SDPA (where Triton cannot run)
-    decode_rows: torch.Tensor | None = None  # [Bd] int64 rows of q holding decode tokens
-    decode_idx: torch.Tensor | None = None  # [Bd] int64 their request indices
-    decode_max: int = 0
     fresh_rows: torch.Tensor | None = None  # rows of the fresh prompts FA2 (or SDPA) takes
     fresh_cu: torch.Tensor | None = None
     fresh_max: int = 0
-    tile_req: torch.Tensor | None = None  # [tiles] int32 tiles of the prefill kernel
-    tile_row: torch.Tensor | None = None  # [tiles] int32
 
 
 @register_backend
@@ -73,39 +70,28 @@ class PagedTritonBackend(PagedBackend):
 
     def _build(self, meta: AttentionMetadata) -> _Plan:
         q_lens, dev = meta.query_lens_host, self.device
-        ctx = [s - q for s, q in zip(meta.seq_lens_host, q_lens, strict=True)]
         starts = self.query_starts(meta)
         fa2 = dev.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
         prefill = [i for i, n in enumerate(q_lens) if n > 1]
-        fresh = [i for i in prefill if ctx[i] == 0 and (fa2 or not self.use_triton)]
+        fresh = [
+            i for i in prefill
+            if meta.seq_lens_host[i] == q_lens[i] and (fa2 or not self.use_triton)
+        ]  # fmt: skip
         is_fresh = set(fresh)
         fields: dict[str, Any] = {}
         if not self.use_triton:
             fields["gathered"] = tuple(i for i in range(len(q_lens)) if i not in is_fresh)
         else:
-            decode = [i for i, n in enumerate(q_lens) if n == 1]
-            kernel = [i for i in prefill if i not in is_fresh]
-            if decode:
-                fields.update(
-                    decode_rows=_h2d([starts[i] for i in decode], torch.int64, dev),
-                    decode_idx=_h2d(decode, torch.int64, dev),
-                    decode_max=max(meta.seq_lens_host[i] for i in decode),
-                )
-            if kernel:
-                from vattention.attention.prefill_kernels import prefill_tiles
-
-                block_m = self.prefill_config[0]
-                req, row = prefill_tiles(kernel, q_lens, meta.seq_lens_host, block_m)
-                packed = _h2d(req + row, torch.int32, dev)  # one copy for both
-                fields.update(tile_req=packed[: len(req)], tile_row=packed[len(req) :])
+            tiled = [i for i in prefill if i not in is_fresh]
+            fields["mixed"] = plan_mixed(meta, self.prefill_config[0], tiled)
         if fresh:
             cu = [0]
             for i in fresh:
                 cu.append(cu[-1] + q_lens[i])
             rows = [r for i in fresh for r in range(starts[i], starts[i + 1])]
             fields.update(
-                fresh_rows=_h2d(rows, torch.int64, dev),
-                fresh_cu=_h2d(cu, torch.int32, dev),
+                fresh_rows=h2d(rows, torch.int64, dev),
+                fresh_cu=h2d(cu, torch.int32, dev),
                 fresh_max=max(q_lens[i] for i in fresh),
             )
         return _Plan(**fields)
@@ -116,29 +102,16 @@ class PagedTritonBackend(PagedBackend):
         tables = self.check_step(q, meta)
         self.write_kv(layer, k, v, meta)
         if meta.mixed is not None:  # fixed shapes (a CUDA graph): no host list is read
-            return self._forward_planned(layer, q, tables, meta)
+            return self._run_planned(layer, q, tables, meta, meta.mixed, torch.empty_like(q))
         if meta.is_decode_only and self.use_triton:
             return self._decode(layer, q, tables, meta.seq_lens, meta.max_seq_len)
         plan = self.plan(meta, "pa_triton", lambda: self._build(meta))
         out = torch.empty_like(q)
-        if plan.decode_rows is not None and plan.decode_idx is not None:
-            rows, idx = plan.decode_rows, plan.decode_idx
-            out[rows] = self._decode(
-                layer, q[rows], tables[idx], meta.seq_lens[idx], plan.decode_max
-            )
         if plan.fresh_rows is not None and plan.fresh_cu is not None:
             rows = plan.fresh_rows
             out[rows] = self._fresh(q[rows], k[rows], v[rows], plan.fresh_cu, plan.fresh_max)
-        if plan.tile_req is not None and plan.tile_row is not None:
-            from vattention.attention.prefill_kernels import prefill_attention
-
-            k_pool, v_pool = self.layer_kv(layer)
-            block_m, block_n, warps, stages = self.prefill_config
-            prefill_attention(
-                q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens,
-                plan.tile_req, plan.tile_row, self.scale, out, block_tables=tables,
-                block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-            )  # fmt: skip
+        if plan.mixed is not None:
+            self._run_planned(layer, q, tables, meta, plan.mixed, out)
         if plan.gathered:
             attend_gathered(self, layer, q, meta, list(plan.gathered), out)
         return out
@@ -148,25 +121,31 @@ class PagedTritonBackend(PagedBackend):
         """The tile height a captured mixed step plans with (None: Triton cannot run here)."""
         return self.prefill_config[0] if self.use_triton else None
 
-    def _forward_planned(
-        self, layer: int, q: torch.Tensor, tables: torch.Tensor, meta: AttentionMetadata
+    def _run_planned(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        tables: torch.Tensor,
+        meta: AttentionMetadata,
+        plan: MixedPlan,
+        out: torch.Tensor,
     ) -> torch.Tensor:
-        """A mixed step from `meta.mixed`: decode rows by the split-K kernel, every prefill row
-        (fresh or continued) by the prefill kernel over sentinel-padded tiles."""
-        from vattention.attention.prefill_kernels import prefill_attention
+        """Fill `out`'s rows of `plan`: its tiles by the prefill kernel, its decode rows by the
+        split-K kernel (a captured step's `meta.mixed` covers every row this way)."""
+        if plan.tile_req is not None and plan.tile_row is not None:
+            from vattention.attention.prefill_kernels import prefill_attention
 
-        plan = meta.mixed
-        out = torch.empty_like(q)
-        k_pool, v_pool = self.layer_kv(layer)
-        block_m, block_n, warps, stages = self.prefill_config
-        prefill_attention(
-            q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens, plan.tile_req,
-            plan.tile_row, self.scale, out, block_tables=tables, block_m=block_m,
-            block_n=block_n, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        rows, idx = plan.decode_rows, plan.decode_idx
-        out[rows] = self._decode(layer, q[rows], tables[idx], meta.seq_lens[idx],
-                                 plan.decode_max_len)  # fmt: skip
+            k_pool, v_pool = self.layer_kv(layer)
+            block_m, block_n, warps, stages = self.prefill_config
+            prefill_attention(
+                q, k_pool, v_pool, meta.query_start_loc, meta.seq_lens, plan.tile_req,
+                plan.tile_row, self.scale, out, block_tables=tables, block_m=block_m,
+                block_n=block_n, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        if plan.decode_rows is not None and plan.decode_idx is not None:
+            rows, idx = plan.decode_rows, plan.decode_idx
+            out[rows] = self._decode(layer, q[rows], tables[idx], meta.seq_lens[idx],
+                                     plan.decode_max_len)  # fmt: skip
         return out
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -202,8 +181,3 @@ class PagedTritonBackend(PagedBackend):
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             out[a:b] = attend_one(q[a:b], k[a:b], v[a:b], self.scale, 0)
         return out
-
-
-def _h2d(values: list[int], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for queued GPU work (async scheduling)."""
-    return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)

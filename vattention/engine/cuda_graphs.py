@@ -130,7 +130,9 @@ def _capture(
 
 
 class _Graphs:
-    """What both kinds share: the runner, the dummy slot, paged table widths, placeholders."""
+    """What both kinds share: the runner, the dummy slot, paged tables, placeholder feeding."""
+
+    buf: _Staging  # set by each kind before its capture
 
     def __init__(self, runner: ModelRunner, dummy_slot: int) -> None:
         self.runner = runner
@@ -151,8 +153,15 @@ class _Graphs:
         bs = self.block_size
         return tables[req, pos // bs].astype(np.int64) * bs + pos % bs
 
-    def feed(self, input_ids: torch.Tensor, pos: list[int], src: list[int], prev: Any) -> None:
-        self.runner.fill_placeholders(input_ids, pos, src, prev)
+    def feed(
+        self, ids: list[int], starts: list[int], out: SchedulerOutput, prev: StepResult | None
+    ) -> None:
+        """Put `prev`'s sampled ids into the placeholder tokens of `ids` (row i at `starts[i]`)
+        in the static input buffer, on the device."""
+        from vattention.engine.model_runner import _placeholders
+
+        pos, src = _placeholders(ids, starts, out, prev)
+        self.runner.fill_placeholders(self.buf["ids"], pos, src, prev)
 
 
 class DecodeGraphs(_Graphs):
@@ -176,9 +185,7 @@ class DecodeGraphs(_Graphs):
         self.buf = _Staging(fields, runner.device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
         self.metas = {b: self._meta(b) for b in self.sizes}
-        self.replays = _capture(
-            self.sizes, self._forward, pool, lambda b: self._fill(SchedulerOutput(), None, b)
-        )
+        self.replays = _capture(self.sizes, self._forward, pool, lambda b: self._fill(None))
 
     def _meta(self, b: int) -> AttentionMetadata:
         buf, max_len = self.buf, self.runner.max_model_len
@@ -204,8 +211,9 @@ class DecodeGraphs(_Graphs):
         hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.metas[b], self.runner.attn)
         return model.compute_logits(hidden)
 
-    def _fill(self, out: SchedulerOutput, prev: StepResult | None, b: int) -> list[int]:
-        rows = out.scheduled
+    def _fill(self, out: SchedulerOutput | None) -> list[int]:
+        """Fill the buffers for `out`'s rows (None: every row padding); returns the token ids."""
+        rows = out.scheduled if out is not None else []
         n, n_max = len(rows), self.max_size
         ids = np.fromiter((r.request.all_token_ids[r.start] for r in rows), np.int64, n)
         pos = np.fromiter((r.start for r in rows), np.int64, n)
@@ -229,19 +237,9 @@ class DecodeGraphs(_Graphs):
     def run(self, out: SchedulerOutput, prev: StepResult | None = None) -> torch.Tensor:
         n = len(out.scheduled)
         b = next(s for s in self.sizes if s >= n)
-        ids = self._fill(out, prev, b)
-        pos, src = _placeholder_rows(ids, out, prev)
-        self.feed(self.buf["ids"], pos, src, prev)
+        ids = self._fill(out)
+        self.feed(ids, list(range(n)), out, prev)  # row i's only token is at position i
         return self.replays[b]()[:n]
-
-
-def _placeholder_rows(
-    ids: list[int], out: SchedulerOutput, prev: StepResult | None
-) -> tuple[list[int], list[int]]:
-    """Placeholders of a decode batch: row i's only token is at position i."""
-    from vattention.engine.model_runner import _placeholders
-
-    return _placeholders(ids, list(range(len(ids))), out, prev)
 
 
 def mixed_token_sizes(max_tokens: int, max_num_seqs: int, limit: int) -> list[int]:
@@ -323,6 +321,7 @@ class MixedGraphs(_Graphs):
             decode_rows=buf["dec_rows"],
             decode_idx=buf["dec_idx"],
             decode_max_len=max_len,
+            decode=[],
             prefill=[],
             tile_req=buf["tile_req"][: self.num_tiles[b]],
             tile_row=buf["tile_row"][: self.num_tiles[b]],
@@ -399,10 +398,8 @@ class MixedGraphs(_Graphs):
 
     def run(self, out: SchedulerOutput, prev: StepResult | None = None) -> torch.Tensor:
         """Replay the bucket's graph; returns the logits of the step's sampling rows."""
-        from vattention.engine.model_runner import _placeholders
-
         tokens = out.num_batched_tokens
         b = next(s for s in self.sizes if s > tokens)
         ids, starts = self._fill(out, b)
-        self.feed(self.buf["ids"], *_placeholders(ids, starts, out, prev), prev)
+        self.feed(ids, starts, out, prev)
         return self.replays[b]()[: len(out.sampling)]

@@ -57,9 +57,7 @@ class RequestOutput:
             # A running request's snapshot (streaming: one per step) shares the immutable
             # prompt tuple instead of copying it every step; a finished one gets its own list.
             prompt_token_ids=(
-                list(request.prompt_token_ids)
-                if request.is_finished
-                else request.prompt_token_ids  # type: ignore[arg-type]
+                list(request.prompt_token_ids) if request.is_finished else request.prompt_token_ids  # type: ignore[arg-type]
             ),
             outputs=[completion],
             finished=request.is_finished,
