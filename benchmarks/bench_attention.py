@@ -13,8 +13,9 @@
 - prefill (batch 1): a fresh prompt of S tokens, TFLOP/s = 2 * S^2 * Hq * D / time (causal:
   QK^T and PV over S^2/2 pairs, 2 flops per multiply-add); and a chunk of C = 4096 new tokens
   over S - C cached ones, FLOPs = 4 * C * Hq * D * (S - C/2).
-Backends come from the registry by name (`attend` timed: the whole per-layer call); one that
-raises is reported with its error. Every output is checked against per-request SDPA
+Backends come from the registry by name (`attend` timed: the whole per-layer call), or are
+`auto` with options by a name of `AUTO_VARIANTS` (e.g. `auto:split`); one that raises is
+reported with its error. Every output is checked against per-request SDPA
 (`torch_sdpa_ref`, untimed) on the same data (relative error). Times: `common.time_ms`
 medians, warm-up excluded. Flex compiles per shape, so flex backends run after all the others,
 on a subset of decode shapes unless `--flex-everywhere`. A time budget (`--budget-s`) skips
@@ -43,6 +44,14 @@ from plot_attention import plot_results, render_markdown  # noqa: E402
 from vattention.attention import AttentionMetadata, get_backend_class  # noqa: E402
 
 MODELS = {"llama-3-8b": (32, 8, 128), "yi-6b": (32, 4, 128), "tiny": (4, 2, 16)}
+# `auto` with options: its prefill as one FA2 launch (no cuDNN), our Triton kernel, or with long
+# chunks over a cached context split into two cuDNN calls merged by log-sum-exp (`split_chunk`).
+AUTO_VARIANTS: dict[str, dict[str, Any]] = {
+    "auto:fa2": {"prefill": "fa2_varlen", "cudnn_min_tokens": 0, "split_chunks": False},
+    "auto:cudnn": {"prefill": "fa2_varlen", "split_chunks": False},
+    "auto:split": {"prefill": "fa2_varlen", "split_chunks": True},
+    "auto:triton": {"prefill": "triton"},
+}
 FLEX_SUBSET = {(8, 4096), (64, 4096), (8, 16384), (64, 16384), (3, 48)}  # (3, 48): --quick
 
 
@@ -192,7 +201,8 @@ class Bench:
         if left < (45 if "flex" in name and not self.args.quick else 0):
             return {"error": "skipped: time budget"}
         try:
-            attn = get_backend_class(name)(cache, c.hq, c.hkv, c.d)
+            base, opts = ("auto", AUTO_VARIANTS[name]) if name in AUTO_VARIANTS else (name, {})
+            attn = get_backend_class(base)(cache, c.hq, c.hkv, c.d, **opts)
             out = attn.attend(0, q, meta)
             ms = time_ms(lambda: attn.attend(0, q, meta), self.device,
                          warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms,

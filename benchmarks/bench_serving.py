@@ -96,6 +96,7 @@ def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
         "held_over_live_mean": sum(s[held_key] for s in rows) / sum(s["live_bytes"] for s in rows),
         "held_over_live_max": max(s[held_key] / s["live_bytes"] for s in rows),
         "samples": float(len(rows)),
+        "running_mean": sum(s.get("running", 0.0) for s in rows) / len(rows),
     }
     for key in ("slack_bytes", "lookahead_bytes", "reclaimable_bytes", "prepared_bytes"):
         if key in rows[0]:
@@ -162,6 +163,7 @@ def run_system(
         engine = llm.engine
         engine.timings = dict.fromkeys(engine.timings, 0.0)
         preempt0 = engine.scheduler.num_preemptions
+        engine.scheduler.max_running = 0
         samples: list[dict[str, float]] = []
         seconds, generated, steps = run_trace(llm, trace, samples)
         prompt_tokens = sum(len(ids) for ids, _ in trace)
@@ -176,6 +178,7 @@ def run_system(
             "output_tok_per_s": generated / seconds,
             "total_tok_per_s": (generated + prompt_tokens) / seconds,
             "preemptions": engine.scheduler.num_preemptions - preempt0,
+            "max_running": engine.scheduler.max_running,
             "setup_s": setup,
             "phase_seconds": {k: round(v, 3) for k, v in engine.timings.items()},
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
@@ -216,12 +219,12 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
         f"# Serving trace `{args.trace}` on `{args.model}`\n",
         f"Command: `{' '.join(sys.argv)}`  \nEnvironment: `{json.dumps(info)}`  \n",
         "| system | backend | graphs | seconds | steps | output tok/s | total tok/s | GPU busy "
-        "| preemptions | host ms/step (schedule, execute, sync, update) | held/live mean (max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preemptions | running max (mean) | host ms/step (schedule, execute, sync, update) | held/live mean (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | | |")
+            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | | | |")
             continue
         gpu = r.get("gpu", {})
         busy = gpu.get("busy_share_timed", gpu.get("busy_share"))
@@ -231,13 +234,18 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
             f"| {r['kv_cache']} | {r['attention_backend']} | {r['cuda_graphs']} | "
             f"{r['seconds']:.2f} | {r['steps']} | {r['output_tok_per_s']:.0f} | "
             f"{r['total_tok_per_s']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
-            f"{r['preemptions']} | {host} | {_held(r.get('memory', {}))} |"
+            f"{r['preemptions']} | {_running(r)} | {host} | {_held(r.get('memory', {}))} |"
         )
     ok = {r["kv_cache"]: r for r in results if "error" not in r}
     if "vattention" in ok and "paged" in ok:
         ratio = ok["vattention"]["output_tok_per_s"] / ok["paged"]["output_tok_per_s"]
         lines.append(f"\nvattention / paged (output tok/s, same process): **{ratio:.2f}x**")
     return "\n".join(lines) + "\n"
+
+
+def _running(r: dict[str, Any]) -> str:
+    mean = r.get("memory", {}).get("running_mean")
+    return f"{r.get('max_running', '')}" + ("" if mean is None else f" ({mean:.0f})")
 
 
 def _held(m: dict[str, float]) -> str:

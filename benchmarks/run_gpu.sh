@@ -12,10 +12,14 @@
 #   flexfail    tracebacks of the flex GPU tests (diagnostic)
 #   steptests   the `gpu` tests of the step path: prefill kernels, pa_triton, auto variants,
 #               LLM.generate in every graph/mapping mode
+#   online      bench_online against `vattention serve` (both caches); ONLINE_ARGS adjusts it;
+#               needs fastapi/uvicorn/pydantic: carry them as wheels in .whl (see the device notes)
+#   sanitize    compute-sanitizer memcheck over engine runs (tiny preset, bf16, CUDA graphs of
+#               mixed steps, uneven prompts): auto, fa2_varlen and the paged cache
 #   serving     bench_serving; SERVE_RUNS holds "model:trace[:extra args]" entries separated
 #               by ';' (default: yi-6b:uneven), each written to $OUT/serving_<model>_<trace>
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -81,6 +85,28 @@ for part in "$@"; do
         ${extra:-} --out "/tmp/$name" > "$OUT/$name/run.log" 2>&1
       cp "/tmp/$name/results.json" "$OUT/$name/" 2>/dev/null
       grep -E "^\| (vattention|paged)|^vattention /" "$OUT/$name/run.log" || tail -n 5 "$OUT/$name/run.log"
+    done
+    ;;
+  online)
+    mkdir -p "$OUT/online"
+    timeout ${ONLINE_TIMEOUT:-300} python3 benchmarks/bench_online.py --model ${ONLINE_MODEL:-llama-3-8b} \
+      ${ONLINE_ARGS:---rates 4,16,64 --num-requests 100} --out /tmp/online \
+      -- --load-format dummy --dtype bfloat16 > "$OUT/online/run.log" 2>&1
+    cp /tmp/online/results.json "$OUT/online/" 2>/dev/null
+    grep -E "^\| " "$OUT/online/run.log" || tail -n 20 "$OUT/online/run.log"
+    ;;
+  sanitize)
+    : > "$OUT/sanitize.txt"
+    for opts in "--attention-backend auto" "--attention-backend fa2_varlen" \
+                "--attention-backend fa2_varlen --kv-layout per_layer" "--kv-cache paged"; do
+      echo "### $opts" >> "$OUT/sanitize.txt"
+      timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --error-exitcode 7 \
+        python3 -m vattention.cli bench tiny --load-format dummy --dtype bfloat16 --trace uneven \
+        --num-requests 24 --prompt-len 96 --output-len 24 --max-num-seqs 8 \
+        --max-num-batched-tokens 256 --max-model-len 1024 --mixed-graph-tokens 256 $opts \
+        >> "$OUT/sanitize.txt" 2>&1
+      echo "exit $?" >> "$OUT/sanitize.txt"
+      grep -E "ERROR SUMMARY|^exit|uneven trace" "$OUT/sanitize.txt" | tail -n 3
     done
     ;;
   *)

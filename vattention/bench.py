@@ -50,7 +50,8 @@ def run_requests(
 ) -> tuple[float, int, int]:
     """Submit every (prompt ids, output tokens) request at once (greedy, ignore EOS, no text)
     and step `engine` until idle; returns (seconds, output tokens, steps). With `samples`, the
-    cache's `stats().as_dict()` is appended every `every` steps."""
+    cache's `stats().as_dict()`, plus `running` (requests running), is appended every `every`
+    steps."""
     from vattention import SamplingParams
 
     _sync()
@@ -64,7 +65,9 @@ def run_requests(
             generated += len(out.token_ids)
         steps += 1
         if samples is not None and steps % every == 0 and hasattr(engine.cache, "stats"):
-            samples.append(engine.cache.stats().as_dict())
+            sample = engine.cache.stats().as_dict()
+            sample["running"] = float(engine.scheduler.num_running)
+            samples.append(sample)
     _sync()
     return time.perf_counter() - t0, generated, steps
 

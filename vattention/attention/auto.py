@@ -8,7 +8,10 @@ On CUDA:
   prefill kernel, `prefill_kernels`), or `"sdpa"` (one SDPA call per request: cuDNN for fresh
   prompts). cuDNN builds a graph per new (query, key) shape, about 2 ms of host time a call,
   so under `fa2_varlen` only fresh prompts of at least `cudnn_min_tokens` tokens (where its
-  faster kernel pays for that) take one cuDNN call each; 0 turns that off.
+  faster kernel pays for that) take one cuDNN call each; 0 turns that off. Chunks of at least
+  that many tokens over a cached context take two cuDNN calls each (`split_chunk`: the context
+  without a mask, the chunk causal, merged by log-sum-exp), where this torch runs them
+  (`split_chunks`: None probes the device once; on the CPU they are off unless asked for).
 - a step captured in a CUDA graph carries a fixed-shape `meta.mixed` plan; it always runs the
   decode kernel plus the Triton prefill kernel over sentinel-padded tiles (no host lists read).
 On the CPU the default decode kernel is `torch_sdpa_ref` and prefill goes through `sdpa`'s
@@ -31,6 +34,7 @@ from vattention.attention.contiguous import ContiguousBackend
 from vattention.attention.fa2 import flash_varlen, flat_rows, slot_offsets
 from vattention.attention.mixed import MixedPlan, plan_mixed
 from vattention.attention.sdpa import prefer_cudnn, sdpa_requests
+from vattention.attention.split_chunk import cudnn_lse_usable, split_requests
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
 _DECODE_CHOICES = ("triton_decode", "fa2_varlen", "sdpa", "flex", "torch_sdpa_ref")
@@ -55,6 +59,7 @@ class AutoBackend(ContiguousBackend):
         decode: str | None = None,
         prefill: str | None = None,
         cudnn_min_tokens: int = CUDNN_MIN_TOKENS,
+        split_chunks: bool | None = None,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
         if decode is not None and decode not in _DECODE_CHOICES:
@@ -85,6 +90,11 @@ class AutoBackend(ContiguousBackend):
         self._decode = get_backend_class(decode)(*args)
         self.prefill = prefill
         self.cudnn_min_tokens = cudnn_min_tokens
+        if split_chunks is None:
+            split_chunks = prefill != "triton" and cudnn_lse_usable(
+                self.device, self.dtype, num_heads, num_kv_heads
+            )
+        self.split_chunks = split_chunks
         self._tiles_config: tuple[int, int, int, int] | None = None
         if triton_ok:
             from vattention.attention.prefill_kernels import default_prefill_config
@@ -124,13 +134,8 @@ class AutoBackend(ContiguousBackend):
         if triton_prefill:
             if plan.tile_req is not None and plan.tile_row is not None:
                 self._triton_prefill(q, k_cache, v_cache, meta, plan, out)
-        elif self.prefill == "fa2_varlen":
-            self._fa2_prefill(q, k_cache, v_cache, meta, plan.prefill, out)
         else:
-            with prefer_cudnn(q.is_cuda):
-                sdpa_requests(
-                    q, k_cache, v_cache, meta, self.starts(meta), plan.prefill, self.scale, out
-                )
+            self._long_prefill(q, k_cache, v_cache, meta, plan.prefill, out)
         if plan.decode_rows is not None and plan.decode_idx is not None:
             rows, idx = plan.decode_rows, plan.decode_idx
             if isinstance(self._decode, TritonDecodeBackend):
@@ -164,7 +169,7 @@ class AutoBackend(ContiguousBackend):
             num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    def _fa2_prefill(
+    def _long_prefill(
         self,
         q: torch.Tensor,
         k_cache: torch.Tensor,
@@ -173,13 +178,35 @@ class AutoBackend(ContiguousBackend):
         prefill: list[int],
         out: torch.Tensor,
     ) -> None:
-        """Long fresh prompts: one cuDNN call each; all other prefill rows: one FA2 launch."""
-        cudnn, varlen = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill))
-        if cudnn:
+        """Long fresh prompts: one cuDNN call each; long chunks: two (`split_chunk`); all other
+        prefill rows: one FA2 launch (`prefill="sdpa"`: one SDPA call each)."""
+        fresh, chunks, rest = self._plan(
+            meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill)
+        )
+        starts = self.starts(meta)
+        if fresh:
             with prefer_cudnn(True):
-                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), cudnn, self.scale, out)
-        if not varlen:
+                sdpa_requests(q, k_cache, v_cache, meta, starts, fresh, self.scale, out)
+        if chunks:
+            split_requests(q, k_cache, v_cache, meta, starts, chunks, self.scale, out)
+        if not rest:
             return
+        if self.prefill != "fa2_varlen":
+            with prefer_cudnn(q.is_cuda):
+                sdpa_requests(q, k_cache, v_cache, meta, starts, rest, self.scale, out)
+            return
+        self._fa2_prefill(q, k_cache, v_cache, meta, rest, out)
+
+    def _fa2_prefill(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        varlen: list[int],
+        out: torch.Tensor,
+    ) -> None:
+        """The requests `varlen` in one FA2 varlen launch over the flat cache rows."""
         k_flat, v_flat = flat_rows(k_cache), flat_rows(v_cache)
         if k_flat is None or v_flat is None or k_flat[1] != v_flat[1]:
             with prefer_cudnn(False):  # no flat view: per-request flash calls
@@ -193,12 +220,19 @@ class AutoBackend(ContiguousBackend):
             q[rows], k_flat[0], v_flat[0], cu_q, cu_k, seq_used, max_q, max_k, self.scale
         )
 
-    def _cudnn_split(self, meta: AttentionMetadata, prefill: list[int]) -> tuple[list, list]:
+    def _cudnn_split(
+        self, meta: AttentionMetadata, prefill: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """(long fresh prompts, long chunks to split, the rest) among `prefill`."""
         q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
         limit = self.cudnn_min_tokens
-        cudnn = [i for i in prefill if limit and q_lens[i] >= limit and s_lens[i] == q_lens[i]]
-        chosen = set(cudnn)
-        return cudnn, [i for i in prefill if i not in chosen]
+        if not limit:
+            return [], [], list(prefill)
+        long = [i for i in prefill if q_lens[i] >= limit]
+        fresh = [i for i in long if s_lens[i] == q_lens[i]]
+        chunks = [i for i in long if s_lens[i] > q_lens[i]] if self.split_chunks else []
+        chosen = set(fresh) | set(chunks)
+        return fresh, chunks, [i for i in prefill if i not in chosen]
 
     def _varlen_subset(
         self, meta: AttentionMetadata, varlen: list[int], rows_per_slot: int, total: int

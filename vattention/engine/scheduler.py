@@ -71,6 +71,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.max_running = 0  # most requests running at once so far (a capacity statistic)
         self._finished: list[Request] = []  # ended since the last update()
         self._pending: deque[SchedulerOutput] = deque()  # scheduled, not yet updated
 
@@ -298,6 +299,7 @@ class Scheduler:
         self.waiting.popleft()
         r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, 0
         self.running.append(r)
+        self.max_running = max(self.max_running, len(self.running))
         return True
 
     def _preempt(self, r: Request) -> None:
