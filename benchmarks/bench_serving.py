@@ -184,6 +184,8 @@ def run_system(
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
         }
         result["memory"] = memory_per_live_token(samples)
+        if engine.memory_profile is not None:  # what the KV budget was sized from (bytes)
+            result["memory_profile"] = engine.memory_profile.as_dict()
         stats = engine.cache.stats() if hasattr(engine.cache, "stats") else None
         if stats is not None:
             result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)

@@ -71,6 +71,8 @@ def run_ours(args: argparse.Namespace, kv_cache: str, prompts: list[list[int]]) 
     }
     if stats is not None:
         result["kv_stats"] = stats.as_dict() if hasattr(stats, "as_dict") else str(stats)
+    if llm.engine.memory_profile is not None:  # what the KV budget was sized from (bytes)
+        result["memory_profile"] = llm.engine.memory_profile.as_dict()
     llm.close()
     del llm, outs
     _free()

@@ -10,6 +10,7 @@
 #   ours        bench_throughput: vattention and paged only
 #   profile     profile_engine (GPU time by kernel category over the throughput workload)
 #   flexfail    tracebacks of the flex GPU tests (diagnostic)
+#   memprofile  the start-up memory profile on llama-3-8b (both caches, 1K-7K-token prompts)
 #   steptests   the `gpu` tests of the step path: prefill kernels, pa_triton, auto variants,
 #               LLM.generate in every graph/mapping mode
 #   online      bench_online against `vattention serve` (both caches); ONLINE_ARGS adjusts it;
@@ -29,7 +30,8 @@ for part in "$@"; do
   case "$part" in
   tests)
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/memory tests/kvcache tests/models \
-      tests/engine tests/attention/test_paged_backends.py --tb=short -rf 2>&1 | grep -v DEBUG | tail -400 > "$OUT/tests_core.txt"
+      tests/engine --ignore=tests/engine/test_memory_profile_gpu.py \
+      tests/attention/test_paged_backends.py --tb=short -rf 2>&1 | grep -v DEBUG | tail -400 > "$OUT/tests_core.txt"
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention --ignore=tests/attention/test_paged_backends.py \
       --tb=short -rf 2>&1 | grep -v DEBUG | tail -600 > "$OUT/tests_attention.txt"
     tail -n 3 "$OUT/tests_core.txt" "$OUT/tests_attention.txt"
@@ -61,6 +63,12 @@ for part in "$@"; do
         | grep -v DEBUG | grep -v "^E  *$" | tail -300 >> "$OUT/flex_failures.txt"
     done
     grep -E "passed|failed" "$OUT/flex_failures.txt"
+    ;;
+  memprofile)
+    timeout ${TEST_TIMEOUT:-230} python3 -m pytest -q -s -p no:cacheprovider -m gpu \
+      tests/engine/test_memory_profile_gpu.py --tb=short -rf 2>&1 | grep -v DEBUG | tail -150 \
+      > "$OUT/tests_memprofile.txt"
+    grep -E "KV budget|grew|passed|failed" "$OUT/tests_memprofile.txt"
     ;;
   steptests)  # one process per file: a sticky CUDA error cannot fail the files after it
     : > "$OUT/tests_step.txt"

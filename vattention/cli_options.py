@@ -23,7 +23,7 @@ HELP: dict[str, str] = {
     "max_num_seqs": "most requests running at once (KV slots)",
     "max_num_batched_tokens": "token budget of one step (decodes plus prefill chunks)",
     "max_model_len": "most tokens (prompt + output) of one request; default: the model's",
-    "gpu_memory_utilization": "share of free device memory for weights, activations and KV",
+    "gpu_memory_utilization": "share of total device memory for weights, activations, graphs and KV",
     "kv_cache_memory": "KV cache budget in bytes (overrides --gpu-memory-utilization)",
     "attention_backend": "attention backend name; default auto (vattention) / pa_triton (paged)",
     "block_size": "tokens per block of the paged cache",

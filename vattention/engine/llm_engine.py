@@ -14,10 +14,15 @@ reads step i's tokens, so the GPU never waits for the host's bookkeeping between
 request that ends on a token (EOS, stop) costs one dropped row in the step after. Without it,
 each step's tokens are read and applied before the next step is scheduled.
 
-Memory: the KV budget is what is left on the device after the weights, times
-`gpu_memory_utilization` (or `kv_cache_memory` bytes). With `kv_cache="vattention"` that budget
-caps *physical* pages only: every slot still gets `max_model_len` tokens of virtual space; on
-CUDA its pages are created at start-up (`kv_preallocate`) and mapped only on demand. With
+Memory: `gpu_memory_utilization` is the share of the device's *total* memory this engine may
+use (vLLM's meaning). On CUDA, before the KV cache exists, a start-up profile
+(`memory_profile`) runs the largest steps the scheduler can produce on a small temporary cache
+and measures their peak; the KV budget is then `total * gpu_memory_utilization - in use (after
+the weights; other processes count too) - step peak - CUDA graph reserve - margin`, and the
+figures stay on `engine.memory_profile`. `kv_cache_memory` (bytes) overrides all of it, with no
+profile; on the CPU the budget is 2 GiB. With `kv_cache="vattention"` that budget caps
+*physical* pages only: every slot still gets `max_model_len` tokens of virtual space; on CUDA
+its pages are created at start-up (`kv_preallocate`) and mapped only on demand. With
 `kv_cache="paged"` it is cut into blocks up front, as vLLM does.
 """
 
@@ -34,6 +39,7 @@ import torch
 
 from vattention.attention import create_backend
 from vattention.engine.cuda_graphs import mixed_token_sizes
+from vattention.engine.memory_profile import MemoryProfile, profile_memory
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
 from vattention.engine.request import Request
@@ -41,7 +47,7 @@ from vattention.engine.sampler import Sampler
 from vattention.engine.sampling_params import SamplingParams
 from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerConfig
-from vattention.kvcache.spec import parse_dtype
+from vattention.kvcache.spec import KVCacheSpec, parse_dtype
 from vattention.models.loader import load_model
 from vattention.models.resolve import resolve_model
 from vattention.models.tokenizer import load_tokenizer
@@ -62,8 +68,10 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
+    # Share of the device's total memory this engine may use (weights, activations, CUDA
+    # graphs and KV); the KV cache gets what the start-up memory profile leaves of it.
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory: int | None = None  # bytes; overrides gpu_memory_utilization
+    kv_cache_memory: int | None = None  # bytes; overrides gpu_memory_utilization (no profile)
     attention_backend: str | None = None
     block_size: int = 16
     kv_layout: str = "cross_layer"
@@ -143,25 +151,33 @@ class LLMEngine:
             eos.add(tok_eos)
         self.eos_token_ids = tuple(sorted(eos))
         use_graphs = device.type == "cuda" and not config.enforce_eager
-        self.cache = self._make_cache(config, max_len, extra_slots=1 if use_graphs else 0)
         backend = config.attention_backend or (
             "pa_triton" if config.kv_cache == "paged" else "auto"
         )
         if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
             backend = "paged_torch"
-        self.attn = create_backend(
-            backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
-        )
         batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max(batched, config.max_num_seqs), max_len),
-            self.cache,
+        sched_config = SchedulerConfig(
+            config.max_num_seqs, max(batched, config.max_num_seqs), max_len
         )
-        dummy = None
-        if use_graphs:
-            dummy = self.cache.alloc_slot()  # padding rows of CUDA graphs point here
-            self.cache.ensure(dummy, 1)
+        kv_dtype = next(self.model.parameters()).dtype
+        spec = mcfg.kv_cache_spec(
+            config.max_num_seqs + (1 if use_graphs else 0), max_len, kv_dtype, config.kv_layout,
+            config.kv_page_size,
+        )  # fmt: skip
+        # What the KV budget was sized from (None: kv_cache_memory was given, or not on CUDA).
+        self.memory_profile: MemoryProfile | None = None
+        budget = self._kv_budget(config, spec, backend, sched_config, use_graphs)
+        self.cache = self._make_cache(config, spec, budget)
         try:
+            self.attn = create_backend(
+                backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+            )
+            self.scheduler = Scheduler(sched_config, self.cache)
+            dummy = None
+            if use_graphs:
+                dummy = self.cache.alloc_slot()  # padding rows of CUDA graphs point here
+                self.cache.ensure(dummy, 1)
             self.runner = self._make_runner(config, device, max_len, dummy, use_graphs)
         except BaseException:  # e.g. out of memory capturing graphs: give the cache back
             close = getattr(self.cache, "close", None)
@@ -200,22 +216,30 @@ class LLMEngine:
             max_graph_prefills=config.max_graph_prefills,
         )
 
-    def _make_cache(self, config: EngineConfig, max_len: int, extra_slots: int) -> Any:
-        mcfg = self.model.config
-        dtype = next(self.model.parameters()).dtype
-        spec = mcfg.kv_cache_spec(
-            config.max_num_seqs + extra_slots, max_len, dtype, config.kv_layout, config.kv_page_size
-        )
+    def _kv_budget(
+        self, config: EngineConfig, spec: KVCacheSpec, backend: str, sched: SchedulerConfig,
+        use_graphs: bool,
+    ) -> int:  # fmt: skip
+        """KV cache bytes: `kv_cache_memory` if given; on CUDA what the start-up memory profile
+        leaves of `gpu_memory_utilization` of the device (`memory_profile`); else 2 GiB."""
         if config.kv_cache_memory is not None:
-            budget = config.kv_cache_memory
-        elif self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            free = torch.cuda.mem_get_info(self.device)[0]
-            # Leave room for activations, logits and graphs: a share of the weights' size.
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            budget = int(free * config.gpu_memory_utilization) - weights // 8 - (1 << 30)
-        else:
-            budget = 2 << 30
+            return config.kv_cache_memory
+        if self.device.type != "cuda":
+            return 2 << 30
+        torch.cuda.synchronize(self.device)
+        mixed = mixed_token_sizes(
+            sched.max_num_batched_tokens, config.max_num_seqs, config.mixed_graph_tokens
+        )
+        self.memory_profile = profile_memory(
+            self.model, kind=config.kv_cache, spec=spec, device=self.device,
+            attention_backend=backend, block_size=config.block_size, scheduler_config=sched,
+            utilization=config.gpu_memory_utilization,
+            decode_graph_sizes=default_graph_sizes(config.max_num_seqs) if use_graphs else (),
+            mixed_graph_sizes=mixed if use_graphs else (),
+        )  # fmt: skip
+        return self.memory_profile.kv_budget
+
+    def _make_cache(self, config: EngineConfig, spec: KVCacheSpec, budget: int) -> Any:
         if budget <= 0:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
         if config.kv_cache == "vattention":
