@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,8 +270,22 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
 
 def test_disconnect_while_waiting_for_a_whole_response(served: Running) -> None:
     body = {"model": MODEL, "prompt": "Go on", "max_tokens": 240, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served.base_url + "/completions", json=body, timeout=0.3)
+    # Hold the engine thread for a moment, so the client gives up before any reply can come
+    # (the tiny model could otherwise finish all 240 tokens within the client's timeout).
+    holding = threading.Event()
+
+    def hold(_: object) -> None:
+        holding.set()
+        time.sleep(1.0)
+
+    blocker = threading.Thread(target=served.engine.call_sync, args=(hold,))
+    blocker.start()
+    try:
+        assert holding.wait(10), "the engine thread did not take the call"
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.base_url + "/completions", json=body, timeout=0.3)
+    finally:
+        blocker.join()
     wait_for(lambda: idle(served.engine), what="the abandoned request to be aborted")
 
 
