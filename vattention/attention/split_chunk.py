@@ -62,10 +62,9 @@ def merge_lse(
 ) -> torch.Tensor:
     """Softmax-exact merge of two partial attentions over disjoint key sets (`[B, H, n, D]`
     outputs, `[B, H, n]` log-sum-exps), in the outputs' dtype."""
-    lse = torch.logaddexp(l1, l2)
-    w1 = torch.exp(l1 - lse).unsqueeze(-1)
-    w2 = torch.exp(l2 - lse).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+    # w1 + w2 = 1, so out = o2 + (o1 - o2) * w1: one float32 buffer of the output's size.
+    w1 = torch.exp(l1 - torch.logaddexp(l1, l2)).unsqueeze(-1)
+    return o1.float().sub_(o2).mul_(w1).add_(o2).to(o1.dtype)
 
 
 def split_chunk_attention(
