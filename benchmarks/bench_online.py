@@ -5,7 +5,8 @@ For each KV cache in `--caches` it starts `vattention serve MODEL --kv-cache C` 
 (requests per second) sends `--num-requests` streaming completions whose arrival times are a
 seeded Poisson process, prompts of seeded random token ids (uniform lengths in
 [--prompt-min, --prompt-max]) and `--output-len` tokens each (ignore_eos, greedy). Per request
-it records TTFT (request sent -> first streamed token) and the gaps between streamed tokens;
+it records TTFT (request sent -> first streamed token) and the gaps between streamed tokens
+(tokens counted from per-token logprob entries, so tokens without text count too);
 it reports p50/p99 of both, end-to-end latency, and output tokens per second over the run.
 A short warm-up (excluded) precedes each rate.
 
@@ -48,10 +49,16 @@ def _pct(xs: list[float], q: float) -> float:
 async def one_request(
     client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_len: int
 ) -> dict[str, Any]:
+    """Stream one completion; time every token. Tokens are counted from the per-token logprob
+    entries (`logprobs: 1`), not from text: a chunk whose tokens decode to no text yet (random
+    weights, partial UTF-8) still carries them, and `usage` gives the total."""
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+            "stream": True, "ignore_eos": True, "logprobs": 1,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.perf_counter()
-    stamps: list[float] = []
+    stamps: list[float] = []  # one per token: its chunk's arrival
+    itl: list[float] = []  # per token: the gap to the chunk before, shared by its tokens
+    usage_tokens = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
@@ -59,16 +66,26 @@ async def one_request(
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
-                stamps.append(time.perf_counter())
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"].get("completion_tokens")
+            if not chunk.get("choices"):
+                continue
+            lp = chunk["choices"][0].get("logprobs") or {}
+            n = len(lp.get("tokens") or [])
+            if n:
+                if stamps:
+                    itl += [(now - stamps[-1]) / n] * n
+                stamps += [now] * n
     end = time.perf_counter()
     if not stamps:
         return {"error": "no tokens streamed"}
     return {
         "ttft": stamps[0] - t0,
-        "itl": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+        "itl": itl,
         "e2e": end - t0,
-        "chunks": len(stamps),
+        "tokens": usage_tokens if usage_tokens is not None else len(stamps),
+        "streamed_tokens": len(stamps),
     }
 
 
@@ -96,7 +113,9 @@ async def run_rate(
         "errors": [r["error"] for r in results if "error" in r][:5],
         "num_errors": len(results) - len(ok),
         "wall_s": wall,
-        "output_tok_per_s": sum(r["chunks"] for r in ok) / wall,
+        "output_tok_per_s": sum(r["tokens"] for r in ok) / wall,
+        "output_tokens": sum(r["tokens"] for r in ok),
+        "streamed_tokens": sum(r["streamed_tokens"] for r in ok),
         "ttft_p50_ms": 1e3 * _pct(ttft, 0.5),
         "ttft_p99_ms": 1e3 * _pct(ttft, 0.99),
         "itl_p50_ms": 1e3 * _pct(itl, 0.5),

@@ -33,3 +33,5 @@ def test_bench_online_quick_serves_both_caches(tmp_path: Path) -> None:
     for r in rows:
         assert r["num_errors"] == 0 and r["output_tok_per_s"] > 0
         assert r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
+        # every generated token was seen in the stream (counted from logprobs, not text)
+        assert r["output_tokens"] == r["streamed_tokens"] == r["requests"] * 4
