@@ -47,6 +47,15 @@ VARIANTS = {
     "auto:fa2_cudnn": ("auto", {"prefill": "fa2_varlen", "cudnn_min_tokens": 256}),
     # chunks over a cached context as two calls merged by log-sum-exp (`split_chunk`)
     "auto:split": ("auto", {"prefill": "sdpa", "cudnn_min_tokens": 2, "split_chunks": True}),
+    "auto:tri_split": (
+        "auto",
+        {
+            "decode": "triton_decode",
+            "prefill": "triton",
+            "cudnn_min_tokens": 6,
+            "split_chunks": True,
+        },
+    ),
     "auto:fa2_split": (
         "auto",
         {"prefill": "fa2_varlen", "cudnn_min_tokens": 200, "split_chunks": True},
@@ -54,11 +63,11 @@ VARIANTS = {
 }
 ALL_BACKENDS = [
     "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "fa2_varlen", "auto:triton",
-    "auto:tri_prefill", "auto:fa2", "auto:fa2_cudnn", "auto:split", "auto:fa2_split",
+    "auto:tri_prefill", "auto:fa2", "auto:fa2_cudnn", "auto:split", "auto:fa2_split", "auto:tri_split",
 ]  # fmt: skip
 CPU_BACKENDS = [
     "torch_sdpa_ref", "sdpa", "flex", "auto", "triton_decode", "auto:triton", "auto:tri_prefill",
-    "auto:split",
+    "auto:split", "auto:tri_split",
 ]  # fmt: skip
 # GQA ratios on the per-layer layout, every layout at ratio 4.
 CPU_SHAPES = [
