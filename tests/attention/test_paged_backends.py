@@ -33,7 +33,8 @@ CASES = [
 
 
 def _run(backend_name: str, device: str, dtype: torch.dtype, heads: tuple[int, int], head_dim: int,
-         block_size: int, ctx: list[int], new: list[int], tol: float) -> None:  # fmt: skip
+         block_size: int, ctx: list[int], new: list[int], tol: float,
+         **options: object) -> None:  # fmt: skip
     hq, hkv = heads
     seq = [c + n for c, n in zip(ctx, new, strict=True)]
     blocks = max(64, sum(-(-n // block_size) for n in seq) + 8)
@@ -42,7 +43,7 @@ def _run(backend_name: str, device: str, dtype: torch.dtype, heads: tuple[int, i
     cache = PagedKVCache(spec, block_size, num_blocks=blocks, device=device)
     cache._k.fill_(float("nan"))
     cache._v.fill_(float("nan"))
-    attn = create_backend(backend_name, cache, hq, hkv, head_dim)
+    attn = create_backend(backend_name, cache, hq, hkv, head_dim, **options)
     gen = torch.Generator().manual_seed(sum(ctx) + 7 * sum(new))
     keys, values = random_requests(seq, hkv, head_dim, torch.float32, "cpu", gen)
     slots = [cache.alloc_slot() for _ in seq]
@@ -96,6 +97,29 @@ def test_pa_triton_cpu_interpreter(
 
     monkeypatch.setattr(blocktable, "attend_gathered", no_gather)
     _run("pa_triton", "cpu", torch.float32, (8, 2), 16, block_size, *case, tol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pa_triton_long_fresh_prompts_on_their_new_kv(
+    case: tuple[list[int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fresh prompts of >= cudnn_min_tokens attend over their new K/V (one SDPA call each, as
+    cuDNN does on CUDA); the rest still go through the kernels, never the gather."""
+    calls: list[int] = []
+    real = blocktable.sdpa_causal
+
+    def counting(q: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(q.shape[2])
+        return real(q, *args)  # type: ignore[arg-type]
+
+    def no_gather(*args: object) -> None:
+        raise AssertionError("pa_triton gathered K/V although Triton can run")
+
+    monkeypatch.setattr(blocktable, "sdpa_causal", counting)
+    monkeypatch.setattr(blocktable, "attend_gathered", no_gather)
+    _run("pa_triton", "cpu", torch.float32, (8, 2), 16, 16, *case, tol=1e-4, cudnn_min_tokens=9)
+    ctx, new = case
+    assert sorted(calls) == sorted(n for c, n in zip(ctx, new, strict=True) if c == 0 and n >= 9)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -34,13 +34,12 @@ from vattention.attention.base import (
 from vattention.attention.contiguous import ContiguousBackend
 from vattention.attention.fa2 import flash_varlen, flat_rows, slot_offsets
 from vattention.attention.mixed import MixedPlan, plan_mixed
-from vattention.attention.sdpa import prefer_cudnn, sdpa_requests
+from vattention.attention.sdpa import CUDNN_MIN_TOKENS, prefer_cudnn, sdpa_requests
 from vattention.attention.split_chunk import cudnn_lse_usable, split_requests
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
 _DECODE_CHOICES = ("triton_decode", "fa2_varlen", "sdpa", "flex", "torch_sdpa_ref")
 _PREFILL_CHOICES = ("fa2_varlen", "triton", "sdpa")
-CUDNN_MIN_TOKENS = 4096
 
 
 @register_backend

@@ -1,15 +1,16 @@
 """Attention backends for the PagedAttention baseline (`PagedKVCache`: block pools + tables).
 
 - `pa_triton` (CUDA; CPU under the Triton interpreter): decode rows through the contiguous
-  backends' own split-K kernel (`decode_kernels`) in its block-table mode, and continued prefill
-  chunks (new rows over a cached context) through the causal prefill kernel written for both
-  caches (`prefill_kernels`) in its block-table mode, all of a step's chunks in one launch, so
-  the comparison measures the addressing and nothing else; fresh prompts (no cached context)
-  through FA2 varlen on the new K/V directly (what vLLM does too: a fresh prompt needs nothing
-  from the cache). Where FA2 does not apply (float32, or the CPU) fresh prompts join the
-  prefill kernel's launch. Where Triton cannot run (the CPU without `TRITON_INTERPRET=1`, see
-  `triton_decode.triton_usable`) every row falls back to gather-then-SDPA
-  (`paged_torch.attend_gathered`), fresh prompts to per-request SDPA on the new K/V.
+  backends' own split-K kernel (`decode_kernels`) in its block-table mode, and prefill rows
+  (continued chunks and fresh prompts alike) through the causal prefill kernel written for
+  both caches (`prefill_kernels`) in its block-table mode, all of a step's rows in one launch,
+  so the comparison measures the addressing and nothing else. Fresh prompts of at least
+  `cudnn_min_tokens` new tokens (4096; 0: never) take one cuDNN SDPA call each on their new
+  K/V directly, as the contiguous side's `auto` does (a fresh prompt needs nothing from the
+  cache, so paging costs it nothing there). Where Triton cannot run (the CPU without
+  `TRITON_INTERPRET=1`, see `triton_decode.triton_usable`) every row falls back to
+  gather-then-SDPA (`paged_torch.attend_gathered`), fresh prompts to per-request SDPA on the
+  new K/V.
 A mixed step captured in a CUDA graph carries a fixed-shape plan (`meta.mixed`): then decode rows
 take the split-K kernel and every prefill row (fresh or not) the prefill kernel over
 sentinel-padded tiles, reading only static buffers.
@@ -20,34 +21,32 @@ Invariant: only the first `seq_len` tokens of a request's table are read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from vattention.attention.base import AttentionMetadata, KVCacheView, register_backend
-from vattention.attention.mixed import MixedPlan, h2d, plan_mixed
+from vattention.attention.mixed import MixedPlan, plan_mixed
 from vattention.attention.paged_base import PagedBackend
 from vattention.attention.paged_torch import attend_gathered
-from vattention.attention.torch_ref import attend_one
+from vattention.attention.sdpa import CUDNN_MIN_TOKENS, prefer_cudnn, sdpa_causal
 from vattention.attention.triton_decode import triton_usable
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """A mixed batch cut into fresh prompts (FA2 on the new K/V), decode rows and prefill-kernel
-    tiles (`mixed`), or, where Triton cannot run, gathered requests; built once per step."""
+    """A mixed batch cut into fresh prompts attended on their new K/V (long ones; all of them
+    where Triton cannot run), decode rows and prefill-kernel tiles (`mixed`), or, where Triton
+    cannot run, gathered requests; built once per step."""
 
     mixed: MixedPlan | None = None  # decode rows + tiles of the continued chunks (Triton)
     gathered: tuple[int, ...] = ()  # requests by gather-then-SDPA (where Triton cannot run)
-    fresh_rows: torch.Tensor | None = None  # rows of the fresh prompts FA2 (or SDPA) takes
-    fresh_cu: torch.Tensor | None = None
-    fresh_max: int = 0
+    fresh: tuple[int, ...] = ()  # requests attended on their new K/V (one SDPA call each)
 
 
 @register_backend
 class PagedTritonBackend(PagedBackend):
     """Paged Triton decode and causal prefill kernels (block-table modes of the contiguous
-    backends' kernels); FA2 varlen for fresh prompts."""
+    backends' kernels); cuDNN on the new K/V for long fresh prompts."""
 
     name = "pa_triton"
 
@@ -60,8 +59,12 @@ class PagedTritonBackend(PagedBackend):
         scale: float | None = None,
         *,
         prefill_config: tuple[int, int, int, int] | None = None,
+        cudnn_min_tokens: int = CUDNN_MIN_TOKENS,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
+        if cudnn_min_tokens < 0:
+            raise ValueError(f"cudnn_min_tokens must be >= 0, got {cudnn_min_tokens}")
+        self.cudnn_min_tokens = cudnn_min_tokens
         from vattention.attention.prefill_kernels import default_prefill_config
 
         self.use_triton = triton_usable(self.device) is None  # else: the gather fallback
@@ -69,32 +72,20 @@ class PagedTritonBackend(PagedBackend):
         self.prefill_config = prefill_config or default_prefill_config(head_dim, self.device)
 
     def _build(self, meta: AttentionMetadata) -> _Plan:
-        q_lens, dev = meta.query_lens_host, self.device
-        starts = self.query_starts(meta)
-        fa2 = dev.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+        q_lens = meta.query_lens_host
+        limit = self.cudnn_min_tokens
         prefill = [i for i, n in enumerate(q_lens) if n > 1]
         fresh = [
             i for i in prefill
-            if meta.seq_lens_host[i] == q_lens[i] and (fa2 or not self.use_triton)
+            if meta.seq_lens_host[i] == q_lens[i]
+            and (not self.use_triton or (limit and q_lens[i] >= limit))
         ]  # fmt: skip
         is_fresh = set(fresh)
-        fields: dict[str, Any] = {}
         if not self.use_triton:
-            fields["gathered"] = tuple(i for i in range(len(q_lens)) if i not in is_fresh)
-        else:
-            tiled = [i for i in prefill if i not in is_fresh]
-            fields["mixed"] = plan_mixed(meta, self.prefill_config[0], tiled)
-        if fresh:
-            cu = [0]
-            for i in fresh:
-                cu.append(cu[-1] + q_lens[i])
-            rows = [r for i in fresh for r in range(starts[i], starts[i + 1])]
-            fields.update(
-                fresh_rows=h2d(rows, torch.int64, dev),
-                fresh_cu=h2d(cu, torch.int32, dev),
-                fresh_max=max(q_lens[i] for i in fresh),
-            )
-        return _Plan(**fields)
+            gathered = tuple(i for i in range(len(q_lens)) if i not in is_fresh)
+            return _Plan(gathered=gathered, fresh=tuple(fresh))
+        tiled = [i for i in prefill if i not in is_fresh]
+        return _Plan(mixed=plan_mixed(meta, self.prefill_config[0], tiled), fresh=tuple(fresh))
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -107,9 +98,8 @@ class PagedTritonBackend(PagedBackend):
             return self._decode(layer, q, tables, meta.seq_lens, meta.max_seq_len)
         plan = self.plan(meta, "pa_triton", lambda: self._build(meta))
         out = torch.empty_like(q)
-        if plan.fresh_rows is not None and plan.fresh_cu is not None:
-            rows = plan.fresh_rows
-            out[rows] = self._fresh(q[rows], k[rows], v[rows], plan.fresh_cu, plan.fresh_max)
+        if plan.fresh:
+            self._fresh(q, k, v, self.query_starts(meta), plan.fresh, out)
         if plan.mixed is not None:
             self._run_planned(layer, q, tables, meta, plan.mixed, out)
         if plan.gathered:
@@ -169,15 +159,24 @@ class PagedTritonBackend(PagedBackend):
         )
 
     def _fresh(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int
-    ) -> torch.Tensor:
-        """Causal attention of fresh prompts over their own new K/V (no cache read)."""
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            from vattention.attention.fa2 import flash_varlen
-
-            return flash_varlen(q, k, v, cu, cu, cu[1:] - cu[:-1], max_len, max_len, self.scale)
-        out = torch.empty_like(q)
-        bounds = cu.tolist()
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            out[a:b] = attend_one(q[a:b], k[a:b], v[a:b], self.scale, 0)
-        return out
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        starts: list[int],
+        fresh: tuple[int, ...],
+        out: torch.Tensor,
+    ) -> None:
+        """Causal attention of fresh prompts over their own new K/V (no cache read): one SDPA
+        call each, cuDNN first on CUDA."""
+        with prefer_cudnn(q.is_cuda):
+            for i in fresh:
+                a, b = starts[i], starts[i + 1]
+                o = sdpa_causal(
+                    q[a:b].transpose(0, 1).unsqueeze(0),
+                    k[a:b].transpose(0, 1).unsqueeze(0),
+                    v[a:b].transpose(0, 1).unsqueeze(0),
+                    self.scale,
+                    0,
+                )
+                out[a:b] = o.squeeze(0).transpose(0, 1)

@@ -26,6 +26,10 @@ from vattention.attention.contiguous import (
     uniform_batch,
 )
 
+# Prompts (or chunks) of at least this many new tokens take cuDNN: it builds a graph per new
+# (query, key) shape, ~2 ms of host time, which only long requests repay (`auto`, `pa_triton`).
+CUDNN_MIN_TOKENS = 4096
+
 _PREFILL_ORDER = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
