@@ -85,3 +85,29 @@ def test_mixed_token_sizes() -> None:
     assert mixed_token_sizes(64, 64, 2048) == []  # no step mixes more than decodes
     sizes = mixed_token_sizes(4096, 100, 2048)
     assert sizes == sorted(sizes) and sizes[0] > 100 and sizes[-1] <= 2048
+
+
+def test_no_decode_graphs_for_a_backend_that_reads_host_lists(tmp_path: Path) -> None:
+    """A captured decode step's host lists describe padding (the padding slot at full length):
+    a backend that reads them (per-request SDPA here) would attend over that slot in every row,
+    so the runner captures no decode graph for it and runs those steps eagerly."""
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = prompts(4, seed=5, low=3, high=30)
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    with LLM(
+        str(tmp_path / "m"), attention_backend="torch_sdpa_ref", dtype="float32", device="cpu",
+        max_model_len=128, max_num_seqs=5, max_num_batched_tokens=48, kv_page_size=64 * 1024,
+        enforce_eager=True,
+    ) as llm:  # fmt: skip
+        eng = llm.engine
+        assert not eng.attn.supports_decode_graphs
+        eng.scheduler.config = SchedulerConfig(4, 48, eng.max_model_len)
+        dummy = eng.cache.alloc_slot()
+        eng.cache.ensure(dummy, 1)
+        eng.runner = ModelRunner(
+            eng.model, eng.cache, eng.attn, Sampler(seed=0), eng.device, eng.max_model_len,
+            graph_sizes=[1, 2, 4], dummy_slot=dummy, emulate_graphs=True,
+        )  # fmt: skip
+        assert eng.runner.graphs is None
+        outs = llm.generate(batch, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, NEW) for p in batch]

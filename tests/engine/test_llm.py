@@ -82,6 +82,9 @@ def test_generate_accepts_prompt_forms_and_rejects_bad_input(tmp_path: Path) -> 
         LLM(str(tmp_path / "m"), no_such_option=1)
     with pytest.raises(ValueError, match="kv_cache"):
         LLM(str(tmp_path / "m"), kv_cache="nope", device="cpu")
+    # A decode-only backend would fail at the first prefill: refused up front.
+    with pytest.raises(ValueError, match="decode steps only"):
+        LLM(str(tmp_path / "m"), attention_backend="triton_decode", device="cpu")
 
 
 @pytest.mark.parametrize("kv_cache", CACHES)

@@ -500,3 +500,26 @@ def test_look_ahead_yields_before_a_step_runs_out_of_memory() -> None:
             cache.ensure(b, total * tpp)
         assert cache.mapped_pages(a) == held - 2 and cache.length(a) == 1
         cache.check_integrity()
+
+
+def test_a_step_keeps_the_pages_of_the_lengths_it_sets() -> None:
+    """Pages a slot holds beyond its length are look-ahead that a short pool may take back,
+    but not when the same step raises the slot's length over them: a one-page budget, slot a
+    back at length 0 with its page, then a step giving a and b one token each must fail (it
+    once handed a's page to b, succeeded, and left a's token unbacked)."""
+    spec = make_spec("cpu", max_slots=2)
+    probe = VirtualKVCache(spec, "cpu", budget_bytes=0)
+    nbuf, page = probe.layout.num_buffers, probe.page_size
+    probe.close()
+    with VirtualKVCache(spec, "cpu", budget_bytes=nbuf * page, lookahead_tokens=0) as cache:
+        a = cache.alloc_slot()
+        cache.step({a: 1})
+        cache.ensure(a, 0)  # a keeps its page, now spare
+        b = cache.alloc_slot()
+        assert not cache.can_fit({a: 1, b: 1})
+        with pytest.raises(OutOfKVMemory):
+            cache.step({a: 1, b: 1})
+        assert (cache.mapped_pages(a), cache.length(a), cache.mapped_pages(b)) == (1, 0, 0)
+        cache.step({b: 1})  # a's spare page may go to b when a needs none
+        assert (cache.mapped_pages(a), cache.mapped_pages(b)) == (0, 1)
+        cache.check_integrity()

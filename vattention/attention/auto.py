@@ -99,7 +99,11 @@ class AutoBackend(ContiguousBackend):
 
             self._tiles_config = default_prefill_config(head_dim, self.device)
 
-    # -- CUDA graphs of mixed steps ------------------------------------------------------------
+    # -- CUDA graphs ---------------------------------------------------------------------------
+    @property
+    def supports_decode_graphs(self) -> bool:
+        return self._decode.supports_decode_graphs  # decode-only steps go to it whole
+
     @property
     def mixed_graph_block_m(self) -> int | None:
         """The tile height a captured mixed step must plan with, or None if this backend cannot

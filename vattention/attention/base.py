@@ -214,7 +214,16 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str] = "base"
-    paged: ClassVar[bool] = False
+    paged: ClassVar[bool] = False  # reads a paged cache (block tables), not a contiguous one
+    decode_only: ClassVar[bool] = False  # runs only batches of one new token per request
+
+    @property
+    def supports_decode_graphs(self) -> bool:
+        """Whether a decode-only step can run as a captured CUDA graph: the backend reads the
+        batch from the metadata's device tensors only (and the host ints `max_query_len`,
+        `max_seq_len`), never from its host lists, which a captured step fills with padding
+        (`cuda_graphs.DecodeGraphs`). False unless a backend says otherwise."""
+        return False
 
     def __init__(
         self,

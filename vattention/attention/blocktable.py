@@ -107,6 +107,10 @@ class PagedTritonBackend(PagedBackend):
         return out
 
     @property
+    def supports_decode_graphs(self) -> bool:
+        return self.use_triton  # the gather fallback reads the host lists
+
+    @property
     def mixed_graph_block_m(self) -> int | None:
         """The tile height a captured mixed step plans with (None: Triton cannot run here)."""
         return self.prefill_config[0] if self.use_triton else None

@@ -102,6 +102,13 @@ class FlashVarlenBackend(ContiguousBackend):
                 f"fa2_varlen needs head_dim <= 256 and a multiple of 8, got {head_dim}"
             )
 
+    @property
+    def supports_decode_graphs(self) -> bool:
+        """The one-launch path reads device tensors only; the per-request one (no flat view)
+        reads the host lists."""
+        k_flat, v_flat = flat_rows(self.cache.k_cache(0)), flat_rows(self.cache.v_cache(0))
+        return k_flat is not None and v_flat is not None and k_flat[1] == v_flat[1]
+
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.check_q(q, meta)
         k_cache, v_cache = self.layer_kv(layer)

@@ -88,6 +88,7 @@ class PagedFlexBackend(PagedBackend):
     """FlexAttention whose block mask follows the block tables (see the module docstring)."""
 
     name = "paged_flex"
+    supports_decode_graphs = True  # decode plans are built with device ops only
 
     def __init__(
         self,

@@ -38,6 +38,7 @@ class PagedTritonBackend(PagedBackend):
     """Split-K paged decode plus a paged causal prefill kernel, both in Triton."""
 
     name = "paged_triton"
+    supports_decode_graphs = True
 
     def __init__(
         self,

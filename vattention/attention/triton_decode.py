@@ -36,6 +36,8 @@ class TritonDecodeBackend(ContiguousBackend):
     """Split-K decode over the contiguous cache, GQA groups sharing K/V loads."""
 
     name = "triton_decode"
+    decode_only = True
+    supports_decode_graphs = True
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ more than its tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +97,14 @@ class _Replay:
         return self.output
 
 
+@functools.cache
+def _warmup_stream(device: int) -> torch.cuda.Stream:
+    """The stream captures warm up on: one per device for the process. cuBLAS keeps a workspace
+    for every stream it ran on until the process ends (64 MiB each on the H200), so a fresh
+    stream per capture left one behind for each engine created."""
+    return torch.cuda.Stream(device)
+
+
 @torch.inference_mode()
 def _capture(
     sizes: Sequence[int],
@@ -113,7 +123,7 @@ def _capture(
             forward(b)
         return {b: _Replay(None, lambda b=b: forward(b), None) for b in sizes}  # type: ignore[misc]
     replays: dict[int, _Replay] = {}
-    side = torch.cuda.Stream()
+    side = _warmup_stream(torch.cuda.current_device())
     for b in sorted(sizes, reverse=True):
         prepare(b)
         side.wait_stream(torch.cuda.current_stream())  # the buffers' copies are done
@@ -133,10 +143,12 @@ class _Graphs:
     """What both kinds share: the runner, the dummy slot, paged tables, placeholder feeding."""
 
     buf: _Staging  # set by each kind before its capture
+    metas: dict[int, AttentionMetadata]
 
-    def __init__(self, runner: ModelRunner, dummy_slot: int) -> None:
+    def __init__(self, runner: ModelRunner, dummy_slot: int, pool: Any) -> None:
         self.runner = runner
         self.dummy_slot = dummy_slot
+        self.emulated = pool is None
         self.paged = runner.attn.paged
         self.block_size = runner.block_size
         self.width = -(-runner.max_model_len // runner.block_size) if self.paged else 0
@@ -153,6 +165,11 @@ class _Graphs:
         bs = self.block_size
         return tables[req, pos // bs].astype(np.int64) * bs + pos % bs
 
+    def meta(self, b: int) -> AttentionMetadata:
+        """Bucket `b`'s metadata. Emulated, a new object per run: backends build their per-step
+        plans once per metadata object, and a replay redoes the plan's recorded device work."""
+        return dataclasses.replace(self.metas[b]) if self.emulated else self.metas[b]
+
     def feed(
         self, ids: list[int], starts: list[int], out: SchedulerOutput, prev: StepResult | None
     ) -> None:
@@ -168,7 +185,7 @@ class DecodeGraphs(_Graphs):
     """Decode-only steps, one graph per batch-size bucket."""
 
     def __init__(self, runner: ModelRunner, sizes: list[int], dummy_slot: int, pool: Any) -> None:
-        super().__init__(runner, dummy_slot)
+        super().__init__(runner, dummy_slot, pool)
         self.sizes = sorted(sizes)
         self.max_size = n = self.sizes[-1]
         fields: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
@@ -208,7 +225,7 @@ class DecodeGraphs(_Graphs):
 
     def _forward(self, b: int) -> torch.Tensor:
         model = self.runner.model
-        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.metas[b], self.runner.attn)
+        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.meta(b), self.runner.attn)
         return model.compute_logits(hidden)
 
     def _fill(self, out: SchedulerOutput | None) -> list[int]:
@@ -273,7 +290,7 @@ class MixedGraphs(_Graphs):
         max_prefills: int,
         pool: Any,
     ) -> None:
-        super().__init__(runner, dummy_slot)
+        super().__init__(runner, dummy_slot, pool)
         self.sizes = sorted(sizes)
         self.max_tokens = t = self.sizes[-1]
         self.num_reqs = nb = max_num_seqs + 1  # at least one padding request (the dummy)
@@ -346,7 +363,7 @@ class MixedGraphs(_Graphs):
 
     def _forward(self, b: int) -> torch.Tensor:
         model = self.runner.model
-        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.metas[b], self.runner.attn)
+        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.meta(b), self.runner.attn)
         return model.compute_logits(hidden[self.buf["sample"][: min(b, self.num_decode)]])
 
     def _fill(self, out: SchedulerOutput, b: int) -> tuple[list[int], list[int]]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from vattention.attention import create_backend
+from vattention.attention import create_backend, get_backend_class
 from vattention.engine.cuda_graphs import mixed_token_sizes
 from vattention.engine.memory_profile import MemoryProfile, profile_memory
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
@@ -156,6 +156,11 @@ class LLMEngine:
         )
         if device.type == "cpu" and config.kv_cache == "paged" and config.attention_backend is None:
             backend = "paged_torch"
+        if get_backend_class(backend).decode_only:
+            raise ValueError(
+                f"attention backend {backend!r} runs decode steps only; the engine also runs "
+                f"prefills (use 'auto', which takes it for decode steps)"
+            )
         batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
         sched_config = SchedulerConfig(
             config.max_num_seqs, max(batched, config.max_num_seqs), max_len

@@ -140,8 +140,11 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.join_seconds = 0.0  # spent joining the cache's background mapping (a benchmark stat)
         self.graph_steps = {"decode": 0, "mixed": 0, "eager": 0}  # steps run each way
+        # Graphs only where the backend can run such a step from device tensors alone (else
+        # it would read the padding that a captured step's host lists hold): eager otherwise.
         block_m = getattr(attn, "mixed_graph_block_m", None)
         mixed_sizes = sorted(set(mixed_sizes)) if block_m else []
+        graph_sizes = graph_sizes if attn.supports_decode_graphs else ()
         if graph_sizes or mixed_sizes:
             if device.type != "cuda" and not emulate_graphs:
                 raise ValueError("CUDA graphs need a CUDA device")

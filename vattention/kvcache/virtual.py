@@ -172,7 +172,7 @@ class VirtualKVCache:
         targets = self._normalize(lengths)
         with self._lock:
             before = self._map_calls
-            self._back(self._growth(targets))
+            self._back(self._growth(targets), targets)
             self._blocking_map_calls += self._map_calls - before
             for s, n in targets.items():
                 self._lengths[s] = n
@@ -232,7 +232,7 @@ class VirtualKVCache:
         with self._lock:
             growth = self._growth(targets)
             need = self._pages_needed(growth)
-            return need <= self._pool.obtainable + self._reclaimable() + self._trimmable(growth)
+            return need <= self._pool.obtainable + self._reclaimable() + self._trimmable(targets)
 
     def prefill_pool(self, num_pages: int) -> None:
         """Create up to `num_pages` free pages now (within the budget), off the critical path."""
@@ -263,7 +263,7 @@ class VirtualKVCache:
         with self._lock:
             # A slot freed since `step_async` was called is left alone (it has no live tokens).
             targets = {s: n for s, n in targets.items() if self._used[s]}
-            self._back(self._growth(targets))
+            self._back(self._growth(targets), targets)
             for s, n in targets.items():
                 self._lengths[s] = n
         if not self._map_ahead(reserve, max_pieces):
@@ -312,7 +312,7 @@ class VirtualKVCache:
                         break
                     if add * self.layout.num_buffers > self._pool.obtainable:
                         return False
-                    self._back({s: have + add}, reclaim=False)
+                    self._back({s: have + add})
                     if not in_use:
                         self._prepared[s] = True
                     pieces += 1
@@ -326,35 +326,41 @@ class VirtualKVCache:
         n = sum(len(self._pages[s]) for s in range(self.spec.max_slots) if not self._used[s])
         return n * self.layout.num_buffers
 
-    def _trimmable(self, exclude: set[int] | dict[int, int]) -> int:
-        """Look-ahead pages of used slots (beyond what their live tokens need), but those of
-        `exclude`: the first memory to give back when the pool runs short."""
-        pages_for = self.layout.pages_for
+    def _spare(self, slot: int, targets: dict[int, int]) -> int:
+        """Pages of a used slot beyond what its live tokens need: its current length, or the
+        length `targets` (a step in progress) gives it, whichever is longer."""
+        live = max(self._lengths[slot], targets.get(slot, 0))
+        return len(self._pages[slot]) - self.layout.pages_for(live)
+
+    def _trimmable(self, targets: dict[int, int]) -> int:
+        """Look-ahead pages of used slots (see `_spare`): the first memory to give back when
+        the pool runs short."""
         n = sum(
-            max(0, len(self._pages[s]) - pages_for(self._lengths[s]))
-            for s in range(self.spec.max_slots)
-            if self._used[s] and s not in exclude
+            max(0, self._spare(s, targets)) for s in range(self.spec.max_slots) if self._used[s]
         )
         return n * self.layout.num_buffers
 
-    def _back(self, pages: dict[int, int], reclaim: bool = True) -> None:
+    def _back(self, pages: dict[int, int], targets: dict[int, int] | None = None) -> None:
         """Map pages so each slot in `pages` has at least that many; all-or-nothing.
 
-        With `reclaim`, a short pool is topped up from free slots' pages, then from other used
-        slots' look-ahead (never from their live tokens' pages)."""
+        With `targets` (the lengths the step sets), a short pool is topped up from free slots'
+        pages, then from used slots' look-ahead (never from the pages of their live tokens, nor
+        of the tokens `targets` gives them); without, only from the pool."""
         self._check_open()
         need = self._pages_needed(pages)
         if need == 0:
             return
-        reclaimable = self._reclaimable() + self._trimmable(pages) if reclaim else 0
+        reclaimable = 0
+        if targets is not None:
+            reclaimable = self._reclaimable() + self._trimmable(targets)
         if need > self._pool.obtainable + reclaimable:
             self._raise_oom(need, self._pool.obtainable + reclaimable)
         if need > len(self._pool.free):
             self._pool.refill(need)  # creation may hit device OOM, which lowers the budget
         if need > len(self._pool.free) + reclaimable:
             self._raise_oom(need, len(self._pool.free) + reclaimable)
-        if need > len(self._pool.free):
-            self._reclaim(need - len(self._pool.free), exclude=pages)
+        if targets is not None and need > len(self._pool.free):
+            self._reclaim(need - len(self._pool.free), targets)
         handles = self._pool.take(need)
         done: list[tuple[int, int]] = []  # (slot, first new page) for rollback
         try:
@@ -401,10 +407,11 @@ class VirtualKVCache:
             pages.pop()
         self._cap_tokens[slot] = len(pages) * self.page_size // self.layout.buffer_token_bytes
 
-    def _reclaim(self, need: int, exclude: set[int] | dict[int, int] | None = None) -> None:
+    def _reclaim(self, need: int, targets: dict[int, int]) -> None:
         """Take at least `need` pages back: from free slots first (leftovers before pages
         prepared for upcoming requests, smallest slots first), then from the look-ahead of used
-        slots not in `exclude` (largest look-ahead first), never below a slot's live tokens."""
+        slots (largest look-ahead first), never below a slot's live tokens or its length in
+        `targets` (see `_spare`)."""
         nbuf = self.layout.num_buffers
         free = [s for s in range(self.spec.max_slots) if not self._used[s] and self._pages[s]]
         self._backend.synchronize()
@@ -414,13 +421,7 @@ class VirtualKVCache:
             count = min(len(self._pages[s]), -(-need // nbuf))
             self._unmap_tail(s, count)
             need -= count * nbuf
-        skip = exclude or ()
-        pages_for = self.layout.pages_for
-        spare = {
-            s: len(self._pages[s]) - pages_for(self._lengths[s])
-            for s in range(self.spec.max_slots)
-            if self._used[s] and s not in skip
-        }
+        spare = {s: self._spare(s, targets) for s in range(self.spec.max_slots) if self._used[s]}
         for s in sorted(spare, key=lambda s: -spare[s]):
             if need <= 0:
                 return
