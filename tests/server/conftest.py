@@ -106,6 +106,24 @@ def serving(
         sock.close()
 
 
+@contextlib.contextmanager
+def slowed(engine: AsyncEngine, seconds: float = 0.02) -> Iterator[None]:
+    """Each engine step takes at least `seconds` more inside the block, so a test can observe a
+    request mid-generation however fast the machine runs the tiny model."""
+    real = engine.call_sync(lambda e: e.step)
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    engine.call_sync(lambda e: setattr(e, "step", step))
+    try:
+        yield
+    finally:
+        if engine.healthy:  # a stopped engine has nothing left to restore
+            engine.call_sync(lambda e: e.__dict__.pop("step", None))
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

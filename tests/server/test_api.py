@@ -18,7 +18,15 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import CHAT_TEMPLATE, MODEL, Running, engine_config, idle, serving
+from tests.server.conftest import (
+    CHAT_TEMPLATE,
+    MODEL,
+    Running,
+    engine_config,
+    idle,
+    serving,
+    slowed,
+)
 from tests.server.conftest import wait_until as wait_for
 from vattention import LLM, SamplingParams
 from vattention.engine.outputs import RequestOutput
@@ -253,6 +261,7 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
     body = {"model": MODEL, "prompt": "Go on and on", "max_tokens": 200, "ignore_eos": True,
             "temperature": 0, "stream": True}  # fmt: skip
     with (
+        slowed(served.engine),  # 200 steps take >= 4 s: still running when we look
         httpx.Client(timeout=30) as http,
         http.stream("POST", served.base_url + "/completions", json=body) as response,
     ):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.conftest import MAX_MODEL_LEN, VOCAB, engine_config, idle, wait_until
+from tests.server.conftest import MAX_MODEL_LEN, VOCAB, engine_config, idle, slowed, wait_until
 from vattention import SamplingParams
 from vattention.server.async_engine import AsyncEngine, EngineShutdownError, EngineStepError
 
@@ -82,7 +82,8 @@ def test_a_consumer_that_stops_aborts_its_request(engine: AsyncEngine, how: str)
             with pytest.raises(asyncio.CancelledError):
                 await task
 
-    asyncio.run(main())
+    with slowed(engine):  # 200 steps take >= 4 s: the consumer stops long before the end
+        asyncio.run(main())
     wait_until(lambda: idle(engine), what="the aborted request to free its slot")
     stats = engine.call_sync(lambda e: e.cache.stats())
     assert stats.slots_used == 0 and stats.used_mapped_bytes == 0

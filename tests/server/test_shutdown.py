@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL, engine_config, serving, wait_until
+from tests.server.conftest import MODEL, engine_config, serving, slowed, wait_until
 from vattention.server.async_engine import AsyncEngine
 from vattention.server.serve import free_port
 
@@ -42,7 +42,7 @@ def test_stop_with_a_request_in_flight_closes_the_cache(model_dir: Path) -> None
         finally:
             started.set()
 
-    with serving(engine, graceful_shutdown_s=0.1) as running:
+    with serving(engine, graceful_shutdown_s=0.1) as running, slowed(engine):
         client = threading.Thread(target=stream, args=(running.base_url + "/completions",))
         client.start()
         assert started.wait(30) and lines

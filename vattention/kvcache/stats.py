@@ -3,6 +3,8 @@
 Every mapped byte is accounted for: `mapped = used_mapped + reclaimable`, where
 `used_mapped = live + slack + lookahead` (used slots) and `prepared <= reclaimable` are the
 free slots' pages mapped ahead for upcoming requests (the rest is deferred reclamation).
+These count mappings: a prefix page mapped into several slots counts once per slot, and
+`shared_saved_bytes` is what those extra mappings did not cost in physical memory.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class KVCacheStats:
     lookahead_bytes: int = 0  # pages mapped ahead, beyond those the live tokens need
     # Part of `reclaimable_bytes`: free slots' pages mapped for the requests expected next.
     prepared_bytes: int = 0
+    # Prefix sharing (`VirtualKVCache.cache_pages` / `map_cached`): physical pages in the
+    # prefix table, those of them no slot maps (evictable), the bytes extra mappings of shared
+    # pages would have cost as copies, and the pages served to `map_cached` so far.
+    prefix_bytes: int = 0
+    prefix_idle_bytes: int = 0
+    shared_saved_bytes: int = 0
+    prefix_hit_pages: int = 0
 
     @property
     def internal_fragmentation(self) -> float:

@@ -7,8 +7,12 @@ see ordinary dense tensors (`k_cache(layer)[slot, :length]`) whose addresses nev
 Invariants (checked by `check_integrity`):
 - a slot's mapped pages form a prefix: pages `[0, mapped(slot))` are mapped in every buffer, and
   a used slot's first `length(slot)` tokens lie inside them;
-- every created page is either in the pool (mapped nowhere) or mapped exactly once;
-  `created <= budget`;
+- every created page is in exactly one of: the pool (mapped nowhere, in no prefix row), mapped
+  in slots, or held by the prefix table (`prefix.py`); only pages of prefix rows are mapped
+  more than once (zero-copy sharing), and `created <= budget`;
+- prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a free
+  slot that maps any is unmapped (after a device sync) before `alloc_slot` hands it out, so no
+  request ever writes into a shared page;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
 - a free slot keeps its pages (deferred reclamation); pages are taken back from free slots only
@@ -21,13 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from vattention.kvcache.layout import CacheLayout
 from vattention.kvcache.pool import PagePool
+from vattention.kvcache.prefix import PrefixTable
 from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
@@ -115,6 +120,9 @@ class VirtualKVCache:
         self._cap_tokens = [0] * n  # tokens the mapped pages of each slot can hold
         self._used = [False] * n
         self._prepared = [False] * n  # a free slot mapped ahead for an upcoming request
+        self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
+        self._refs: dict[int, int] = {}  # handle -> slots mapping it
+        self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._interrupt = threading.Event()
@@ -132,13 +140,17 @@ class VirtualKVCache:
 
     # -- slots ------------------------------------------------------------------------------
     def alloc_slot(self) -> int:
-        """A free slot, preferring the one with the most pages still mapped."""
+        """A free slot, preferring the one with the most pages still mapped (and one that maps
+        no prefix row: such a slot is unmapped first, after a device sync)."""
         with self._lock:
             self._check_open()
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
             if not free:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
-            slot = max(free, key=lambda s: (len(self._pages[s]), -s))
+            slot = max(free, key=lambda s: (not self._shares(s), len(self._pages[s]), -s))
+            if self._shares(slot):  # its pages may still be read by queued GPU work
+                self._backend.synchronize()
+                self._unmap_tail(slot, len(self._pages[slot]))
             self._used[slot] = True
             self._prepared[slot] = False
             self._lengths[slot] = 0
@@ -161,6 +173,125 @@ class VirtualKVCache:
     def mapped_pages(self, slot: int) -> int:
         """Pages mapped per buffer for `slot`."""
         return len(self._pages[slot])
+
+    # -- prefix sharing ---------------------------------------------------------------------
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens one page holds (per buffer); prefix sharing needs it whole."""
+        tb = self.layout.buffer_token_bytes
+        if self.page_size % tb:
+            raise ValueError(
+                f"prefix sharing needs whole tokens per page: {self.page_size}-byte pages, "
+                f"{tb} bytes a token"
+            )
+        return self.page_size // tb
+
+    def cached_prefix(self, keys: Sequence[Hashable]) -> int:
+        """How many leading page keys the prefix table holds (nothing changes)."""
+        with self._lock:
+            return self._table.match(keys)
+
+    def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """Map the prefix rows of `keys` (all cached) as the first pages of `slot`, a used slot
+        with no live token; returns the tokens they hold, now `slot`'s length. No page is
+        created or copied: the same physical pages serve every slot that maps them."""
+        with self._lock:
+            self._check_slot(slot)
+            if self._lengths[slot]:
+                raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
+            per_page = self.tokens_per_page
+            if self._table.match(keys) < len(keys):
+                raise ValueError("map_cached: not every key has a cached row")
+            rows = self._table.rows(keys)
+            pages = self._pages[slot]
+            nbuf, ps = self.layout.num_buffers, self.page_size
+            if pages[: len(rows)] and any(
+                tuple(r) != row for r, row in zip(pages, rows, strict=False)
+            ):
+                self._backend.synchronize()  # its old pages may still be read by queued work
+            for i, row in enumerate(rows):
+                if i < len(pages):
+                    if tuple(pages[i]) == row:
+                        continue
+                    for buf, h in enumerate(pages[i]):
+                        self._backend.unmap(self._base + self.layout.page_offset(buf, slot, i))
+                        self._unmap_calls += 1
+                        self._release(h)
+                    pages[i] = []
+                else:
+                    pages.append([])
+                for buf, h in enumerate(row):
+                    self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
+                    self._map_calls += 1
+                    self._acquire(h)
+                    pages[i].append(h)
+            if rows:
+                for buf in range(nbuf):
+                    self._backend.set_access(
+                        self._base + self.layout.page_offset(buf, slot, 0), len(rows) * ps
+                    )
+                    self._access_calls += 1
+            self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
+            self._lengths[slot] = len(rows) * per_page
+            return self._lengths[slot]
+
+    def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """Publish the first `len(keys)` pages of used `slot` (each fully written with final
+        tokens: `len(keys) * tokens_per_page <= length(slot)`) under `keys`, for other slots
+        to map; keys already cached are left as they are. Returns how many rows were added."""
+        with self._lock:
+            self._check_slot(slot)
+            if len(keys) * self.tokens_per_page > self._lengths[slot]:
+                raise ValueError(
+                    f"slot {slot}: {len(keys)} pages asked, but only "
+                    f"{self._lengths[slot] // self.tokens_per_page} are full of live tokens"
+                )
+            added = 0
+            for key, row in zip(keys, self._pages[slot], strict=False):
+                if key in self._table or any(self._table.holds(h) for h in row):
+                    continue
+                self._table.add(key, row)
+                added += 1
+            return added
+
+    def _shares(self, slot: int) -> bool:
+        """Whether `slot` maps prefix rows (always its leading pages)."""
+        pages = self._pages[slot]
+        return bool(pages) and self._table.holds(pages[0][0])
+
+    def _acquire(self, handle: int) -> None:
+        n = self._refs.get(handle, 0)
+        if n == 0 and self._table.holds(handle):
+            self._idle_table_handles -= 1
+        self._refs[handle] = n + 1
+
+    def _release(self, handle: int) -> bool:
+        """One mapping of `handle` fewer; True if it went back to the pool."""
+        n = self._refs[handle] - 1
+        if n:
+            self._refs[handle] = n
+            return False
+        del self._refs[handle]
+        if self._table.holds(handle):
+            self._idle_table_handles += 1
+            return False
+        self._pool.give([handle])
+        return True
+
+    def _evict(self, need: int) -> int:
+        """Drop least recently used prefix rows that no slot maps until `need` pages are back
+        in the pool; returns how many came back."""
+        back = 0
+        for key, row in self._table.lru():
+            if back >= need:
+                break
+            if any(h in self._refs for h in row):
+                continue
+            self._table.pop(key)
+            self._idle_table_handles -= len(row)
+            self._pool.give(list(row))
+            back += len(row)
+        return back
 
     # -- backing ----------------------------------------------------------------------------
     def ensure(self, slot: int, num_tokens: int) -> None:
@@ -249,6 +380,7 @@ class VirtualKVCache:
             for s in range(self.spec.max_slots):
                 if not self._used[s]:
                     self._unmap_tail(s, len(self._pages[s]))
+            self._evict(self._idle_table_handles)
             return self._pool.release_free() * self.page_size
 
     # -- internals --------------------------------------------------------------------------
@@ -322,9 +454,23 @@ class VirtualKVCache:
         extra = sum(max(0, p - len(self._pages[s])) for s, p in pages.items())
         return extra * self.layout.num_buffers
 
-    def _reclaimable(self) -> int:
+    def _free_mapped(self) -> int:
+        """Page mappings (all buffers) of free slots (deferred reclamation)."""
         n = sum(len(self._pages[s]) for s in range(self.spec.max_slots) if not self._used[s])
         return n * self.layout.num_buffers
+
+    def _reclaimable(self) -> int:
+        """Pages reclaiming can put back in the pool: free slots' own pages (a shared page
+        only once no slot maps it) and the prefix rows no slot maps (evicted last)."""
+        n = self._idle_table_handles
+        for s in range(self.spec.max_slots):
+            if self._used[s] or not self._pages[s]:
+                continue
+            if not self._shares(s):
+                n += len(self._pages[s]) * self.layout.num_buffers
+            else:
+                n += sum(self._refs[h] == 1 for row in self._pages[s] for h in row)
+        return n
 
     def _spare(self, slot: int, targets: dict[int, int]) -> int:
         """Pages of a used slot beyond what its live tokens need: its current length, or the
@@ -384,6 +530,7 @@ class VirtualKVCache:
             for buf in range(nbuf):
                 handle = handles.pop()
                 self._backend.map(self._base + self.layout.page_offset(buf, slot, page), handle)
+                self._refs[handle] = 1
                 row.append(handle)
                 self._map_calls += 1
         self._cap_tokens[slot] = stop * ps // self.layout.buffer_token_bytes
@@ -393,9 +540,11 @@ class VirtualKVCache:
             )
             self._access_calls += 1
 
-    def _unmap_tail(self, slot: int, count: int) -> None:
-        """Unmap the last `count` pages of `slot` into the pool."""
+    def _unmap_tail(self, slot: int, count: int) -> int:
+        """Unmap the last `count` pages of `slot`; returns how many handles went back to the
+        pool (a prefix row's pages stay with the table)."""
         pages = self._pages[slot]
+        pooled = 0
         for _ in range(count):
             page = len(pages) - 1
             row = pages[-1]
@@ -403,9 +552,10 @@ class VirtualKVCache:
                 buf = len(row) - 1
                 self._backend.unmap(self._base + self.layout.page_offset(buf, slot, page))
                 self._unmap_calls += 1
-                self._pool.give([row.pop()])
+                pooled += self._release(row.pop())
             pages.pop()
         self._cap_tokens[slot] = len(pages) * self.page_size // self.layout.buffer_token_bytes
+        return pooled
 
     def _reclaim(self, need: int, targets: dict[int, int]) -> None:
         """Take at least `need` pages back: from free slots first (leftovers before pages
@@ -418,17 +568,18 @@ class VirtualKVCache:
         for s in sorted(free, key=lambda s: (self._prepared[s], len(self._pages[s]))):
             if need <= 0:
                 return
-            count = min(len(self._pages[s]), -(-need // nbuf))
-            self._unmap_tail(s, count)
-            need -= count * nbuf
+            # a slot mapping prefix rows goes whole: they lead its pages
+            count = len(self._pages[s]) if self._shares(s) else -(-need // nbuf)
+            need -= self._unmap_tail(s, min(len(self._pages[s]), count))
         spare = {s: self._spare(s, targets) for s in range(self.spec.max_slots) if self._used[s]}
         for s in sorted(spare, key=lambda s: -spare[s]):
             if need <= 0:
                 return
             count = min(spare[s], -(-need // nbuf))
             if count > 0:
-                self._unmap_tail(s, count)
-                need -= count * nbuf
+                need -= self._unmap_tail(s, count)
+        if need > 0:
+            self._evict(need)
 
     def _raise_oom(self, need: int, available: int) -> None:
         raise OutOfKVMemory(
@@ -477,10 +628,10 @@ class VirtualKVCache:
                 page_size=ps,
                 budget_bytes=self._pool.budget * ps,
                 created_bytes=self._pool.created * ps,
-                mapped_bytes=(used_pages + self._reclaimable()) * ps,
+                mapped_bytes=(used_pages + self._free_mapped()) * ps,
                 live_bytes=live,
                 used_mapped_bytes=used_pages * ps,
-                reclaimable_bytes=self._reclaimable() * ps,
+                reclaimable_bytes=self._free_mapped() * ps,
                 pool_free_bytes=len(self._pool.free) * ps,
                 slots_used=len(used),
                 slots_free=self.spec.max_slots - len(used),
@@ -493,6 +644,10 @@ class VirtualKVCache:
                 slack_bytes=needed * ps - live,
                 lookahead_bytes=(used_pages - needed) * ps,
                 prepared_bytes=prepared * ps,
+                prefix_bytes=len(list(self._table.handles())) * ps,
+                prefix_idle_bytes=self._idle_table_handles * ps,
+                shared_saved_bytes=sum(n - 1 for n in self._refs.values()) * ps,
+                prefix_hit_pages=self._table.hits,
             )
 
     def check_integrity(self) -> None:
@@ -503,11 +658,25 @@ class VirtualKVCache:
             mapped = [h for rows in self._pages for row in rows for h in row]
             if any(len(row) != nbuf for rows in self._pages for row in rows):
                 problems.append("a page index is mapped in some buffers only")
-            handles = mapped + self._pool.free
+            table = set(self._table.handles())
+            counts: dict[int, int] = {}
+            for h in mapped:
+                counts[h] = counts.get(h, 0) + 1
+            if counts != self._refs:
+                problems.append("mapping counts differ from the reference counts")
+            if any(n > 1 and h not in table for h, n in counts.items()):
+                problems.append("a page outside the prefix table is mapped twice")
+            handles = list(set(counts) | table) + self._pool.free
             if len(set(handles)) != len(handles):
-                problems.append("a page is mapped twice or both mapped and pooled")
+                problems.append("a pooled page is also mapped or in the prefix table")
             if len(handles) != self._pool.created:
                 problems.append(f"{len(handles)} pages accounted, {self._pool.created} created")
+            if self._idle_table_handles != len(table - set(counts)):
+                problems.append("the count of prefix pages mapped nowhere is off")
+            for s in range(self.spec.max_slots):
+                shared = [any(h in table for h in row) for row in self._pages[s]]
+                if shared != sorted(shared, reverse=True):
+                    problems.append(f"slot {s}: prefix rows do not lead its pages")
             if self._pool.created > self._pool.budget:
                 problems.append("more pages created than the budget")
             for s in range(self.spec.max_slots):
@@ -542,6 +711,7 @@ class VirtualKVCache:
             self._backend.synchronize()
             for s in range(self.spec.max_slots):
                 self._unmap_tail(s, len(self._pages[s]))
+            self._evict(self._idle_table_handles)
             self._pool.release_free()
             self._k, self._v = [], []
             self._backend.release_range(self._base, self.layout.total_bytes)

@@ -1,0 +1,241 @@
+"""Zero-copy prefix sharing in `VirtualKVCache`: one physical page mapped into several slots.
+
+CPU backend (memfd pages mapped at several addresses alias, as CUDA handles do): published pages
+read the same through every slot that maps them, writes through one view show in the others
+(no copy), nothing is created to share, a free slot mapping shared pages is scrubbed before it
+is handed out again, idle rows are evicted last when memory is short, and a random sequence of
+operations (hypothesis) never frees a mapped page, leaks one, or changes a published row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from vattention import OutOfKVMemory, VirtualKVCache
+from vattention.kvcache.spec import KVCacheSpec
+
+PAGE = 4096
+
+
+def _spec(layout: str = "cross_layer", slots: int = 4) -> KVCacheSpec:
+    # 2 layers x 2 heads x 16 dims x fp32: 256 bytes a token (cross-layer) -> 16 tokens a page
+    return KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, max_slots=slots,
+                       max_seq_len=160, dtype=torch.float32, layout=layout,
+                       page_size=PAGE)  # fmt: skip
+
+
+def _cache(layout: str = "cross_layer", pages: int = 64, slots: int = 4) -> VirtualKVCache:
+    spec = _spec(layout, slots)
+    nbuf = 2 if layout == "cross_layer" else 2 * spec.num_layers
+    return VirtualKVCache(spec, "cpu", budget_bytes=pages * nbuf * PAGE, lookahead_tokens=0)
+
+
+def _fill(cache: VirtualKVCache, slot: int, n: int, base: float) -> None:
+    for layer in range(cache.spec.num_layers):
+        vals = base + torch.arange(n, dtype=torch.float32) + 1000 * layer
+        cache.k_cache(layer)[slot, :n] = vals.view(n, 1, 1)
+        cache.v_cache(layer)[slot, :n] = -vals.view(n, 1, 1)
+
+
+def _read(cache: VirtualKVCache, slot: int, n: int) -> torch.Tensor:
+    layers = range(cache.spec.num_layers)
+    return torch.stack([cache.k_cache(i)[slot, :n].clone() for i in layers] +
+                       [cache.v_cache(i)[slot, :n].clone() for i in layers])  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+def test_shared_pages_alias_without_copies(layout: str) -> None:
+    with _cache(layout) as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * t + 5)
+        _fill(cache, a, 3 * t + 5, 1.0)
+        assert cache.cache_pages(a, ["p0", "p1", "p2"]) == 3
+        assert cache.cache_pages(a, ["p0"]) == 0  # already cached
+        with pytest.raises(ValueError, match="full of live tokens"):
+            cache.cache_pages(a, ["p0", "p1", "p2", "p3"])
+        created = cache.stats().created_bytes
+        b = cache.alloc_slot()
+        assert cache.cached_prefix(["p0", "p1", "x"]) == 2
+        assert cache.map_cached(b, ["p0", "p1"]) == 2 * t
+        assert cache.length(b) == 2 * t
+        assert torch.equal(_read(cache, b, 2 * t), _read(cache, a, 2 * t))
+        stats = cache.stats()
+        assert stats.created_bytes == created  # sharing created nothing
+        nbuf = cache.layout.num_buffers
+        assert stats.shared_saved_bytes == 2 * nbuf * PAGE
+        assert stats.prefix_bytes == 3 * nbuf * PAGE and stats.prefix_hit_pages == 2
+        cache.k_cache(0)[a, 3] = 77.0  # one physical page: the write shows through b
+        assert float(cache.k_cache(0)[b, 3].flatten()[0]) == 77.0
+        cache.ensure(b, 2 * t + 9)  # b grows on pages of its own
+        _fill_tail = torch.full((9, 2, 16), 5.0)
+        cache.k_cache(1)[b, 2 * t : 2 * t + 9] = _fill_tail
+        assert float(cache.k_cache(1)[a, 2 * t].flatten()[0]) != 5.0
+        cache.check_integrity()
+
+
+def test_map_cached_rejects_bad_use() -> None:
+    with _cache() as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, t)
+        cache.cache_pages(a, ["k"])
+        with pytest.raises(ValueError, match="already holds"):
+            cache.map_cached(a, ["k"])
+        b = cache.alloc_slot()
+        with pytest.raises(ValueError, match="not every key"):
+            cache.map_cached(b, ["k", "missing"])
+        assert cache.length(b) == 0
+        cache.check_integrity()
+
+
+def test_tokens_per_page_must_be_whole() -> None:
+    spec = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=16, max_slots=2, max_seq_len=64,
+                       dtype=torch.float32, page_size=PAGE)  # 384 bytes a token  # fmt: skip
+    with (
+        VirtualKVCache(spec, "cpu", budget_bytes=8 * PAGE) as cache,
+        pytest.raises(ValueError, match="whole tokens per page"),
+    ):
+        _ = cache.tokens_per_page
+
+
+def test_rows_outlive_their_slots_and_slots_are_scrubbed() -> None:
+    with _cache(slots=2) as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 2 * t)
+        _fill(cache, a, 2 * t, 3.0)
+        want = _read(cache, a, 2 * t)
+        cache.cache_pages(a, ["r0", "r1"])
+        cache.free_slot(a)
+        b = cache.alloc_slot()  # the only other slot: it has no pages
+        cache.free_slot(b)
+        c = cache.alloc_slot()  # prefers the empty slot b over a (which shares)
+        assert c == b
+        d = cache.alloc_slot()  # now a: scrubbed before it is handed out
+        assert d == a and cache.mapped_pages(d) == 0
+        assert cache.stats().prefix_idle_bytes == 2 * 2 * PAGE
+        cache.ensure(d, 2 * t)
+        _fill(cache, d, 2 * t, 99.0)  # writes into new pages, not into the rows
+        cache.free_slot(c)
+        e = cache.alloc_slot()
+        cache.map_cached(e, ["r0", "r1"])
+        assert torch.equal(_read(cache, e, 2 * t), want)
+        cache.check_integrity()
+
+
+def test_idle_rows_are_evicted_last_and_lru_first() -> None:
+    with _cache(pages=6, slots=3) as cache:  # 6 pages a buffer in all
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 4 * t)
+        cache.cache_pages(a, ["old", "mid"])  # two rows in the table
+        cache.free_slot(a)
+        b = cache.alloc_slot()
+        cache.ensure(b, t)
+        cache.cache_pages(b, ["new"])
+        cache.map_cached(cache.alloc_slot(), ["mid"])  # touch "mid": now newer than "old"
+        # b needs 4 more pages a buffer: the pool's last one, a's two own pages (unmapping a
+        # leaves "old" idle and "mid" still mapped), then the idle "old" row
+        cache.ensure(b, 5 * t)
+        assert cache.cached_prefix(["old"]) == 0
+        assert cache.cached_prefix(["mid"]) == 1 and cache.cached_prefix(["new"]) == 1
+        with pytest.raises(OutOfKVMemory):  # "mid" and "new" are mapped: never evicted
+            cache.ensure(b, 6 * t)
+        cache.check_integrity()
+
+
+class SharingMachine(RuleBasedStateMachine):
+    """Random alloc / grow / publish / map_cached / free / trim, with the data of every row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = _cache(layout="cross_layer", pages=10, slots=4)
+        self.t = self.cache.tokens_per_page
+        self.rows: dict[str, torch.Tensor] = {}  # published key -> its page's data
+        self.chains: dict[int, list[str]] = {}  # used slot -> keys of its leading pages
+        self.published: list[list[str]] = []  # every chain published
+        self.counter = 0
+
+    def teardown(self) -> None:
+        self.cache.close()
+
+    @rule()
+    def alloc(self) -> None:
+        if self.cache.num_free_slots:
+            self.chains[self.cache.alloc_slot()] = []
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.chains))
+    def grow(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.chains)))
+        have = self.cache.length(slot)
+        n = data.draw(st.integers(have, min(have + 3 * self.t, self.cache.spec.max_seq_len)))
+        try:
+            self.cache.ensure(slot, n)
+        except OutOfKVMemory:
+            return
+        shared = len(self.chains[slot]) * self.t
+        if n > max(have, shared):  # write only tokens past what the slot already published
+            self.counter += 1
+            start = max(have, shared)
+            for layer in range(2):
+                vals = torch.full((n - start, 2, 16), float(self.counter + 10 * layer))
+                self.cache.k_cache(layer)[slot, start:n] = vals
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.chains))
+    def publish(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.chains)))
+        full = self.cache.length(slot) // self.t
+        chain = self.chains[slot]
+        keys = chain + [f"{slot}-{self.counter}-{i}" for i in range(len(chain), full)]
+        self.cache.cache_pages(slot, keys)
+        for i, key in enumerate(keys):
+            if key not in self.rows:
+                self.rows[key] = self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t].clone()
+        self.chains[slot] = keys
+        if keys:
+            self.published.append(keys)
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 0)
+    def share(self, data: st.DataObject) -> None:
+        """Map the cached part of a published chain into a new slot, as an admission would."""
+        chain = data.draw(st.sampled_from(self.published))
+        n = self.cache.cached_prefix(chain)
+        if not n:
+            return
+        slot = self.cache.alloc_slot()
+        assert self.cache.map_cached(slot, chain[:n]) == n * self.t
+        self.chains[slot] = chain[:n]
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.chains))
+    def free(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.chains)))
+        self.cache.free_slot(slot)
+        del self.chains[slot]
+
+    @rule()
+    def trim(self) -> None:
+        self.cache.trim()
+
+    @invariant()
+    def consistent(self) -> None:
+        self.cache.check_integrity()
+        for slot, chain in self.chains.items():
+            for i, key in enumerate(chain):
+                page = self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t]
+                assert torch.equal(page, self.rows[key]), (slot, key)
+
+
+SharingMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+test_sharing_state_machine = SharingMachine.TestCase
