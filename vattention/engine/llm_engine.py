@@ -29,6 +29,7 @@ its pages are created at start-up (`kv_preallocate`) and mapped only on demand. 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -95,6 +96,11 @@ class EngineConfig:
     # next step needs (which is always mapped, after the launch). Small, so that mapped memory
     # tracks live tokens; the look-ahead also yields first when memory runs short.
     kv_lookahead_tokens: int = 16
+    # Zero-copy prefix sharing (vAttention cache): a request whose prompt starts with pages
+    # other requests computed maps those physical pages into its own range and computes only
+    # the rest; full pages are published as requests run. Off by default until measured on
+    # the GPU; the paged cache has no prefix caching yet (an error if asked for).
+    enable_prefix_caching: bool = False
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -163,8 +169,9 @@ class LLMEngine:
             )
         batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
         sched_config = SchedulerConfig(
-            config.max_num_seqs, max(batched, config.max_num_seqs), max_len
-        )
+            config.max_num_seqs, max(batched, config.max_num_seqs), max_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )  # fmt: skip
         kv_dtype = next(self.model.parameters()).dtype
         spec = mcfg.kv_cache_spec(
             config.max_num_seqs + (1 if use_graphs else 0), max_len, kv_dtype, config.kv_layout,
@@ -172,7 +179,9 @@ class LLMEngine:
         )  # fmt: skip
         # What the KV budget was sized from (None: kv_cache_memory was given, or not on CUDA).
         self.memory_profile: MemoryProfile | None = None
-        budget = self._kv_budget(config, spec, backend, sched_config, use_graphs)
+        # (the profile's requests must all be computed: no prefix caching there)
+        profile_config = dataclasses.replace(sched_config, enable_prefix_caching=False)
+        budget = self._kv_budget(config, spec, backend, profile_config, use_graphs)
         self.cache = self._make_cache(config, spec, budget)
         try:
             self.attn = create_backend(

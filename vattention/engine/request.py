@@ -116,6 +116,10 @@ class Request:
             (self.eos_token_ids and not params.ignore_eos) or params.stop_token_ids or params.stop
         )
         self._generator: torch.Generator | None = None
+        # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash
+        # chain, built as needed) and how many of its slot's leading pages are published.
+        self.block_keys: list[int] = []
+        self.num_published_pages = 0
 
     def __repr__(self) -> str:
         return (

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from vattention.engine.logprobs import HostLogprobs, Logprobs
+from vattention.engine.prefix_cache import PrefixCaching
 from vattention.engine.request import FinishReason, Request, RequestStatus
 from vattention.engine.scheduling import (
     KVCacheManager,
@@ -72,6 +73,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.max_running = 0  # most requests running at once so far (a capacity statistic)
+        self.prefix: PrefixCaching | None = (
+            PrefixCaching(kv_cache) if config.enable_prefix_caching else None
+        )
         self._finished: list[Request] = []  # ended since the last update()
         self._pending: deque[SchedulerOutput] = deque()  # scheduled, not yet updated
 
@@ -175,11 +179,10 @@ class Scheduler:
             r = self.waiting[0]
             if r.num_inflight:
                 break  # preempted while a step sampling for it ran: resume once it is known
-            n = min(r.num_tokens, budget)
-            admitted = self._admit(r, n, out)
+            n = self._admit(r, budget, out)
             if r.is_finished:
                 continue  # too big even alone; try the next one
-            if not admitted:
+            if not n:
                 break
             scheduled.append(self._row(r, n))
             budget -= n
@@ -232,6 +235,12 @@ class Scheduler:
             reason = check_stop(r, token, text, max_len)  # two comparisons if length-only
             if reason is not None:
                 ended.append((r, reason))
+        if self.prefix is not None:  # before finished requests give their slots back
+            running = RequestStatus.RUNNING
+            for row in output.scheduled:
+                r = row.request
+                if r.status is running and r.slot is not None:
+                    self.prefix.publish(r, r.slot)
         if ended:
             self._finish_all(ended)
         out, self._finished = self._finished, []
@@ -279,33 +288,37 @@ class Scheduler:
                 if victim is r:
                     return refund
 
-    def _admit(self, r: Request, n: int, out: SchedulerOutput) -> bool:
-        """Give the head of `waiting` a slot backing its first n tokens.
+    def _admit(self, r: Request, budget: int, out: SchedulerOutput) -> int:
+        """Give the head of `waiting` a slot, its cached prefix (prefix caching) and backing
+        for its next chunk of at most `budget` tokens; returns the chunk's size.
 
-        False when it cannot be admitted now (no slot or no memory); a request that cannot fit
+        0 when it cannot be admitted now (no slot or no memory); a request that cannot fit
         even with nothing else running is finished with `FinishReason.KV_MEMORY`."""
         try:
             slot = self.kv_cache.alloc_slot()
         except OutOfKVMemory:
-            return False
+            return 0
+        cached = self.prefix.admit(r, slot) if self.prefix is not None else 0
+        n = min(r.num_tokens - cached, budget)
         try:
-            self.kv_cache.ensure(slot, n)
+            self.kv_cache.ensure(slot, cached + n)
         except OutOfKVMemory:
             self.kv_cache.free_slot(slot)
+            r.num_published_pages = 0
             if not self.running:  # alone and still too big: it never fits
                 self._finish(r, FinishReason.KV_MEMORY)
                 out.finished.append(r)
-            return False  # otherwise wait for running requests to give memory back
+            return 0  # otherwise wait for running requests to give memory back
         self.waiting.popleft()
-        r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, 0
+        r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, cached
         self.running.append(r)
         self.max_running = max(self.max_running, len(self.running))
-        return True
+        return n
 
     def _preempt(self, r: Request) -> None:
         self.running.remove(r)
         self.kv_cache.free_slot(_slot(r))
-        r.slot, r.num_computed_tokens = None, 0
+        r.slot, r.num_computed_tokens, r.num_published_pages = None, 0, 0
         r.status = RequestStatus.PREEMPTED
         r.num_preemptions += 1
         self.num_preemptions += 1
@@ -318,7 +331,7 @@ class Scheduler:
                 self._finish(r, reason)  # preempted since its step was scheduled: waiting
                 continue
             self.kv_cache.free_slot(_slot(r))
-            r.slot, r.num_computed_tokens = None, 0
+            r.slot, r.num_computed_tokens, r.num_published_pages = None, 0, 0
             r.status, r.finish_reason = RequestStatus.FINISHED, reason
             self.requests.pop(r.request_id, None)
             self._finished.append(r)
@@ -332,7 +345,7 @@ class Scheduler:
             self.kv_cache.free_slot(_slot(r))
         else:
             self.waiting.remove(r)
-        r.slot, r.num_computed_tokens = None, 0
+        r.slot, r.num_computed_tokens, r.num_published_pages = None, 0, 0
         r.status, r.finish_reason = RequestStatus.FINISHED, reason
         self.requests.pop(r.request_id, None)
         self._finished.append(r)

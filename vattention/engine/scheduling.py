@@ -39,11 +39,13 @@ class KVCacheManager(Protocol):
 class SchedulerConfig:
     """max_num_seqs: most running requests (slots in use); max_num_batched_tokens: token budget
     of one step (decode tokens plus prefill chunks); max_model_len: most tokens (prompt plus
-    output) one request may reach."""
+    output) one request may reach; enable_prefix_caching: admit requests over the cached pages
+    of their prompt's prefix, and publish full pages (needs a cache that shares pages)."""
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    enable_prefix_caching: bool = False  # share cached prompt pages (`engine.prefix_cache`)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):

@@ -71,6 +71,8 @@ class EngineSnapshot:
     kv_cache: str = ""
     num_steps: int = 0
     num_step_errors: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of them, served from cached pages
 
 
 class RequestStream:
@@ -367,6 +369,7 @@ class AsyncEngine:
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         sched = engine.scheduler
+        prefix = getattr(sched, "prefix", None)
         return EngineSnapshot(
             num_running=sched.num_running,
             num_waiting=sched.num_waiting,
@@ -375,6 +378,8 @@ class AsyncEngine:
             kv_cache=engine.config.kv_cache,
             num_steps=self.num_steps,
             num_step_errors=self.num_step_errors,
+            prefix_query_tokens=prefix.query_tokens if prefix is not None else 0,
+            prefix_hit_tokens=prefix.hit_tokens if prefix is not None else 0,
         )
 
 

@@ -53,6 +53,13 @@ KV_HELP = {
     "allocated_bytes": "KV bytes allocated up front (paged cache)",
     "used_bytes": "KV bytes in blocks held by running requests (paged cache)",
     "live_tokens": "Live tokens of running requests in the KV cache",
+    "slack_bytes": "Unused tails of the pages running requests' live tokens need",
+    "lookahead_bytes": "KV bytes mapped ahead of running requests (the first to be reclaimed)",
+    "prepared_bytes": "Free slots' KV bytes mapped ahead for the requests expected next",
+    "prefix_bytes": "Physical KV bytes of cached prefix pages (shared without copies)",
+    "prefix_idle_bytes": "Cached prefix KV bytes no request maps (evicted when memory is short)",
+    "shared_saved_bytes": "Physical KV bytes saved by mapping shared prefix pages, not copying",
+    "prefix_hit_pages": "Cached prefix pages mapped into admitted requests so far",
 }
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -82,6 +89,14 @@ class _EngineCollector(Collector):
         yield _counter("num_preemptions", "Requests preempted (KV memory)", s.num_preemptions)
         yield _counter("engine_steps", "Engine steps run", s.num_steps)
         yield _counter("engine_step_errors", "Engine steps that failed", s.num_step_errors)
+        yield _counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+            s.prefix_query_tokens,
+        )  # fmt: skip
+        yield _counter(
+            "prefix_cache_hits", "Prompt tokens served from cached KV pages (not computed)",
+            s.prefix_hit_tokens,
+        )  # fmt: skip
         info = GaugeMetricFamily(f"{PREFIX}kv_cache_info", "The KV cache kind", labels=["kind"])
         info.add_metric([s.kv_cache], 1.0)
         yield info

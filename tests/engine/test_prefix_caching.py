@@ -1,0 +1,107 @@
+"""Prefix caching through `LLM` on the CPU: outputs with sharing equal outputs without it.
+
+A tiny random Llama (fp32) over the vAttention cache with 4 KiB pages (4 tokens a page), so
+prompts share several pages: a common system prompt with distinct suffixes, prompts diverging
+inside a page, repeated prompts, a multi-turn conversation that resends the previous turn and
+its answer, and a budget tight enough to preempt sharers and evict idle pages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine.llm_helpers import hf_greedy, save_tiny
+from vattention import LLM, SamplingParams
+
+NEW = 6
+PARAMS = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+
+
+def _llm(path: Path, share: bool, **kw: object) -> LLM:
+    opts: dict[str, object] = dict(
+        dtype="float32", device="cpu", max_model_len=128, max_num_seqs=3,
+        max_num_batched_tokens=24, kv_page_size=4096, enable_prefix_caching=share,
+    )  # fmt: skip
+    opts.update(kw)
+    return LLM(str(path), **opts)  # type: ignore[arg-type]
+
+
+def _prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    system = torch.randint(3, 120, (21,), generator=gen).tolist()
+    out = [system + torch.randint(3, 120, (n,), generator=gen).tolist() for n in (1, 4, 9, 2)]
+    out.append(list(out[1]))  # the same prompt again
+    out.append(system[:10] + [7, 8, 9, 10, 11])  # diverges inside the third page
+    out.append(system[:8])  # ends on a page boundary: its last page must still be computed
+    return out
+
+
+def _run(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(prompts, PARAMS, use_tqdm=False)]
+
+
+def _clean(llm: LLM) -> None:
+    cache = llm.engine.cache
+    cache.check_integrity()
+    assert cache.stats().slots_used == 0
+
+
+def test_sharing_gives_the_same_outputs(tmp_path: Path) -> None:
+    hf = save_tiny("llama", tmp_path / "m")
+    batch = _prompts()
+    with _llm(tmp_path / "m", share=False) as llm:
+        want = _run(llm, batch)
+    assert want[:2] == [hf_greedy(hf, p, NEW) for p in batch[:2]]
+    with _llm(tmp_path / "m", share=True) as llm:
+        first = _run(llm, batch)  # queued requests hit what earlier ones published
+        prefix = llm.engine.scheduler.prefix
+        assert prefix is not None and prefix.hit_tokens > 0
+        hits = prefix.hit_tokens
+        again = _run(llm, batch)  # every prompt's full pages are cached now
+        assert prefix.hit_tokens - hits >= sum((len(p) - 1) // 4 * 4 for p in batch) - 8
+        stats = llm.engine.cache.stats()
+        assert stats.prefix_bytes > 0 and stats.prefix_hit_pages > 0
+        _clean(llm)
+    assert first == want and again == want
+
+
+def test_multi_turn_reuses_the_previous_answer(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m")
+    turn1 = _prompts()[2]
+    with _llm(tmp_path / "m", share=False) as llm:
+        answer = _run(llm, [turn1])[0]
+        turn2 = turn1 + answer + [17, 18, 19]
+        want = _run(llm, [turn2])
+    with _llm(tmp_path / "m", share=True) as llm:
+        assert _run(llm, [turn1])[0] == answer
+        prefix = llm.engine.scheduler.prefix
+        assert prefix is not None
+        before = prefix.hit_tokens
+        assert _run(llm, [turn2]) == want
+        # the first turn's prompt and all but its last answer token have K/V: whole pages
+        assert prefix.hit_tokens - before == (len(turn1) + len(answer) - 1) // 4 * 4
+        _clean(llm)
+
+
+def test_tight_budget_preempts_sharers_and_evicts_idle_pages(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m")
+    batch = _prompts() * 2
+    with _llm(tmp_path / "m", share=False) as llm:
+        want = _run(llm, batch)
+    # 2 x 12 pages of 4 KiB: a few requests' worth, so sharers are preempted and rows evicted
+    with _llm(tmp_path / "m", share=True, kv_cache_memory=24 * 4096) as llm:
+        got = _run(llm, batch)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.scheduler.prefix is not None
+        assert llm.engine.scheduler.prefix.hit_tokens > 0
+        _clean(llm)
+    assert got == want
+
+
+def test_paged_cache_refuses_prefix_caching(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m")
+    with pytest.raises(ValueError, match="prefix caching needs a KV cache that shares pages"):
+        _llm(tmp_path / "m", share=True, kv_cache="paged", block_size=4)

@@ -1,0 +1,72 @@
+"""Prefix caching in the scheduler: page keys of a request's tokens, hits at admission,
+publishing of full pages after each step (the cache side is `VirtualKVCache.cache_pages` /
+`map_cached`: zero-copy, one physical page mapped into every slot that shares it).
+
+A key names one page-sized block of tokens *and everything before it*: key i is a hash of
+(key i-1, the block's token ids), a chain, so equal keys mean equal prefixes (as vLLM's block
+hashes). Keys are built once per block and kept on the request (`Request.block_keys`).
+
+Rules (the invariants the scheduler keeps):
+- a hit covers whole pages and never the last token of the request's known tokens, which
+  must be computed to produce logits: at most `(num_tokens - 1) // tokens_per_page` pages;
+- only pages whose tokens all have K/V written by launched steps (`num_computed_tokens`) and
+  known ids (no placeholder) are published, before the request's slot is freed;
+- a request's published count is per slot: it restarts at 0 when the request loses its slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vattention.engine.request import Request
+
+
+def extend_keys(r: Request, num_pages: int, per_page: int) -> list[int]:
+    """`r.block_keys` extended to at least `num_pages` keys of its known tokens."""
+    keys = r.block_keys
+    ids = r.all_token_ids
+    while len(keys) < num_pages:
+        i = len(keys)
+        block = ids[i * per_page : (i + 1) * per_page]
+        keys.append(hash((keys[-1] if keys else 0, *block)))
+    return keys
+
+
+class PrefixCaching:
+    """The scheduler's side of prefix caching over a cache with `map_cached`/`cache_pages`."""
+
+    def __init__(self, cache: Any) -> None:
+        if not callable(getattr(cache, "map_cached", None)):
+            raise ValueError(
+                f"prefix caching needs a KV cache that shares pages (the vAttention cache); "
+                f"{type(cache).__name__} has none yet"
+            )
+        self.cache = cache
+        self.per_page: int = cache.tokens_per_page  # raises if pages hold partial tokens
+        self.query_tokens = 0  # prompt tokens looked up at admission
+        self.hit_tokens = 0  # of them, served from the cache (no prefill)
+
+    def admit(self, r: Request, slot: int) -> int:
+        """Map `r`'s cached leading pages into its new `slot`; returns the tokens they hold."""
+        known = r.num_tokens - r.num_inflight
+        pages = (known - 1) // self.per_page
+        self.query_tokens += known
+        if pages <= 0:
+            return 0
+        keys = extend_keys(r, pages, self.per_page)[:pages]
+        hit = self.cache.cached_prefix(keys)
+        if not hit:
+            return 0
+        tokens: int = self.cache.map_cached(slot, keys[:hit])
+        self.hit_tokens += tokens
+        r.num_published_pages = hit  # those pages are in the table already
+        return tokens
+
+    def publish(self, r: Request, slot: int) -> None:
+        """Publish `r`'s full pages whose K/V is written and whose ids are known."""
+        ready = min(r.num_computed_tokens, r.num_tokens - r.num_inflight) // self.per_page
+        if ready <= r.num_published_pages:
+            return
+        keys = extend_keys(r, ready, self.per_page)[:ready]
+        self.cache.cache_pages(slot, keys)
+        r.num_published_pages = ready
