@@ -1,6 +1,7 @@
 """Prefix caching through `LLM` on the CPU: outputs with sharing equal outputs without it.
 
-A tiny random Llama (fp32) over the vAttention cache with 4 KiB pages (4 tokens a page), so
+A tiny random Llama (fp32) over the vAttention cache with 4 KiB pages (4 tokens a page; shared
+by mapping) and over the paged cache with 4-token blocks (shared through block tables), so
 prompts share several pages: a common system prompt with distinct suffixes, prompts diverging
 inside a page, repeated prompts, a multi-turn conversation that resends the previous turn and
 its answer, and a budget tight enough to preempt sharers and evict idle pages.
@@ -20,10 +21,14 @@ NEW = 6
 PARAMS = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
 
 
-def _llm(path: Path, share: bool, **kw: object) -> LLM:
+CACHES = ["vattention", pytest.param("paged", marks=pytest.mark.paged)]
+
+
+def _llm(path: Path, share: bool, kv_cache: str = "vattention", **kw: object) -> LLM:
     opts: dict[str, object] = dict(
         dtype="float32", device="cpu", max_model_len=128, max_num_seqs=3,
-        max_num_batched_tokens=24, kv_page_size=4096, enable_prefix_caching=share,
+        max_num_batched_tokens=24, kv_page_size=4096, block_size=4, kv_cache=kv_cache,
+        enable_prefix_caching=share,
     )  # fmt: skip
     opts.update(kw)
     return LLM(str(path), **opts)  # type: ignore[arg-type]
@@ -49,13 +54,14 @@ def _clean(llm: LLM) -> None:
     assert cache.stats().slots_used == 0
 
 
-def test_sharing_gives_the_same_outputs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_sharing_gives_the_same_outputs(tmp_path: Path, kv_cache: str) -> None:
     hf = save_tiny("llama", tmp_path / "m")
     batch = _prompts()
-    with _llm(tmp_path / "m", share=False) as llm:
+    with _llm(tmp_path / "m", share=False, kv_cache=kv_cache) as llm:
         want = _run(llm, batch)
     assert want[:2] == [hf_greedy(hf, p, NEW) for p in batch[:2]]
-    with _llm(tmp_path / "m", share=True) as llm:
+    with _llm(tmp_path / "m", share=True, kv_cache=kv_cache) as llm:
         first = _run(llm, batch)  # queued requests hit what earlier ones published
         prefix = llm.engine.scheduler.prefix
         assert prefix is not None and prefix.hit_tokens > 0
@@ -68,14 +74,15 @@ def test_sharing_gives_the_same_outputs(tmp_path: Path) -> None:
     assert first == want and again == want
 
 
-def test_multi_turn_reuses_the_previous_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_multi_turn_reuses_the_previous_answer(tmp_path: Path, kv_cache: str) -> None:
     save_tiny("llama", tmp_path / "m")
     turn1 = _prompts()[2]
-    with _llm(tmp_path / "m", share=False) as llm:
+    with _llm(tmp_path / "m", share=False, kv_cache=kv_cache) as llm:
         answer = _run(llm, [turn1])[0]
         turn2 = turn1 + answer + [17, 18, 19]
         want = _run(llm, [turn2])
-    with _llm(tmp_path / "m", share=True) as llm:
+    with _llm(tmp_path / "m", share=True, kv_cache=kv_cache) as llm:
         assert _run(llm, [turn1])[0] == answer
         prefix = llm.engine.scheduler.prefix
         assert prefix is not None
@@ -86,13 +93,15 @@ def test_multi_turn_reuses_the_previous_answer(tmp_path: Path) -> None:
         _clean(llm)
 
 
-def test_tight_budget_preempts_sharers_and_evicts_idle_pages(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_tight_budget_preempts_sharers_and_evicts_idle_pages(tmp_path: Path, kv_cache: str) -> None:
     save_tiny("llama", tmp_path / "m")
     batch = _prompts() * 2
-    with _llm(tmp_path / "m", share=False) as llm:
+    with _llm(tmp_path / "m", share=False, kv_cache=kv_cache) as llm:
         want = _run(llm, batch)
-    # 2 x 12 pages of 4 KiB: a few requests' worth, so sharers are preempted and rows evicted
-    with _llm(tmp_path / "m", share=True, kv_cache_memory=24 * 4096) as llm:
+    # 24 x 4 KiB (2 x 12 pages; 24 blocks of 4 tokens): a few requests' worth, so sharers are
+    # preempted and idle pages evicted
+    with _llm(tmp_path / "m", share=True, kv_cache=kv_cache, kv_cache_memory=24 * 4096) as llm:
         got = _run(llm, batch)
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.scheduler.prefix is not None
@@ -101,7 +110,8 @@ def test_tight_budget_preempts_sharers_and_evicts_idle_pages(tmp_path: Path) -> 
     assert got == want
 
 
-def test_paged_cache_refuses_prefix_caching(tmp_path: Path) -> None:
-    save_tiny("llama", tmp_path / "m")
-    with pytest.raises(ValueError, match="prefix caching needs a KV cache that shares pages"):
-        _llm(tmp_path / "m", share=True, kv_cache="paged", block_size=4)
+def test_prefix_caching_needs_whole_tokens_per_page(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m", num_hidden_layers=3)  # 768 bytes a token (cross-layer)
+    with pytest.raises(ValueError, match="whole tokens per page"):
+        _llm(tmp_path / "m", share=True)
+    _llm(tmp_path / "m", share=False).close()  # without prefix caching any page size works

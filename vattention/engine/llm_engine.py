@@ -96,10 +96,11 @@ class EngineConfig:
     # next step needs (which is always mapped, after the launch). Small, so that mapped memory
     # tracks live tokens; the look-ahead also yields first when memory runs short.
     kv_lookahead_tokens: int = 16
-    # Zero-copy prefix sharing (vAttention cache): a request whose prompt starts with pages
-    # other requests computed maps those physical pages into its own range and computes only
-    # the rest; full pages are published as requests run. Off by default until measured on
-    # the GPU; the paged cache has no prefix caching yet (an error if asked for).
+    # Prefix caching: a request whose prompt starts with pages other requests computed reuses
+    # them and computes only the rest; full pages are published as requests run. The
+    # vAttention cache maps the same physical pages into the new request's contiguous range
+    # (zero copy); the paged cache lists the same blocks in its table (vLLM's way). Off by
+    # default until measured on the GPU.
     enable_prefix_caching: bool = False
     tokenizer: str | None = None
 

@@ -7,8 +7,10 @@ follow the table (the `paged_*` attention backends); writes use `block * block_s
 
 Invariants (checked by `check_integrity`): the pools are created zero-filled (every row finite
 until written); block 0 is the padding block, never handed out and zero-filled (padding rows of
-block tables and CUDA graphs point at it); every other block is free
-or in exactly one used slot's table; a used slot's table covers its length
+block tables and CUDA graphs point at it); every other block is free, or in exactly one used
+slot's table, or a prefix block (`cache_pages`: block-level prefix caching, vLLM's way, with
+`VirtualKVCache`'s API), which any number of tables may list and which is freed only once the
+prefix table drops it (LRU, when blocks run short) and no table lists it; a used slot's table covers its length
 (`len(table) * block_size >= length`); `ensure`/`step` are all-or-nothing (`OutOfKVMemory` leaves
 every table, length and the free list as they were); `free_slot` returns the slot's blocks at
 once; shrinking a length keeps the blocks (as `VirtualKVCache` keeps its pages mapped).
@@ -18,13 +20,14 @@ usable blocks (capped at what `max_slots` full slots need) plus the padding bloc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from vattention.kvcache.block_allocator import BlockAllocator
+from vattention.kvcache.prefix import PrefixTable
 from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.memory.errors import OutOfKVMemory
 
@@ -44,6 +47,12 @@ class PagedStats:
     live_tokens: int
     slots_used: int
     slots_free: int
+    # Block-level prefix caching: blocks in the prefix table, those no table lists (evictable),
+    # the bytes extra table entries of shared blocks would have cost as copies, blocks hit.
+    prefix_bytes: int = 0
+    prefix_idle_bytes: int = 0
+    shared_saved_bytes: int = 0
+    prefix_hit_pages: int = 0
 
     @property
     def internal_fragmentation(self) -> float:
@@ -107,6 +116,8 @@ class PagedKVCache:
         self._used = [False] * n
         self._error: OutOfKVMemory | None = None
         self._closed = False
+        self._prefix = PrefixTable()  # key -> (block,)
+        self._refs: dict[int, int] = {}  # prefix block -> tables listing it
 
     # -- tensors ----------------------------------------------------------------------------
     def k_cache(self, layer: int) -> torch.Tensor:
@@ -130,9 +141,16 @@ class PagedKVCache:
         raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
 
     def free_slot(self, slot: int) -> None:
-        """Give a slot back and return its blocks to the free list at once."""
+        """Give a slot back and return its blocks to the free list at once (a prefix block
+        stays with the prefix table)."""
         self._check_slot(slot)
-        self._alloc.free(self._tables[slot])
+        own = []
+        for b in self._tables[slot]:
+            if b in self._refs:
+                self._refs[b] -= 1
+            else:
+                own.append(b)
+        self._alloc.free(own)
         self._table_array[slot, : len(self._tables[slot])] = 0
         self._tables[slot] = []
         self._lengths[slot] = 0
@@ -168,6 +186,66 @@ class PagedKVCache:
             self._check_slot(s)
         return self._table_array[list(slots)]
 
+    # -- prefix caching ---------------------------------------------------------------------
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens of one block: the unit of prefix caching here."""
+        return self.block_size
+
+    def cached_prefix(self, keys: Sequence[Hashable]) -> int:
+        """How many leading block keys the prefix table holds (nothing changes)."""
+        return self._prefix.match(keys)
+
+    def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """List the cached blocks of `keys` (all cached) first in the table of `slot`, a used
+        slot with no token; returns the tokens they hold, now its length."""
+        self._check_slot(slot)
+        if self._lengths[slot] or self._tables[slot]:
+            raise ValueError(f"slot {slot} already holds blocks")
+        if self._prefix.match(keys) < len(keys):
+            raise ValueError("map_cached: not every key has a cached block")
+        blocks = [row[0] for row in self._prefix.rows(keys)]
+        for b in blocks:
+            self._refs[b] += 1
+        self._tables[slot] = blocks
+        self._table_array[slot, : len(blocks)] = blocks
+        self._lengths[slot] = len(blocks) * self.block_size
+        return self._lengths[slot]
+
+    def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """Publish the first `len(keys)` blocks of used `slot` (each full of final tokens)
+        under `keys`; keys already cached are left as they are. Returns how many were added."""
+        self._check_slot(slot)
+        if len(keys) * self.block_size > self._lengths[slot]:
+            raise ValueError(
+                f"slot {slot}: {len(keys)} blocks asked, but only "
+                f"{self._lengths[slot] // self.block_size} are full of live tokens"
+            )
+        added = 0
+        for key, b in zip(keys, self._tables[slot], strict=False):
+            if key in self._prefix or b in self._refs:
+                continue
+            self._prefix.add(key, (b,))
+            self._refs[b] = 1
+            added += 1
+        return added
+
+    def _idle_blocks(self) -> int:
+        return sum(1 for n in self._refs.values() if n == 0)
+
+    def _evict(self, need: int) -> None:
+        """Free least recently used prefix blocks no table lists until `need` are back."""
+        freed: list[int] = []
+        for key, (b,) in self._prefix.lru():
+            if len(freed) >= need:
+                break
+            if self._refs[b]:
+                continue
+            self._prefix.pop(key)
+            del self._refs[b]
+            freed.append(b)
+        self._alloc.free(freed)
+
     # -- backing ----------------------------------------------------------------------------
     def ensure(self, slot: int, num_tokens: int) -> None:
         """Back tokens `[0, num_tokens)` of `slot`, or raise `OutOfKVMemory` (nothing changed)."""
@@ -177,7 +255,11 @@ class PagedKVCache:
         """Batched `ensure` (a mapping slot -> tokens, or one length per slot); all-or-nothing."""
         targets = self._normalize(lengths)
         growth = self._growth(targets)
-        blocks = self._alloc.allocate(sum(growth.values()))
+        need = sum(growth.values())
+        short = need - self._alloc.num_free
+        if short > 0 and short <= self._idle_blocks():  # idle prefix blocks go last
+            self._evict(short)
+        blocks = self._alloc.allocate(need)
         at = 0
         for s, k in growth.items():
             if k:
@@ -208,7 +290,8 @@ class PagedKVCache:
 
     def can_fit(self, lengths: Lengths) -> bool:
         """Whether `step(lengths)` would succeed now (nothing is changed)."""
-        return sum(self._growth(self._normalize(lengths)).values()) <= self._alloc.num_free
+        need = sum(self._growth(self._normalize(lengths)).values())
+        return need <= self._alloc.num_free + self._idle_blocks()
 
     def _growth(self, targets: dict[int, int]) -> dict[int, int]:
         bs = self.block_size
@@ -236,15 +319,28 @@ class PagedKVCache:
             live_tokens=live,
             slots_used=len(used),
             slots_free=self.spec.max_slots - len(used),
+            prefix_bytes=len(self._refs) * self.block_bytes,
+            prefix_idle_bytes=self._idle_blocks() * self.block_bytes,
+            shared_saved_bytes=sum(max(0, n - 1) for n in self._refs.values()) * self.block_bytes,
+            prefix_hit_pages=self._prefix.hits,
         )
 
     def check_integrity(self) -> None:
         """Raise `RuntimeError` listing every broken invariant (see the module docstring)."""
         problems = self._alloc.check()
         held = [b for t in self._tables for b in t]
-        if len(set(held)) != len(held):
-            problems.append("a block is in two tables (or twice in one)")
-        if sorted(held) != [b for b in range(self.num_blocks) if self._alloc.is_held(b)]:
+        own = [b for b in held if b not in self._refs]
+        if len(set(own)) != len(own):
+            problems.append("a block outside the prefix table is in two tables (or twice in one)")
+        counts = {b: 0 for b in self._refs}
+        for b in held:
+            if b in counts:
+                counts[b] += 1
+        if counts != self._refs:
+            problems.append("prefix blocks' reference counts differ from the tables")
+        if sorted(set(held) | set(self._refs)) != [
+            b for b in range(self.num_blocks) if self._alloc.is_held(b)
+        ]:
             problems.append("the tables and the allocator disagree on the held blocks")
         for s in range(self.spec.max_slots):
             if len(self._tables[s]) * self.block_size < self._lengths[s]:
