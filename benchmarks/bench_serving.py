@@ -6,7 +6,10 @@ Traces (seeded, token-id prompts, greedy, ignore EOS, every request submitted at
   outputs uniform in [32, 1024];
 - `long-prompt`: prompts uniform in [2048, 7168], outputs uniform in [32, 512];
 - `long-context`: prompts uniform in [16K, 64K], outputs uniform in [64, 256] (use a long-context
-  preset: `llama-3.1-8b` or `yi-6b-200k`).
+  preset: `llama-3.1-8b` or `yi-6b-200k`);
+- `shared-prefix`: one system prompt of `--prefix-len` tokens (default 4096) before every
+  prompt, distinct suffixes uniform in [32, 256], outputs uniform in [64, 256]: run it with
+  systems `vattention+prefix,paged+prefix,vattention,paged` (`+prefix`: prefix caching on).
 
     python benchmarks/bench_serving.py --model yi-6b --trace uneven --out benchmarks/results/serving/x
     python benchmarks/bench_serving.py --quick          # CPU smoke test on the tiny preset
@@ -38,7 +41,7 @@ from vattention import LLM  # noqa: E402
 from vattention.bench import run_requests  # noqa: E402
 from vattention.models.presets import get_preset  # noqa: E402
 
-TRACES = ("fixed", "uneven", "long-prompt", "long-context")
+TRACES = ("fixed", "uneven", "long-prompt", "long-context", "shared-prefix")
 
 
 def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -62,15 +65,23 @@ def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple
         prompt_lens, out_lens = uniform(2048, 7168), uniform(32, 512)
     elif args.trace == "long-context":
         prompt_lens, out_lens = uniform(16384, 65536), uniform(64, 256)
+    elif args.trace == "shared-prefix":
+        prompt_lens, out_lens = uniform(32, 256), uniform(64, 256)  # suffixes, below
     else:
         raise ValueError(f"unknown trace {args.trace!r}; known: {TRACES}")
     if args.quick:  # shrink to the tiny preset's scale
         prompt_lens = [max(4, p // scale) for p in prompt_lens]
         out_lens = [max(2, o // scale) for o in out_lens]
+    prefix: list[int] = []
+    if args.trace == "shared-prefix":
+        n = max(1, min(args.prefix_len // scale, max_len // 2))
+        prefix = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
     trace = []
     for p, o in zip(prompt_lens, out_lens, strict=True):
-        p = min(p, max_len - o - 1)
-        ids = torch.randint(10, vocab - 10, (p,), generator=gen).tolist()
+        if prefix:  # leave room for the shared prefix
+            o = min(o, max_len // 4)
+        p = max(1, min(p, max_len - o - 1 - len(prefix)))
+        ids = prefix + torch.randint(10, vocab - 10, (p,), generator=gen).tolist()
         trace.append((ids, o))
     return trace
 
@@ -98,6 +109,10 @@ def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
         "samples": float(len(rows)),
         "running_mean": sum(s.get("running", 0.0) for s in rows) / len(rows),
     }
+    if "shared_saved_bytes" in rows[0]:  # physical: a shared page counts once
+        phys = [s[held_key] - s["shared_saved_bytes"] for s in rows]
+        out["physical_over_live_mean"] = sum(phys) / sum(s["live_bytes"] for s in rows)
+        out["shared_saved_bytes_max"] = max(s["shared_saved_bytes"] for s in rows)
     for key in ("slack_bytes", "lookahead_bytes", "reclaimable_bytes", "prepared_bytes"):
         if key in rows[0]:
             out[key.replace("_bytes", "_share_of_live")] = sum(s[key] for s in rows) / sum(
@@ -124,11 +139,15 @@ def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, float]:
     }
 
 
-def engine_options(args: argparse.Namespace, kv_cache: str, max_len: int) -> dict[str, Any]:
+def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[str, Any]:
+    """LLM options of `system`: a cache kind, with `+prefix` for prefix caching."""
+    kv_cache, _, extra = system.partition("+")
+    if extra not in ("", "prefix"):
+        raise ValueError(f"unknown system {system!r}: a cache kind, optionally with '+prefix'")
     opts: dict[str, Any] = dict(
         kv_cache=kv_cache, load_format="dummy", dtype=args.dtype, max_model_len=max_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-        enforce_eager=args.eager, device=args.device,
+        enforce_eager=args.eager, device=args.device, enable_prefix_caching=extra == "prefix",
     )  # fmt: skip
     if args.quick:
         opts["kv_page_size"] = 64 * 1024
@@ -155,6 +174,8 @@ def run_system(
     args: argparse.Namespace, kv_cache: str, trace: list[tuple[list[int], int]], max_len: int
 ) -> dict[str, Any]:
     opts = engine_options(args, kv_cache, max_len)
+    system = kv_cache
+    kv_cache = system.partition("+")[0]
     t0 = time.perf_counter()
     llm = LLM(args.model, **opts)
     setup = time.perf_counter() - t0
@@ -163,13 +184,14 @@ def run_system(
         engine = llm.engine
         engine.timings = dict.fromkeys(engine.timings, 0.0)
         preempt0 = engine.scheduler.num_preemptions
+        hit0 = getattr(engine.scheduler.prefix, "hit_tokens", 0)
         engine.scheduler.max_running = 0
         samples: list[dict[str, float]] = []
         seconds, generated, steps = run_trace(llm, trace, samples)
         prompt_tokens = sum(len(ids) for ids, _ in trace)
         result: dict[str, Any] = {
-            "system": f"vattention engine, kv_cache={kv_cache}",
-            "kv_cache": kv_cache,
+            "system": f"vattention engine, {system}",
+            "kv_cache": system,
             "attention_backend": type(engine.attn).__name__,
             "cuda_graphs": engine.runner.graphs is not None,
             "seconds": seconds,
@@ -179,6 +201,7 @@ def run_system(
             "total_tok_per_s": (generated + prompt_tokens) / seconds,
             "preemptions": engine.scheduler.num_preemptions - preempt0,
             "max_running": engine.scheduler.max_running,
+            "prefix_hit_tokens": getattr(engine.scheduler.prefix, "hit_tokens", 0) - hit0,
             "setup_s": setup,
             "phase_seconds": {k: round(v, 3) for k, v in engine.timings.items()},
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
@@ -239,9 +262,19 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
             f"{r['preemptions']} | {_running(r)} | {host} | {_held(r.get('memory', {}))} |"
         )
     ok = {r["kv_cache"]: r for r in results if "error" not in r}
-    if "vattention" in ok and "paged" in ok:
-        ratio = ok["vattention"]["output_tok_per_s"] / ok["paged"]["output_tok_per_s"]
-        lines.append(f"\nvattention / paged (output tok/s, same process): **{ratio:.2f}x**")
+    for suffix in ("", "+prefix"):
+        a, b = ok.get("vattention" + suffix), ok.get("paged" + suffix)
+        if a is not None and b is not None:
+            ratio = a["output_tok_per_s"] / b["output_tok_per_s"]
+            lines.append(
+                f"\nvattention{suffix} / paged{suffix} (output tok/s, same process): "
+                f"**{ratio:.2f}x**"
+            )
+    hits = [
+        f"{r['kv_cache']} {r['prefix_hit_tokens']}" for r in ok.values() if "+" in r["kv_cache"]
+    ]
+    if hits:
+        lines.append("\nprompt tokens served from the prefix cache: " + ", ".join(hits))
     return "\n".join(lines) + "\n"
 
 
@@ -263,6 +296,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=None, help="default: per trace")
     ap.add_argument("--prompt-len", type=int, default=512, help="fixed trace")
     ap.add_argument("--output-len", type=int, default=128, help="fixed trace")
+    ap.add_argument("--prefix-len", type=int, default=4096, help="shared-prefix trace")
     ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
