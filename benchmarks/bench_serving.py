@@ -314,7 +314,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.num_requests is None:
-        args.num_requests = {"fixed": 256, "uneven": 200, "long-prompt": 128}.get(args.trace, 8)
+        args.num_requests = {
+            "fixed": 256,
+            "uneven": 200,
+            "long-prompt": 128,
+            "shared-prefix": 256,
+        }.get(args.trace, 8)
     if args.quick:
         args.model, args.dtype, args.device = "tiny", "float32", "cpu"
         args.num_requests, args.max_num_seqs = min(args.num_requests, 12), 8
