@@ -11,8 +11,10 @@ Invariants (checked by `check_integrity`):
   in slots, or held by the prefix table (`prefix.py`); only pages of prefix rows are mapped
   more than once (zero-copy sharing), and `created <= budget`;
 - prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a free
-  slot that maps any is unmapped (after a device sync) before `alloc_slot` hands it out, so no
-  request ever writes into a shared page;
+  slot that maps any is unmapped before `alloc_slot` hands it out, so no request ever writes
+  into a shared page; unmapping a freed slot's pages first waits for the device work queued
+  when it was freed (an event), which `alloc_slot` avoids by preferring slots whose work is
+  done;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
 - a free slot keeps its pages (deferred reclamation); pages are taken back from free slots only
@@ -123,6 +125,7 @@ class VirtualKVCache:
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
+        self._freed_at: list[object] = [None] * n  # device work queued when each slot was freed
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._interrupt = threading.Event()
@@ -147,9 +150,15 @@ class VirtualKVCache:
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
             if not free:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
-            slot = max(free, key=lambda s: (not self._shares(s), len(self._pages[s]), -s))
-            if self._shares(slot):  # its pages may still be read by queued GPU work
-                self._backend.synchronize()
+            done = self._backend.event_done
+
+            def rank(s: int) -> tuple[bool, bool, int, int]:
+                shares = self._shares(s)  # its pages must be unmapped before it is reused
+                return (not shares, not shares or done(self._freed_at[s]), len(self._pages[s]), -s)
+
+            slot = max(free, key=rank)
+            if self._shares(slot):  # queued work may still read its pages: wait for it alone
+                self._backend.wait_event(self._freed_at[slot])
                 self._unmap_tail(slot, len(self._pages[slot]))
             self._used[slot] = True
             self._prepared[slot] = False
@@ -162,6 +171,7 @@ class VirtualKVCache:
             self._check_slot(slot)
             self._used[slot] = False
             self._lengths[slot] = 0
+            self._freed_at[slot] = self._backend.record_event()
 
     @property
     def num_free_slots(self) -> int:
@@ -208,7 +218,8 @@ class VirtualKVCache:
             if pages[: len(rows)] and any(
                 tuple(r) != row for r, row in zip(pages, rows, strict=False)
             ):
-                self._backend.synchronize()  # its old pages may still be read by queued work
+                # its old pages may still be read by work queued before it was freed
+                self._backend.wait_event(self._freed_at[slot])
             for i, row in enumerate(rows):
                 if i < len(pages):
                     if tuple(pages[i]) == row:

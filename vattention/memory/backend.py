@@ -18,6 +18,7 @@ The allocator (`vattention.kvcache.virtual`) decides what to map where; backends
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
@@ -80,6 +81,18 @@ class MemoryBackend(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - a no-op where the device is the host
         """Wait until earlier device work is done (before unmapping what kernels may read)."""
+        return None
+
+    def record_event(self) -> Any:
+        """A marker of the device work queued so far (None where the device is the host)."""
+        return None
+
+    def event_done(self, event: Any) -> bool:
+        """Whether the work before `event` has finished (without waiting)."""
+        return True
+
+    def wait_event(self, event: Any) -> None:  # noqa: B027 - a no-op where the device is the host
+        """Wait for the work before `event` only (later work may still run)."""
         return None
 
     @abstractmethod

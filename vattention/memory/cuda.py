@@ -239,6 +239,18 @@ class CudaBackend(MemoryBackend):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def record_event(self) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def event_done(self, event: Any) -> bool:
+        return event is None or bool(event.query())
+
+    def wait_event(self, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+
     @property
     def num_pages(self) -> int:
         return len(self._pages)
