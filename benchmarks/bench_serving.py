@@ -9,7 +9,11 @@ Traces (seeded, token-id prompts, greedy, ignore EOS, every request submitted at
   preset: `llama-3.1-8b` or `yi-6b-200k`);
 - `shared-prefix`: one system prompt of `--prefix-len` tokens (default 4096) before every
   prompt, distinct suffixes uniform in [32, 256], outputs uniform in [64, 256]: run it with
-  systems `vattention+prefix,paged+prefix,vattention,paged` (`+prefix`: prefix caching on).
+  systems `vattention+prefix,paged+prefix,vattention,paged` (`+prefix`: prefix caching on);
+- `multi-turn`: conversations (default 64) of `--turns` turns (default 4): the first prompt
+  uniform in [256, 1024] tokens, each later turn resends the conversation so far (prompts and
+  the model's answers) plus 32-128 new user tokens; outputs uniform in [64, 256]. Every
+  conversation's turn k is submitted once all turns k-1 are answered.
 
     python benchmarks/bench_serving.py --model yi-6b --trace uneven --out benchmarks/results/serving/x
     python benchmarks/bench_serving.py --quick          # CPU smoke test on the tiny preset
@@ -41,7 +45,7 @@ from vattention import LLM  # noqa: E402
 from vattention.bench import run_requests  # noqa: E402
 from vattention.models.presets import get_preset  # noqa: E402
 
-TRACES = ("fixed", "uneven", "long-prompt", "long-context", "shared-prefix")
+TRACES = ("fixed", "uneven", "long-prompt", "long-context", "shared-prefix", "multi-turn")
 
 
 def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple[list[int], int]]:
@@ -65,6 +69,8 @@ def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple
         prompt_lens, out_lens = uniform(2048, 7168), uniform(32, 512)
     elif args.trace == "long-context":
         prompt_lens, out_lens = uniform(16384, 65536), uniform(64, 256)
+    elif args.trace == "multi-turn":  # the first turns; `run_turns` makes the others
+        prompt_lens, out_lens = uniform(256, 1024), uniform(64, 256)
     elif args.trace == "shared-prefix":
         prompt_lens, out_lens = uniform(32, 256), uniform(64, 256)  # suffixes, below
     else:
@@ -92,6 +98,49 @@ def run_trace(
     """Submit every request, step until idle: (seconds, output tokens, steps); see
     `vattention.bench.run_requests` (greedy, ignore EOS, no detokenizing)."""
     return run_requests(llm.engine, trace, samples)
+
+
+def run_turns(
+    llm: LLM, trace: list[tuple[list[int], int]], turns: int, seed: int,
+    samples: list[dict[str, float]] | None = None,
+) -> tuple[float, int, int, int]:  # fmt: skip
+    """The multi-turn trace: `trace` holds each conversation's first prompt and answer length;
+    each turn is submitted at once, run to the end, then extended by the answers and new user
+    tokens. Returns (seconds, output tokens, steps, prompt tokens) over all turns."""
+    from vattention import SamplingParams
+
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(seed + 1)
+    convs = [list(ids) for ids, _ in trace]
+    seconds = 0.0
+    generated = steps = prompt_tokens = 0
+    for _ in range(turns):
+        _sync()
+        t0 = time.perf_counter()
+        owner = {}
+        for i, ids in enumerate(convs):
+            p = SamplingParams(temperature=0, max_tokens=trace[i][1], ignore_eos=True,
+                               detokenize=False)  # fmt: skip
+            owner[engine.add_request(ids, p)] = i
+        answers: dict[int, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                answers[owner[out.request_id]] = list(out.token_ids)
+            steps += 1
+            if samples is not None and steps % 16 == 0:
+                sample = engine.cache.stats().as_dict()
+                sample["running"] = float(engine.scheduler.num_running)
+                samples.append(sample)
+        _sync()
+        seconds += time.perf_counter() - t0
+        prompt_tokens += sum(len(c) for c in convs)
+        generated += sum(len(a) for a in answers.values())
+        for i in range(len(convs)):
+            n = int(torch.randint(32, 129, (), generator=gen))
+            user = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
+            convs[i] = convs[i] + answers[i] + user
+    return seconds, generated, steps, prompt_tokens
 
 
 def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -187,8 +236,13 @@ def run_system(
         hit0 = getattr(engine.scheduler.prefix, "hit_tokens", 0)
         engine.scheduler.max_running = 0
         samples: list[dict[str, float]] = []
-        seconds, generated, steps = run_trace(llm, trace, samples)
-        prompt_tokens = sum(len(ids) for ids, _ in trace)
+        if args.trace == "multi-turn":
+            seconds, generated, steps, prompt_tokens = run_turns(
+                llm, trace, args.turns, args.seed, samples
+            )
+        else:
+            seconds, generated, steps = run_trace(llm, trace, samples)
+            prompt_tokens = sum(len(ids) for ids, _ in trace)
         result: dict[str, Any] = {
             "system": f"vattention engine, {system}",
             "kv_cache": system,
@@ -297,6 +351,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512, help="fixed trace")
     ap.add_argument("--output-len", type=int, default=128, help="fixed trace")
     ap.add_argument("--prefix-len", type=int, default=4096, help="shared-prefix trace")
+    ap.add_argument("--turns", type=int, default=4, help="multi-turn trace")
     ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
@@ -319,6 +374,7 @@ def main() -> None:
             "uneven": 200,
             "long-prompt": 128,
             "shared-prefix": 256,
+            "multi-turn": 64,
         }.get(args.trace, 8)
     if args.quick:
         args.model, args.dtype, args.device = "tiny", "float32", "cpu"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,3 +37,16 @@ def test_bench_online_quick_serves_both_caches(tmp_path: Path) -> None:
         assert r["ttft_p50_ms"] > 0 and r["itl_p50_ms"] > 0
         # every generated token was seen in the stream (counted from logprobs, not text)
         assert r["output_tokens"] == r["streamed_tokens"] == r["requests"] * 4
+
+
+@pytest.mark.parametrize("trace", ["shared-prefix", "multi-turn"])
+def test_bench_serving_prefix_traces_hit_the_cache(tmp_path: Path, trace: str) -> None:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--quick",
+           "--trace", trace, "--turns", "2", "--systems", "vattention+prefix,paged+prefix",
+           "--opt", "kv_page_size=4096", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    data = json.loads((tmp_path / "results.json").read_text())
+    for r in data["results"]:
+        assert "error" not in r, r
+        assert r["prefix_hit_tokens"] > 0, r["kv_cache"]
+    assert "vattention+prefix / paged+prefix" in (tmp_path / "results.md").read_text()
