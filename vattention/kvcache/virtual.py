@@ -13,8 +13,8 @@ Invariants (checked by `check_integrity`):
 - prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a free
   slot that maps any is unmapped before `alloc_slot` hands it out, so no request ever writes
   into a shared page; unmapping a freed slot's pages first waits for the device work queued
-  when it was freed (an event), which `alloc_slot` avoids by preferring slots whose work is
-  done;
+  when it was freed (an event); `alloc_slot` prefers slots that map no shared page, then the
+  one freed first, whose work is the likeliest to be done;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
 - a free slot keeps its pages (deferred reclamation); pages are taken back from free slots only
@@ -126,6 +126,8 @@ class VirtualKVCache:
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
         self._freed_at: list[object] = [None] * n  # device work queued when each slot was freed
+        self._freed_seq = [0] * n  # order in which slots were freed
+        self._frees = 0
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
         self._interrupt = threading.Event()
@@ -150,13 +152,11 @@ class VirtualKVCache:
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
             if not free:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
-            done = self._backend.event_done
-
-            def rank(s: int) -> tuple[bool, bool, int, int]:
-                shares = self._shares(s)  # its pages must be unmapped before it is reused
-                return (not shares, not shares or done(self._freed_at[s]), len(self._pages[s]), -s)
-
-            slot = max(free, key=rank)
+            plain = [s for s in free if not self._shares(s)]
+            if plain:
+                slot = max(plain, key=lambda s: (len(self._pages[s]), -s))
+            else:  # every free slot maps shared pages: the one freed first (its work is done)
+                slot = min(free, key=lambda s: self._freed_seq[s])
             if self._shares(slot):  # queued work may still read its pages: wait for it alone
                 self._backend.wait_event(self._freed_at[slot])
                 self._unmap_tail(slot, len(self._pages[slot]))
@@ -172,6 +172,8 @@ class VirtualKVCache:
             self._used[slot] = False
             self._lengths[slot] = 0
             self._freed_at[slot] = self._backend.record_event()
+            self._frees += 1
+            self._freed_seq[slot] = self._frees
 
     @property
     def num_free_slots(self) -> int:
