@@ -221,7 +221,7 @@ class AutoBackend(ContiguousBackend):
     ) -> None:
         """Long fresh prompts: one cuDNN call each; long chunks: two (`split_chunk`)."""
         if fresh:
-            with prefer_cudnn(True):
+            with prefer_cudnn(q.is_cuda):
                 sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), fresh, self.scale, out)
         if chunks:
             split_requests(q, k_cache, v_cache, meta, self.starts(meta), chunks, self.scale, out)
