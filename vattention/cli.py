@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.add_argument("--steps", type=int, default=60)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--layout", default="cross_layer", choices=["cross_layer", "per_layer"])
+    demo.add_argument(
+        "--layout", default="cross_layer", choices=["cross_layer", "cross_layer_kv", "per_layer"]
+    )
     demo.add_argument("--budget-mib", type=int, default=256)
     demo.set_defaults(func=_memory_demo)
     return parser

@@ -12,7 +12,8 @@ Returns `[T, num_heads, head_dim]` in float64. Cache backends (contiguous or pag
 writing the same K/V into their cache and comparing against this.
 
 `DenseKVCache` is a plain-tensor stand-in for the contiguous cache (the `KVCacheView` contract)
-in three layouts: "per_layer", "cross_layer" (strided per-layer views of one tensor) and
+in four layouts: "per_layer", "cross_layer" (strided per-layer views of one tensor),
+"cross_layer_kv" (K and V of every layer interleaved per token in one tensor) and
 "padded" (per-layer, slot stride not a whole number of token rows). It starts filled with NaN,
 so a kernel that reads a row nobody wrote (past a request's length) poisons its output.
 """
@@ -73,7 +74,7 @@ def random_requests(
     return keys, values
 
 
-CACHE_LAYOUTS = ("per_layer", "cross_layer", "padded")
+CACHE_LAYOUTS = ("per_layer", "cross_layer", "cross_layer_kv", "padded")
 
 
 class DenseKVCache:
@@ -96,7 +97,14 @@ class DenseKVCache:
         shape = (max_slots, max_seq_len, num_kv_heads, head_dim)
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
-        for store in (self._k, self._v):
+        if layout == "cross_layer_kv":
+            both = torch.full(
+                (max_slots, max_seq_len, 2, num_layers, num_kv_heads, head_dim),
+                float("nan"), dtype=dtype, device=device,
+            )  # fmt: skip
+            self._k = [both[:, :, 0, i] for i in range(num_layers)]
+            self._v = [both[:, :, 1, i] for i in range(num_layers)]
+        for store in (self._k, self._v) if layout != "cross_layer_kv" else ():
             if layout == "cross_layer":
                 full = torch.full(
                     (max_slots, max_seq_len, num_layers, num_kv_heads, head_dim),

@@ -91,7 +91,7 @@ def test_uniform_batch_detection() -> None:
 
 
 @pytest.mark.parametrize("name", CPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
+@pytest.mark.parametrize("layout", ["per_layer", "cross_layer", "cross_layer_kv"])
 def test_chunked_prefill_then_decode_over_steps(name: str, layout: str) -> None:
     """Two requests: prompt chunks then decode steps; the backend writes every token itself.
 

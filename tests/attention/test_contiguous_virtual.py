@@ -47,7 +47,7 @@ def backends_for(kind: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("layout", ["per_layer", "cross_layer"])
+@pytest.mark.parametrize("layout", ["per_layer", "cross_layer", "cross_layer_kv"])
 def test_backends_read_only_backed_rows(
     kind: str, layout: str, cache_factory: list[VirtualKVCache]
 ) -> None:

@@ -50,7 +50,7 @@ from vattention.engine.scheduling import SchedulerConfig
 
 REFERENCE = "torch_sdpa_ref"
 MODES = ("eager", "decode_graphs", "mixed_graphs")
-LAYOUTS = ("cross_layer", "per_layer")
+LAYOUTS = ("cross_layer", "cross_layer_kv", "per_layer")
 MAX_SEQS = 4  # requests running at once (the others wait)
 # dtype -> (near-tie tolerance in log-probability, share of requests that must match whole)
 TOLERANCE = {"float32": (0.0, 1.0), "bfloat16": (0.3, 2 / 3)}

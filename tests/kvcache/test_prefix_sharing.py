@@ -47,7 +47,7 @@ def _read(cache: VirtualKVCache, slot: int, n: int) -> torch.Tensor:
                        [cache.v_cache(i)[slot, :n].clone() for i in layers])  # fmt: skip
 
 
-@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+@pytest.mark.parametrize("layout", ["cross_layer", "cross_layer_kv", "per_layer"])
 def test_shared_pages_alias_without_copies(layout: str) -> None:
     with _cache(layout) as cache:
         t = cache.tokens_per_page

@@ -49,7 +49,7 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+@pytest.mark.parametrize("layout", ["cross_layer", "cross_layer_kv", "per_layer"])
 def test_data_survives_growth_free_reuse_and_reclaim(kind: str, layout: str) -> None:
     spec = make_spec(kind, layout)
     with VirtualKVCache(spec, kind, budget_bytes=1 << 40) as cache:

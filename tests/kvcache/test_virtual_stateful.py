@@ -37,7 +37,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.marks: dict[int, float] = {}  # used slot -> value written at its last live token
 
     @rule(
-        layout=st.sampled_from(["cross_layer", "per_layer"]),
+        layout=st.sampled_from(["cross_layer", "cross_layer_kv", "per_layer"]),
         budget_rows=st.integers(0, 24),
         batch=st.integers(1, 4),
         ahead=st.integers(0, 3),

@@ -121,7 +121,7 @@ def registered_backends() -> list[str]:
     return [n for n in ("torch_sdpa_ref", "sdpa", "auto") if n in backend_names()]
 
 
-@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+@pytest.mark.parametrize("layout", ["cross_layer", "cross_layer_kv", "per_layer"])
 @pytest.mark.parametrize("backend_name", registered_backends())
 def test_virtual_cache_and_real_backends(hf_checkpoint, backend_name: str, layout: str) -> None:
     """End to end on the CPU: VirtualKVCache slots + a registered backend + our model = HF."""

@@ -3,6 +3,10 @@
 The range holds `num_buffers` equal buffers, each `[max_slots, slot_bytes]`:
 - cross_layer: 2 buffers (K, V), each `[slots, max_len, layers, heads, dim]`; layer i is the
   strided view `buf[:, :, i]`. A page then holds whole tokens of every layer;
+- cross_layer_kv: 1 buffer `[slots, max_len, 2, layers, heads, dim]`; K of layer i is
+  `buf[:, :, 0, i]`, V `buf[:, :, 1, i]`. A page holds K and V of every layer of its tokens:
+  half the tokens of a cross_layer page (16 of Llama-3-8B at 2 MiB, vLLM's block size), and
+  one map call per page-step;
 - per_layer: 2 x layers buffers (K0, V0, K1, V1, ...), each `[slots, max_len, heads, dim]`.
 
 Invariants: `slot_bytes` is a multiple of the page size, so every slot starts on a page and
@@ -30,13 +34,17 @@ class CacheLayout:
 
     @property
     def num_buffers(self) -> int:
-        return 2 if self.spec.layout == "cross_layer" else 2 * self.spec.num_layers
+        return {"cross_layer": 2, "cross_layer_kv": 1}.get(
+            self.spec.layout, 2 * self.spec.num_layers
+        )
 
     @property
     def buffer_token_bytes(self) -> int:
         """Bytes one token occupies in one buffer."""
         s = self.spec
         per_layer = s.layer_token_bytes
+        if s.layout == "cross_layer_kv":
+            return 2 * per_layer * s.num_layers
         return per_layer * s.num_layers if s.layout == "cross_layer" else per_layer
 
     @property
@@ -77,7 +85,14 @@ class CacheLayout:
         hd = s.num_kv_heads * s.head_dim
         ks: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
-        if s.layout == "cross_layer":
+        if s.layout == "cross_layer_kv":
+            shape6 = (s.max_slots, s.max_seq_len, 2, s.num_layers, s.num_kv_heads, s.head_dim)
+            strides6 = (slot_stride, 2 * s.num_layers * hd, s.num_layers * hd, hd, s.head_dim, 1)
+            kv_all = flat.as_strided(shape6, strides6, 0)
+            for layer in range(s.num_layers):
+                ks.append(kv_all[:, :, 0, layer])
+                vs.append(kv_all[:, :, 1, layer])
+        elif s.layout == "cross_layer":
             shape = (s.max_slots, s.max_seq_len, s.num_layers, s.num_kv_heads, s.head_dim)
             strides = (slot_stride, s.num_layers * hd, hd, s.head_dim, 1)
             k_all = flat.as_strided(shape, strides, 0)

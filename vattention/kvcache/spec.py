@@ -14,7 +14,7 @@ import torch
 # Per-slot token counts: a mapping slot -> tokens, or one entry per slot (0 skips a free slot).
 Lengths = Mapping[int, int] | Sequence[int]
 
-LAYOUTS = ("cross_layer", "per_layer")
+LAYOUTS = ("cross_layer", "cross_layer_kv", "per_layer")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -47,8 +47,10 @@ class KVCacheSpec:
     num_layers, num_kv_heads, head_dim: model shape (per tensor-parallel rank).
     max_slots: concurrent requests (batch slots); max_seq_len: tokens per slot.
     page_size: physical page bytes; None takes the backend's granularity (2 MiB on CUDA).
-    layout: "cross_layer" (one K and one V tensor [slots, max_len, layers, heads, dim]) or
-    "per_layer" (one K and one V tensor per layer, [slots, max_len, heads, dim]).
+    layout: "cross_layer" (one K and one V tensor [slots, max_len, layers, heads, dim]),
+    "cross_layer_kv" (one tensor [slots, max_len, 2, layers, heads, dim]: a page holds K and V
+    of every layer, so half as many tokens, a finer granularity) or "per_layer" (one K and one
+    V tensor per layer, [slots, max_len, heads, dim]).
     """
 
     num_layers: int
