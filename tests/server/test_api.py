@@ -268,7 +268,10 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
         assert response.status_code == 200
         first = next(response.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["object"] == "text_completion"
-        assert served.engine.call_sync(lambda e: e.scheduler.num_running) == 1
+        state = served.engine.call_sync(
+            lambda e: (len(e.scheduler.requests), e.scheduler.num_running, e.scheduler.num_waiting)
+        )
+        assert state[0] == 1, state  # still in the engine (generating), not finished
     # The connection is closed: the request is aborted, its slot (and pages) given back.
     wait_for(lambda: served.engine.call_sync(lambda e: e.scheduler.num_running) == 0, what="abort")
     stats = served.engine.call_sync(lambda e: e.cache.stats())
