@@ -291,7 +291,8 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
         assert stats.slots_used == 0 and stats.used_mapped_bytes == 0 and stats.live_bytes == 0
         assert idle(served.engine)
         if state[0] == 1:  # it was in flight: the disconnect aborted it
-            wait_for(lambda: _aborts(served) == before + 1, what="the abort to be counted")
+            want = before + 1
+            wait_for(lambda: _aborts(served) == want, what="the abort to be counted")
             return
     raise AssertionError(f"the request was never in flight at its first chunk: {states}")
 
