@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,10 @@ def _aborts(served: Running) -> float:
     return metric_values(text).get("vattention_request_success_total{finished_reason=abort}", 0.0)
 
 
+def _aborted_since(served: Running, before: float) -> bool:
+    return _aborts(served) == before + 1
+
+
 def _disconnect_mid_stream(served: Running) -> tuple[int, int, int]:
     """Stream a long completion, read its first chunk, note the engine's state (requests,
     running, waiting), then close the connection."""
@@ -291,8 +296,7 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
         assert stats.slots_used == 0 and stats.used_mapped_bytes == 0 and stats.live_bytes == 0
         assert idle(served.engine)
         if state[0] == 1:  # it was in flight: the disconnect aborted it
-            want = before + 1
-            wait_for(lambda: _aborts(served) == want, what="the abort to be counted")
+            wait_for(partial(_aborted_since, served, before), what="the abort to be counted")
             return
     raise AssertionError(f"the request was never in flight at its first chunk: {states}")
 
