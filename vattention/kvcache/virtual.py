@@ -193,8 +193,10 @@ class VirtualKVCache:
         tb = self.layout.buffer_token_bytes
         if self.page_size % tb:
             raise ValueError(
-                f"prefix sharing needs whole tokens per page: {self.page_size}-byte pages, "
-                f"{tb} bytes a token"
+                f"prefix sharing needs whole tokens per page: a token takes {tb} bytes of a "
+                f"{self.page_size}-byte page in the {self.spec.layout} layout, so shared pages "
+                f"would split a token (try another kv_layout, or the paged cache, which shares "
+                f"blocks of any size)"
             )
         return self.page_size // tb
 
