@@ -1,0 +1,167 @@
+"""Zero-copy prefix sharing for `VirtualKVCache` (a mixin: the cache's state, its methods).
+
+`cache_pages(slot, keys)` publishes a slot's full pages in the prefix table (`prefix.py`);
+`map_cached(slot, keys)` maps those same physical pages as another slot's leading pages: one
+page at several virtual addresses, no copy, no block table. Pages are reference-counted by
+mapping (`_acquire` / `_release`); a page goes back to the pool only when no slot maps it and
+the table has dropped it (`_evict`, least recently used first, only rows no slot maps).
+Invariants are those of `virtual.py` (checked by its `check_integrity`): shared pages hold
+whole, final tokens and are always a slot's leading pages; nobody writes into one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Sequence
+
+from vattention.kvcache.layout import CacheLayout
+from vattention.kvcache.pool import PagePool
+from vattention.kvcache.prefix import PrefixTable
+from vattention.kvcache.spec import KVCacheSpec
+from vattention.memory.backend import MemoryBackend
+
+
+class PrefixSharing:
+    """The sharing half of `VirtualKVCache` (which provides every attribute declared here)."""
+
+    spec: KVCacheSpec
+    layout: CacheLayout
+    page_size: int
+    _backend: MemoryBackend
+    _base: int
+    _lock: threading.RLock
+    _pool: PagePool
+    _pages: list[list[list[int]]]
+    _lengths: list[int]
+    _cap_tokens: list[int]
+    _freed_at: list[object]
+    _table: PrefixTable
+    _refs: dict[int, int]
+    _idle_table_handles: int
+    _map_calls: int
+    _unmap_calls: int
+    _access_calls: int
+
+    def _check_slot(self, slot: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens one page holds (per buffer); prefix sharing needs it whole."""
+        tb = self.layout.buffer_token_bytes
+        if self.page_size % tb:
+            raise ValueError(
+                f"prefix sharing needs whole tokens per page: a token takes {tb} bytes of a "
+                f"{self.page_size}-byte page in the {self.spec.layout} layout, so shared pages "
+                f"would split a token (try another kv_layout, or the paged cache, which shares "
+                f"blocks of any size)"
+            )
+        return self.page_size // tb
+
+    def cached_prefix(self, keys: Sequence[Hashable]) -> int:
+        """How many leading page keys the prefix table holds (nothing changes)."""
+        with self._lock:
+            return self._table.match(keys)
+
+    def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """Map the prefix rows of `keys` (all cached) as the first pages of `slot`, a used slot
+        with no live token; returns the tokens they hold, now `slot`'s length. No page is
+        created or copied: the same physical pages serve every slot that maps them."""
+        with self._lock:
+            self._check_slot(slot)
+            if self._lengths[slot]:
+                raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
+            per_page = self.tokens_per_page
+            if self._table.match(keys) < len(keys):
+                raise ValueError("map_cached: not every key has a cached row")
+            rows = self._table.rows(keys)
+            pages = self._pages[slot]
+            nbuf, ps = self.layout.num_buffers, self.page_size
+            if pages[: len(rows)] and any(
+                tuple(r) != row for r, row in zip(pages, rows, strict=False)
+            ):
+                # its old pages may still be read by work queued before it was freed
+                self._backend.wait_event(self._freed_at[slot])
+            for i, row in enumerate(rows):
+                if i < len(pages):
+                    if tuple(pages[i]) == row:
+                        continue
+                    for buf, h in enumerate(pages[i]):
+                        self._backend.unmap(self._base + self.layout.page_offset(buf, slot, i))
+                        self._unmap_calls += 1
+                        self._release(h)
+                    pages[i] = []
+                else:
+                    pages.append([])
+                for buf, h in enumerate(row):
+                    self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
+                    self._map_calls += 1
+                    self._acquire(h)
+                    pages[i].append(h)
+            if rows:
+                for buf in range(nbuf):
+                    self._backend.set_access(
+                        self._base + self.layout.page_offset(buf, slot, 0), len(rows) * ps
+                    )
+                    self._access_calls += 1
+            self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
+            self._lengths[slot] = len(rows) * per_page
+            return self._lengths[slot]
+
+    def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
+        """Publish the first `len(keys)` pages of used `slot` (each fully written with final
+        tokens: `len(keys) * tokens_per_page <= length(slot)`) under `keys`, for other slots
+        to map; keys already cached are left as they are. Returns how many rows were added."""
+        with self._lock:
+            self._check_slot(slot)
+            if len(keys) * self.tokens_per_page > self._lengths[slot]:
+                raise ValueError(
+                    f"slot {slot}: {len(keys)} pages asked, but only "
+                    f"{self._lengths[slot] // self.tokens_per_page} are full of live tokens"
+                )
+            added = 0
+            for key, row in zip(keys, self._pages[slot], strict=False):
+                if key in self._table or any(self._table.holds(h) for h in row):
+                    continue
+                self._table.add(key, row)
+                added += 1
+            return added
+
+    def _shares(self, slot: int) -> bool:
+        """Whether `slot` maps prefix rows (always its leading pages)."""
+        pages = self._pages[slot]
+        return bool(pages) and self._table.holds(pages[0][0])
+
+    def _acquire(self, handle: int) -> None:
+        n = self._refs.get(handle, 0)
+        if n == 0 and self._table.holds(handle):
+            self._idle_table_handles -= 1
+        self._refs[handle] = n + 1
+
+    def _release(self, handle: int) -> bool:
+        """One mapping of `handle` fewer; True if it went back to the pool."""
+        n = self._refs[handle] - 1
+        if n:
+            self._refs[handle] = n
+            return False
+        del self._refs[handle]
+        if self._table.holds(handle):
+            self._idle_table_handles += 1
+            return False
+        self._pool.give([handle])
+        return True
+
+    def _evict(self, need: int) -> int:
+        """Drop least recently used prefix rows that no slot maps until `need` pages are back
+        in the pool; returns how many came back."""
+        back = 0
+        for key, row in self._table.lru():
+            if back >= need:
+                break
+            if any(h in self._refs for h in row):
+                continue
+            self._table.pop(key)
+            self._idle_table_handles -= len(row)
+            self._pool.give(list(row))
+            back += len(row)
+        return back
