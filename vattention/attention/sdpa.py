@@ -11,7 +11,7 @@ Only rows `[0, seq_len)` of each slot are read, so unbacked rows are never touch
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -82,18 +82,21 @@ def sdpa_requests(
     requests: Iterable[int],
     scale: float,
     out: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> None:
-    """Fill `out`'s rows of each request in `requests`: one SDPA call over its slot view."""
+    """Fill `out`'s rows of each request in `requests`: one call over its slot view
+    (`[1, H, n, D]` queries, `[1, Hkv, seq_len, D]` keys and values): `sdpa_causal`, or
+    `attend(q, k, v, scale)` when given."""
     for i in requests:
         slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
         a, b = starts[i], starts[i + 1]
-        o = sdpa_causal(
-            q[a:b].transpose(0, 1).unsqueeze(0),
-            k_cache[slot : slot + 1, :seq_len].transpose(1, 2),
-            v_cache[slot : slot + 1, :seq_len].transpose(1, 2),
-            scale,
-            seq_len - (b - a),
-        )
+        qi = q[a:b].transpose(0, 1).unsqueeze(0)
+        ki = k_cache[slot : slot + 1, :seq_len].transpose(1, 2)
+        vi = v_cache[slot : slot + 1, :seq_len].transpose(1, 2)
+        if attend is None:
+            o = sdpa_causal(qi, ki, vi, scale, seq_len - (b - a))
+        else:
+            o = attend(qi, ki, vi, scale)
         out[a:b] = o.squeeze(0).transpose(0, 1)
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from vattention.attention.base import AttentionMetadata
+from vattention.attention.sdpa import sdpa_requests
 
 
 def _attend_lse_reference(
@@ -125,13 +126,4 @@ def split_requests(
 ) -> None:
     """Fill `out`'s rows of each chunk request in `requests` (context > 0) with
     `split_chunk_attention` over its slot's rows of the cache, read in place."""
-    for i in requests:
-        slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
-        a, b = starts[i], starts[i + 1]
-        o = split_chunk_attention(
-            q[a:b].transpose(0, 1).unsqueeze(0),
-            k_cache[slot : slot + 1, :seq_len].transpose(1, 2),
-            v_cache[slot : slot + 1, :seq_len].transpose(1, 2),
-            scale,
-        )
-        out[a:b] = o.squeeze(0).transpose(0, 1)
+    sdpa_requests(q, k_cache, v_cache, meta, starts, requests, scale, out, split_chunk_attention)
