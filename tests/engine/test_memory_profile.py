@@ -113,7 +113,9 @@ def test_profile_steps_run_and_leave_nothing_held(
         cache.close()
 
 
-@pytest.mark.parametrize(("kind", "backend", "page_size"), KINDS)
+@pytest.mark.parametrize(
+    ("kind", "backend", "page_size"), [*KINDS, ("paged", "pa_triton", None)]
+)  # pa_triton (Triton interpreter): a backend that captures both kinds of graph
 def test_profile_memory_sizes_the_budget_and_closes_its_cache(
     kind: str, backend: str, page_size: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,8 +134,15 @@ def test_profile_memory_sizes_the_budget_and_closes_its_cache(
         mixed_graph_sizes=[16, 32], mem_info=lambda d: (60 * GiB, 64 * GiB),
     )  # fmt: skip
     assert len(made) == 1 and made[0].closed
-    # Neither CPU backend runs mixed graphs: only the decode graphs' logits are reserved.
-    kept = mp.graph_outputs_bytes([1, 2, 4, 8], [], 8, model.config.vocab_size)
+    # Only the graphs the runner would capture with this backend get their logits reserved
+    # (auto's CPU decode kernel and paged_torch read host lists: no graphs of either kind).
+    decode_ok, mixed_ok = {"auto": (False, False), "paged_torch": (False, False),
+                           "pa_triton": (True, True)}[backend]  # fmt: skip
+    kept = mp.graph_outputs_bytes(
+        [1, 2, 4, 8] if decode_ok else [], [16, 32] if mixed_ok else [], 8,
+        model.config.vocab_size,
+    )  # fmt: skip
+    assert (decode_ok or mixed_ok) == (kept > 0)
     assert (prof.step_peak, prof.graph_reserve, prof.in_use) == (0, kept, 4 * GiB)
     assert prof.kv_budget == 32 * GiB - 4 * GiB - kept - mp.MARGIN
     with pytest.raises(ValueError, match="no memory left"):

@@ -125,8 +125,7 @@ class AutoBackend(ContiguousBackend):
         block_m = self._tiles_config[0]
 
         def tiled_plan() -> MixedPlan:  # the prefill rows cuDNN does not take, as tiles
-            prefill = [i for i, n in enumerate(meta.query_lens_host) if n > 1]
-            _, _, rest = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill))
+            _, _, rest = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
             return plan_mixed(meta, block_m, tiled=rest)
 
         plan = self._plan(meta, "mixed", tiled_plan)
@@ -144,14 +143,12 @@ class AutoBackend(ContiguousBackend):
         out = torch.empty_like(q)
         if triton_prefill:
             if meta.mixed is None:  # eager: long prompts and chunks through cuDNN
-                fresh, chunks, _ = self._plan(
-                    meta, "cudnn_split", lambda: self._cudnn_split(meta, plan.prefill)
-                )
+                fresh, chunks, _ = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
                 self._cudnn_prefill(q, k_cache, v_cache, meta, fresh, chunks, out)
             if plan.tile_req is not None and plan.tile_row is not None:
                 self._triton_prefill(q, k_cache, v_cache, meta, plan, out)
         else:
-            self._long_prefill(q, k_cache, v_cache, meta, plan.prefill, out)
+            self._long_prefill(q, k_cache, v_cache, meta, out)
         if plan.decode_rows is not None and plan.decode_idx is not None:
             rows, idx = plan.decode_rows, plan.decode_idx
             if isinstance(self._decode, TritonDecodeBackend):
@@ -191,21 +188,17 @@ class AutoBackend(ContiguousBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
-        prefill: list[int],
         out: torch.Tensor,
     ) -> None:
         """Long fresh prompts: one cuDNN call each; long chunks: two (`split_chunk`); all other
         prefill rows: one FA2 launch (`prefill="sdpa"`: one SDPA call each)."""
-        fresh, chunks, rest = self._plan(
-            meta, "cudnn_split", lambda: self._cudnn_split(meta, prefill)
-        )
-        starts = self.starts(meta)
+        fresh, chunks, rest = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
         self._cudnn_prefill(q, k_cache, v_cache, meta, fresh, chunks, out)
         if not rest:
             return
         if self.prefill != "fa2_varlen":
             with prefer_cudnn(q.is_cuda):
-                sdpa_requests(q, k_cache, v_cache, meta, starts, rest, self.scale, out)
+                sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), rest, self.scale, out)
             return
         self._fa2_prefill(q, k_cache, v_cache, meta, rest, out)
 
@@ -249,11 +242,10 @@ class AutoBackend(ContiguousBackend):
             q[rows], k_flat[0], v_flat[0], cu_q, cu_k, seq_used, max_q, max_k, self.scale
         )
 
-    def _cudnn_split(
-        self, meta: AttentionMetadata, prefill: list[int]
-    ) -> tuple[list[int], list[int], list[int]]:
-        """(long fresh prompts, long chunks to split, the rest) among `prefill`."""
+    def _cudnn_split(self, meta: AttentionMetadata) -> tuple[list[int], list[int], list[int]]:
+        """(long fresh prompts, long chunks to split, the other prefill requests) of a step."""
         q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
+        prefill = [i for i, n in enumerate(q_lens) if n > 1]
         limit = self.cudnn_min_tokens
         if not limit:
             return [], [], list(prefill)

@@ -180,9 +180,18 @@ class LLMEngine:
         )  # fmt: skip
         # What the KV budget was sized from (None: kv_cache_memory was given, or not on CUDA).
         self.memory_profile: MemoryProfile | None = None
+        # CUDA graph buckets: decode steps by batch size, mixed steps by token count
+        decode_sizes = default_graph_sizes(config.max_num_seqs) if use_graphs else []
+        mixed_sizes = (
+            mixed_token_sizes(
+                sched_config.max_num_batched_tokens, config.max_num_seqs, config.mixed_graph_tokens
+            )
+            if use_graphs
+            else []
+        )
         # (the profile's requests must all be computed: no prefix caching there)
         profile_config = dataclasses.replace(sched_config, enable_prefix_caching=False)
-        budget = self._kv_budget(config, spec, backend, profile_config, use_graphs)
+        budget = self._kv_budget(config, spec, backend, profile_config, decode_sizes, mixed_sizes)
         self.cache = self._make_cache(config, spec, budget)
         try:
             self.attn = create_backend(
@@ -193,7 +202,9 @@ class LLMEngine:
             if use_graphs:
                 dummy = self.cache.alloc_slot()  # padding rows of CUDA graphs point here
                 self.cache.ensure(dummy, 1)
-            self.runner = self._make_runner(config, device, max_len, dummy, use_graphs)
+            self.runner = self._make_runner(
+                config, device, max_len, dummy, decode_sizes, mixed_sizes
+            )
         except BaseException:  # e.g. out of memory capturing graphs: give the cache back
             close = getattr(self.cache, "close", None)
             if close is not None:
@@ -209,7 +220,7 @@ class LLMEngine:
 
     def _make_runner(
         self, config: EngineConfig, device: torch.device, max_len: int, dummy: int | None,
-        use_graphs: bool,
+        decode_sizes: list[int], mixed_sizes: list[int],
     ) -> ModelRunner:  # fmt: skip
         return ModelRunner(
             self.model,
@@ -218,22 +229,16 @@ class LLMEngine:
             Sampler(seed=config.seed),
             device,
             max_len,
-            default_graph_sizes(config.max_num_seqs) if use_graphs else (),
+            decode_sizes,
             dummy,
-            mixed_sizes=mixed_token_sizes(
-                self.scheduler.config.max_num_batched_tokens,
-                config.max_num_seqs,
-                config.mixed_graph_tokens,
-            )
-            if use_graphs
-            else (),
+            mixed_sizes=mixed_sizes,
             max_num_seqs=config.max_num_seqs,
             max_graph_prefills=config.max_graph_prefills,
         )
 
     def _kv_budget(
         self, config: EngineConfig, spec: KVCacheSpec, backend: str, sched: SchedulerConfig,
-        use_graphs: bool,
+        decode_sizes: list[int], mixed_sizes: list[int],
     ) -> int:  # fmt: skip
         """KV cache bytes: `kv_cache_memory` if given; on CUDA what the start-up memory profile
         leaves of `gpu_memory_utilization` of the device (`memory_profile`); else 2 GiB."""
@@ -242,15 +247,11 @@ class LLMEngine:
         if self.device.type != "cuda":
             return 2 << 30
         torch.cuda.synchronize(self.device)
-        mixed = mixed_token_sizes(
-            sched.max_num_batched_tokens, config.max_num_seqs, config.mixed_graph_tokens
-        )
         self.memory_profile = profile_memory(
             self.model, kind=config.kv_cache, spec=spec, device=self.device,
             attention_backend=backend, block_size=config.block_size, scheduler_config=sched,
             utilization=config.gpu_memory_utilization,
-            decode_graph_sizes=default_graph_sizes(config.max_num_seqs) if use_graphs else (),
-            mixed_graph_sizes=mixed if use_graphs else (),
+            decode_graph_sizes=decode_sizes, mixed_graph_sizes=mixed_sizes,
         )  # fmt: skip
         return self.memory_profile.kv_budget
 

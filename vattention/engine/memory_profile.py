@@ -214,9 +214,11 @@ def _backend(model: LlamaForCausalLM, cache: Any, name: str) -> AttentionBackend
     return create_backend(name, cache, c.num_heads, c.num_kv_heads, c.head_dim)
 
 
-def _mixed_graphs_ok(model: LlamaForCausalLM, cache: Any, name: str) -> bool:
-    """Whether the runner would capture mixed graphs with this backend over this cache kind."""
-    return bool(getattr(_backend(model, cache, name), "mixed_graph_block_m", None))
+def _graphs_ok(model: LlamaForCausalLM, cache: Any, name: str) -> tuple[bool, bool]:
+    """Whether the runner would capture (decode, mixed) graphs with this backend over this
+    cache kind (`ModelRunner`'s rule)."""
+    attn = _backend(model, cache, name)
+    return attn.supports_decode_graphs, bool(getattr(attn, "mixed_graph_block_m", None))
 
 
 def _measure(device: torch.device, fn: Callable[[], None]) -> int:
@@ -257,8 +259,8 @@ def profile_memory(
     mem_info: Callable[[torch.device], tuple[int, int]] = _mem_info,
 ) -> MemoryProfile:
     """Measure the steps' memory on a temporary cache and size the KV budget (module
-    docstring). Graph sizes: those the engine will capture (empty: no CUDA graphs); mixed
-    graphs count only where the attention backend can run them. `mem_info(device)` gives
+    docstring). Graph sizes: those the engine will capture (empty: no CUDA graphs); each
+    kind counts only where the attention backend can run it. `mem_info(device)` gives
     `(free, total)` bytes (tests pass their own)."""
     sched = scheduler_config
     steps = profile_steps(sched)
@@ -272,10 +274,11 @@ def profile_memory(
     graph = graph_step([*decode_graph_sizes, *mixed_graph_sizes])
     cache = profile_cache(kind, spec, device, block_size, steps + [graph] * bool(graph))
     try:
-        mixed_ok = _mixed_graphs_ok(model, cache, attention_backend)
-        if not mixed_ok:
-            mixed_graph_sizes = ()  # the runner captures no mixed graph with this backend
-            graph = graph_step(decode_graph_sizes)
+        decode_ok, mixed_ok = _graphs_ok(model, cache, attention_backend)
+        if not (decode_ok and mixed_ok):  # the runner captures only what the backend can run
+            decode_graph_sizes = decode_graph_sizes if decode_ok else ()
+            mixed_graph_sizes = mixed_graph_sizes if mixed_ok else ()
+            graph = graph_step([*decode_graph_sizes, *mixed_graph_sizes])
         try:
             peaks = run_profile_steps(
                 model, cache, attention_backend, sched, steps + [graph] * bool(graph), device

@@ -35,6 +35,7 @@ class PrefixSharing:
     _lengths: list[int]
     _cap_tokens: list[int]
     _freed_at: list[object]
+    _freed_seq: list[int]
     _table: PrefixTable
     _refs: dict[int, int]
     _idle_table_handles: int
@@ -80,8 +81,7 @@ class PrefixSharing:
             if pages[: len(rows)] and any(
                 tuple(r) != row for r, row in zip(pages, rows, strict=False)
             ):
-                # its old pages may still be read by work queued before it was freed
-                self._backend.wait_event(self._freed_at[slot])
+                self._wait_freed(slot)  # its old pages may still be read by queued work
             for i, row in enumerate(rows):
                 if i < len(pages):
                     if tuple(pages[i]) == row:
@@ -126,6 +126,18 @@ class PrefixSharing:
                 self._table.add(key, row)
                 added += 1
             return added
+
+    def _wait_freed(self, slot: int) -> None:
+        """Wait for the device work queued before `slot` was freed (its event; a full sync if
+        it was freed while nothing was shared, so no event was recorded; nothing if it was
+        never used: no kernel has read its pages)."""
+        event = self._freed_at[slot]
+        if not self._freed_seq[slot]:
+            return
+        if event is None:
+            self._backend.synchronize()
+        else:
+            self._backend.wait_event(event)
 
     def _shares(self, slot: int) -> bool:
         """Whether `slot` maps prefix rows (always its leading pages)."""

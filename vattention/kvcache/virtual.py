@@ -13,7 +13,7 @@ Invariants (checked by `check_integrity`):
 - prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a free
   slot that maps any is unmapped before `alloc_slot` hands it out, so no request ever writes
   into a shared page; unmapping a freed slot's pages first waits for the device work queued
-  when it was freed (an event); `alloc_slot` prefers slots that map no shared page, then the
+  when it was freed (an event, recorded while the prefix table holds rows; else a full sync); `alloc_slot` prefers slots that map no shared page, then the
   one freed first, whose work is the likeliest to be done;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
@@ -127,7 +127,7 @@ class VirtualKVCache(PrefixSharing):
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
-        self._freed_at: list[object] = [None] * n  # device work queued when each slot was freed
+        self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
         self._freed_seq = [0] * n  # order in which slots were freed
         self._frees = 0
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
@@ -148,7 +148,8 @@ class VirtualKVCache(PrefixSharing):
     # -- slots ------------------------------------------------------------------------------
     def alloc_slot(self) -> int:
         """A free slot, preferring the one with the most pages still mapped (and one that maps
-        no prefix row: such a slot is unmapped first, after a device sync)."""
+        no prefix row: such a slot is unmapped first, once the work queued before its free is
+        done)."""
         with self._lock:
             self._check_open()
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
@@ -160,7 +161,7 @@ class VirtualKVCache(PrefixSharing):
             else:  # every free slot maps shared pages: the one freed first (its work is done)
                 slot = min(free, key=lambda s: self._freed_seq[s])
             if self._shares(slot):  # queued work may still read its pages: wait for it alone
-                self._backend.wait_event(self._freed_at[slot])
+                self._wait_freed(slot)
                 self._unmap_tail(slot, len(self._pages[slot]))
             self._used[slot] = True
             self._prepared[slot] = False
@@ -173,7 +174,9 @@ class VirtualKVCache(PrefixSharing):
             self._check_slot(slot)
             self._used[slot] = False
             self._lengths[slot] = 0
-            self._freed_at[slot] = self._backend.record_event()
+            # only prefix sharing ever unmaps a just-freed slot's pages (`_wait_freed`): no
+            # device event per request otherwise
+            self._freed_at[slot] = self._backend.record_event() if len(self._table) else None
             self._frees += 1
             self._freed_seq[slot] = self._frees
 
