@@ -93,20 +93,22 @@ def make_trace(args: argparse.Namespace, vocab: int, max_len: int) -> list[tuple
 
 
 def run_trace(
-    llm: LLM, trace: list[tuple[list[int], int]], samples: list[dict[str, float]] | None = None
-) -> tuple[float, int, int]:
+    llm: LLM, trace: list[tuple[list[int], int]], samples: list[dict[str, float]] | None = None,
+    ttfts: list[float] | None = None,
+) -> tuple[float, int, int]:  # fmt: skip
     """Submit every request, step until idle: (seconds, output tokens, steps); see
     `vattention.bench.run_requests` (greedy, ignore EOS, no detokenizing)."""
-    return run_requests(llm.engine, trace, samples)
+    return run_requests(llm.engine, trace, samples, ttfts=ttfts)
 
 
 def run_turns(
     llm: LLM, trace: list[tuple[list[int], int]], turns: int, seed: int,
-    samples: list[dict[str, float]] | None = None,
+    samples: list[dict[str, float]] | None = None, ttfts: list[float] | None = None,
 ) -> tuple[float, int, int, int]:  # fmt: skip
     """The multi-turn trace: `trace` holds each conversation's first prompt and answer length;
     each turn is submitted at once, run to the end, then extended by the answers and new user
-    tokens. Returns (seconds, output tokens, steps, prompt tokens) over all turns."""
+    tokens. Returns (seconds, output tokens, steps, prompt tokens) over all turns; `ttfts`
+    gets every request's seconds from submission to first token."""
     from vattention import SamplingParams
 
     engine = llm.engine
@@ -127,6 +129,8 @@ def run_turns(
         while engine.has_unfinished_requests():
             for out in engine.step():
                 answers[owner[out.request_id]] = list(out.token_ids)
+                if ttfts is not None and out.metrics is not None and out.metrics.ttft is not None:
+                    ttfts.append(out.metrics.ttft)
             steps += 1
             if samples is not None and steps % 16 == 0:
                 sample = engine.cache.stats().as_dict()
@@ -141,6 +145,19 @@ def run_turns(
             user = torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
             convs[i] = convs[i] + answers[i] + user
     return seconds, generated, steps, prompt_tokens
+
+
+def latency_summary(xs: list[float]) -> dict[str, float]:
+    """Mean, p50 and p99 (nearest rank) of latencies in seconds; {} for none. Offline traces
+    submit every request at t=0, so TTFT here includes queueing behind earlier requests."""
+    if not xs:
+        return {}
+    ys = sorted(xs)
+
+    def rank(q: float) -> float:
+        return ys[min(len(ys) - 1, max(0, math.ceil(q * len(ys)) - 1))]
+
+    return {"mean": sum(ys) / len(ys), "p50": rank(0.5), "p99": rank(0.99), "n": float(len(ys))}
 
 
 def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -236,12 +253,13 @@ def run_system(
         hit0 = getattr(engine.scheduler.prefix, "hit_tokens", 0)
         engine.scheduler.max_running = 0
         samples: list[dict[str, float]] = []
+        ttfts: list[float] = []
         if args.trace == "multi-turn":
             seconds, generated, steps, prompt_tokens = run_turns(
-                llm, trace, args.turns, args.seed, samples
+                llm, trace, args.turns, args.seed, samples, ttfts
             )
         else:
-            seconds, generated, steps = run_trace(llm, trace, samples)
+            seconds, generated, steps = run_trace(llm, trace, samples, ttfts)
             prompt_tokens = sum(len(ids) for ids, _ in trace)
         result: dict[str, Any] = {
             "system": f"vattention engine, {system}",
@@ -256,6 +274,7 @@ def run_system(
             "preemptions": engine.scheduler.num_preemptions - preempt0,
             "max_running": engine.scheduler.max_running,
             "prefix_hit_tokens": getattr(engine.scheduler.prefix, "hit_tokens", 0) - hit0,
+            "ttft_s": latency_summary(ttfts),
             "setup_s": setup,
             "phase_seconds": {k: round(v, 3) for k, v in engine.timings.items()},
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
@@ -298,12 +317,13 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
         f"# Serving trace `{args.trace}` on `{args.model}`\n",
         f"Command: `{' '.join(sys.argv)}`  \nEnvironment: `{json.dumps(info)}`  \n",
         "| system | backend | graphs | seconds | steps | output tok/s | total tok/s | GPU busy "
-        "| preemptions | running max (mean) | host ms/step (schedule, execute, sync, update) | held/live mean (max) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preemptions | running max (mean) | TTFT p50 / p99 s | host ms/step (schedule, execute, "
+        "sync, update) | held/live mean (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | | | |")
+            lines.append(f"| {r['system']} | error: {r['error'][:160]} | | | | | | | | | | | |")
             continue
         gpu = r.get("gpu", {})
         busy = gpu.get("busy_share_timed", gpu.get("busy_share"))
@@ -313,7 +333,8 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
             f"| {r['kv_cache']} | {r['attention_backend']} | {r['cuda_graphs']} | "
             f"{r['seconds']:.2f} | {r['steps']} | {r['output_tok_per_s']:.0f} | "
             f"{r['total_tok_per_s']:.0f} | {'' if busy is None else f'{busy:.0%}'} | "
-            f"{r['preemptions']} | {_running(r)} | {host} | {_held(r.get('memory', {}))} |"
+            f"{r['preemptions']} | {_running(r)} | {_ttft(r.get('ttft_s', {}))} | {host} | "
+            f"{_held(r.get('memory', {}))} |"
         )
     ok = {r["kv_cache"]: r for r in results if "error" not in r}
     for suffix in ("", "+prefix"):
@@ -337,10 +358,17 @@ def _running(r: dict[str, Any]) -> str:
     return f"{r.get('max_running', '')}" + ("" if mean is None else f" ({mean:.0f})")
 
 
+def _ttft(t: dict[str, float]) -> str:
+    return "" if "p50" not in t else f"{t['p50']:.2f} / {t['p99']:.2f}"
+
+
 def _held(m: dict[str, float]) -> str:
     if "held_over_live_mean" not in m:
         return ""
-    return f"{m['held_over_live_mean']:.3f} ({m['held_over_live_max']:.2f})"
+    held = f"{m['held_over_live_mean']:.3f} ({m['held_over_live_max']:.2f})"
+    if "physical_over_live_mean" in m:  # a shared page counted once
+        held += f"; physical {m['physical_over_live_mean']:.3f}"
+    return held
 
 
 def main() -> None:

@@ -47,11 +47,13 @@ def run_requests(
     trace: list[tuple[list[int], int]],
     samples: list[dict[str, float]] | None = None,
     every: int = 16,
+    ttfts: list[float] | None = None,
 ) -> tuple[float, int, int]:
     """Submit every (prompt ids, output tokens) request at once (greedy, ignore EOS, no text)
     and step `engine` until idle; returns (seconds, output tokens, steps). With `samples`, the
     cache's `stats().as_dict()`, plus `running` (requests running), is appended every `every`
-    steps."""
+    steps. With `ttfts`, each request's seconds from submission to its first token are
+    appended as it finishes."""
     from vattention import SamplingParams
 
     _sync()
@@ -63,6 +65,8 @@ def run_requests(
     while engine.has_unfinished_requests():
         for out in engine.step():
             generated += len(out.token_ids)
+            if ttfts is not None and out.metrics is not None and out.metrics.ttft is not None:
+                ttfts.append(out.metrics.ttft)
         steps += 1
         if samples is not None and steps % every == 0 and hasattr(engine.cache, "stats"):
             sample = engine.cache.stats().as_dict()

@@ -175,6 +175,28 @@ def test_step_include_running_streams_every_token(tmp_path: Path) -> None:
         assert all(s == snapshots[-1][: len(s)] for s in snapshots)
 
 
+def test_outputs_carry_arrival_and_first_token_times(tmp_path: Path) -> None:
+    """`RequestOutput.metrics`: the first token's time is set once, when the host first gets a
+    token, and does not move as later tokens arrive; TTFT is measured from `add_request`."""
+    import time
+
+    save_tiny("llama", tmp_path / "m")
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        eng = llm.engine
+        before = time.monotonic()
+        ids = [eng.add_request(p, params) for p in prompts(3, seed=3)]
+        first: dict[str, float] = {}
+        while eng.has_unfinished_requests():
+            for out in eng.step(include_running=True):
+                m = out.metrics
+                assert m is not None and m.first_token_time is not None
+                assert before <= m.arrival_time <= m.first_token_time <= time.monotonic()
+                assert first.setdefault(out.request_id, m.first_token_time) == m.first_token_time
+                assert m.ttft == m.first_token_time - m.arrival_time
+        assert set(first) == set(ids)
+
+
 def test_reset_after_a_failed_step_leaves_a_clean_engine(tmp_path: Path) -> None:
     """A step that raises (device OOM, a kernel error) is contained by `reset()`: every request
     is aborted, no slot or page stays held, and the engine serves new requests exactly."""

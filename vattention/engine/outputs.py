@@ -24,6 +24,21 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When the request arrived and when the host got its first sampled token
+    (`time.monotonic()` seconds; `first_token_time` is None until then)."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first token, once there is one."""
+        t = self.first_token_time
+        return None if t is None else t - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -31,6 +46,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_preemptions: int = 0
+    metrics: RequestMetrics | None = None
 
     @property
     def text(self) -> str:
@@ -62,4 +78,5 @@ class RequestOutput:
             outputs=[completion],
             finished=request.is_finished,
             num_preemptions=request.num_preemptions,
+            metrics=RequestMetrics(request.arrival_time, request.first_token_time),
         )

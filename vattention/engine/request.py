@@ -89,6 +89,7 @@ class Request:
         self.params = params
         self.eos_token_ids = _id_set(eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_token_time: float | None = None  # time.monotonic() when the host got it
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = prompt  # the live list: read it, do not change it
         self.num_computed_tokens = 0
@@ -163,6 +164,8 @@ class Request:
         ids = self.all_token_ids
         ids[len(ids) - inflight] = token_id
         self.num_inflight = inflight - 1
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
         if logprobs is not None and self.output_logprobs is not None:
             self.output_logprobs.append(logprobs)
