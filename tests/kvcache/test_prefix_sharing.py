@@ -149,6 +149,55 @@ def test_idle_rows_are_evicted_last_and_lru_first() -> None:
         cache.check_integrity()
 
 
+def test_alloc_with_a_prefix_reuses_the_slot_that_maps_it() -> None:
+    """`alloc_slot(keys)`: the free slot already mapping the rows is handed out with them (no
+    map call, its length over them); reads equal the published data; an uncached key is
+    refused with no slot taken; a slot whose shared rows differ is scrubbed first."""
+    with _cache(slots=4) as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 2 * t + 3)
+        _fill(cache, a, 2 * t + 3, 5.0)
+        cache.cache_pages(a, ["s0", "s1"])
+        want = _read(cache, a, 2 * t)
+        b = cache.alloc_slot(["s0", "s1"])
+        assert cache.length(b) == 2 * t and torch.equal(_read(cache, b, 2 * t), want)
+        cache.free_slot(b)
+        calls = cache.stats().map_calls
+        c = cache.alloc_slot(["s0", "s1"])
+        assert c == b and cache.stats().map_calls == calls  # nothing mapped again
+        assert torch.equal(_read(cache, c, 2 * t), want)
+        used = cache.num_free_slots
+        with pytest.raises(ValueError, match="not every prefix key"):
+            cache.alloc_slot(["s0", "nope"])
+        assert cache.num_free_slots == used
+        cache.free_slot(c)
+        d = cache.alloc_slot(["s0"])  # keeps one of the two rows, unmaps the other
+        assert d == c and cache.length(d) == t
+        cache.ensure(d, 2 * t)
+        for layer in range(cache.spec.num_layers):  # its own tokens: past the kept row
+            cache.k_cache(layer)[d, t : 2 * t] = 9.0
+            cache.v_cache(layer)[d, t : 2 * t] = -9.0
+        assert torch.equal(_read(cache, a, 2 * t), want)  # the shared row s1 is untouched
+        assert torch.equal(_read(cache, d, t), want[:, :t])
+        cache.check_integrity()
+        assert cache.stats().shared_saved_bytes == cache.layout.num_buffers * PAGE  # s0 twice
+
+
+def test_paged_alloc_with_a_prefix_lists_its_blocks() -> None:
+    from vattention.kvcache.paged import PagedKVCache
+
+    spec = _spec(slots=3)
+    with PagedKVCache(spec, 16, num_blocks=32, device="cpu") as cache:
+        a = cache.alloc_slot()
+        cache.ensure(a, 40)
+        cache.cache_pages(a, ["b0", "b1"])
+        with pytest.raises(ValueError, match="not every prefix key"):
+            cache.alloc_slot(["b0", "x"])
+        b = cache.alloc_slot(["b0", "b1"])
+        assert cache.length(b) == 32 and cache.stats().shared_saved_bytes > 0
+
+
 class SharingMachine(RuleBasedStateMachine):
     """Random alloc / grow / publish / map_cached / free / trim, with the data of every row."""
 
@@ -210,8 +259,12 @@ class SharingMachine(RuleBasedStateMachine):
         n = self.cache.cached_prefix(chain)
         if not n:
             return
-        slot = self.cache.alloc_slot()
-        assert self.cache.map_cached(slot, chain[:n]) == n * self.t
+        if data.draw(st.booleans()):  # the scheduler's way: the slot comes with the rows
+            slot = self.cache.alloc_slot(chain[:n])
+            assert self.cache.length(slot) == n * self.t
+        else:
+            slot = self.cache.alloc_slot()
+            assert self.cache.map_cached(slot, chain[:n]) == n * self.t
         self.chains[slot] = chain[:n]
 
     @rule(data=st.data())
@@ -228,6 +281,12 @@ class SharingMachine(RuleBasedStateMachine):
     @invariant()
     def consistent(self) -> None:
         self.cache.check_integrity()
+        counts: dict[str, int] = {}
+        for chain in self.chains.values():
+            for key in chain:
+                counts[key] = counts.get(key, 0) + 1
+        saved = sum(c - 1 for c in counts.values()) * self.cache.layout.num_buffers * PAGE
+        assert self.cache.stats().shared_saved_bytes == saved  # used slots' extra mappings
         for slot, chain in self.chains.items():
             for i, key in enumerate(chain):
                 page = self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t]

@@ -380,9 +380,12 @@ class LLMEngine:
         room = sched.config.max_num_seqs - sched.num_running
         budget = 2 * sched.config.max_num_batched_tokens
         counts: list[int] = []
+        prefix = sched.prefix
         for r in sched.waiting:
             if len(counts) >= room or budget <= 0:
                 break
+            if prefix is not None and prefix.likely_hit(r):
+                continue  # its slot maps shared pages first: nothing to prepare
             n = min(r.num_tokens, budget)
             counts.append(n)
             budget -= n

@@ -46,21 +46,29 @@ class PrefixCaching:
         self.query_tokens = 0  # prompt tokens looked up at admission
         self.hit_tokens = 0  # of them, served from the cache (no prefill)
 
-    def admit(self, r: Request, slot: int) -> int:
-        """Map `r`'s cached leading pages into its new `slot`; returns the tokens they hold."""
+    def cached_keys(self, r: Request) -> list[int]:
+        """Keys of `r`'s leading pages the cache holds (counted as a lookup)."""
         known = r.num_tokens - r.num_inflight
         pages = (known - 1) // self.per_page
         self.query_tokens += known
         if pages <= 0:
-            return 0
+            return []
         keys = extend_keys(r, pages, self.per_page)[:pages]
-        hit = self.cache.cached_prefix(keys)
-        if not hit:
-            return 0
-        tokens: int = self.cache.map_cached(slot, keys[:hit])
+        return keys[: self.cache.cached_prefix(keys)]
+
+    def admitted(self, r: Request, keys: list[int]) -> int:
+        """`r` got a slot that maps the pages of `keys`; returns the tokens they hold."""
+        tokens = len(keys) * self.per_page
         self.hit_tokens += tokens
-        r.num_published_pages = hit  # those pages are in the table already
+        r.num_published_pages = len(keys)  # those pages are in the table already
         return tokens
+
+    def likely_hit(self, r: Request) -> bool:
+        """Whether `r`'s first page is cached (one lookup): its slot will map shared pages
+        there, so preparing private pages for it ahead of admission would be wasted."""
+        if r.num_tokens - r.num_inflight <= self.per_page:
+            return False
+        return self.cache.cached_prefix(extend_keys(r, 1, self.per_page)[:1]) > 0
 
     def publish(self, r: Request, slot: int) -> None:
         """Publish `r`'s full pages whose K/V is written and whose ids are known."""

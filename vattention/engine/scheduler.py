@@ -294,11 +294,12 @@ class Scheduler:
 
         0 when it cannot be admitted now (no slot or no memory); a request that cannot fit
         even with nothing else running is finished with `FinishReason.KV_MEMORY`."""
-        try:
-            slot = self.kv_cache.alloc_slot()
+        keys = self.prefix.cached_keys(r) if self.prefix is not None else []
+        try:  # with cached keys, the slot comes with their pages mapped (zero-copy)
+            slot = self.kv_cache.alloc_slot(keys) if keys else self.kv_cache.alloc_slot()
         except OutOfKVMemory:
             return 0
-        cached = self.prefix.admit(r, slot) if self.prefix is not None else 0
+        cached = self.prefix.admitted(r, keys) if self.prefix is not None else 0
         n = min(r.num_tokens - cached, budget)
         try:
             self.kv_cache.ensure(slot, cached + n)

@@ -17,6 +17,7 @@ every buffer, so one count (`pages mapped`) describes a slot's backing in all bu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,13 +33,13 @@ class CacheLayout:
     spec: KVCacheSpec
     page_size: int
 
-    @property
+    @cached_property  # derived once: the host asks for these per page
     def num_buffers(self) -> int:
         return {"cross_layer": 2, "cross_layer_kv": 1}.get(
             self.spec.layout, 2 * self.spec.num_layers
         )
 
-    @property
+    @cached_property
     def buffer_token_bytes(self) -> int:
         """Bytes one token occupies in one buffer."""
         s = self.spec
@@ -47,23 +48,23 @@ class CacheLayout:
             return 2 * per_layer * s.num_layers
         return per_layer * s.num_layers if s.layout == "cross_layer" else per_layer
 
-    @property
+    @cached_property
     def pages_per_slot(self) -> int:
         return _ceil_div(self.spec.max_seq_len * self.buffer_token_bytes, self.page_size)
 
-    @property
+    @cached_property
     def slot_bytes(self) -> int:
         return self.pages_per_slot * self.page_size
 
-    @property
+    @cached_property
     def buffer_bytes(self) -> int:
         return self.slot_bytes * self.spec.max_slots
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
         return self.buffer_bytes * self.num_buffers
 
-    @property
+    @cached_property
     def tokens_per_page(self) -> float:
         return self.page_size / self.buffer_token_bytes
 

@@ -130,13 +130,19 @@ class PagedKVCache:
         return self._v[layer]
 
     # -- slots ------------------------------------------------------------------------------
-    def alloc_slot(self) -> int:
-        """The lowest free slot (empty table, length 0); `OutOfKVMemory` when all are used."""
+    def alloc_slot(self, prefix: Sequence[Hashable] = ()) -> int:
+        """The lowest free slot (empty table, length 0); `OutOfKVMemory` when all are used.
+        With `prefix` (block keys, all cached), its table starts with their blocks, as
+        `map_cached`."""
         self._check_open()
+        if prefix and self._prefix.match(prefix) < len(prefix):
+            raise ValueError("alloc_slot: not every prefix key has a cached block")
         for s, used in enumerate(self._used):
             if not used:
                 self._used[s] = True
                 self._lengths[s] = 0
+                if prefix:
+                    self.map_cached(s, prefix)
                 return s
         raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -76,14 +77,14 @@ class KVCacheSpec:
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
-    @property
+    @cached_property
     def layer_token_bytes(self) -> int:
         """Bytes of K (or of V) for one token in one layer."""
         return self.num_kv_heads * self.head_dim * self.element_size
 
-    @property
+    @cached_property
     def token_bytes(self) -> int:
         """Bytes of K plus V for one token across all layers."""
         return 2 * self.num_layers * self.layer_token_bytes

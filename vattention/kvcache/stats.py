@@ -4,7 +4,8 @@ Every mapped byte is accounted for: `mapped = used_mapped + reclaimable`, where
 `used_mapped = live + slack + lookahead` (used slots) and `prepared <= reclaimable` are the
 free slots' pages mapped ahead for upcoming requests (the rest is deferred reclamation).
 These count mappings: a prefix page mapped into several slots counts once per slot, and
-`shared_saved_bytes` is what those extra mappings did not cost in physical memory.
+`shared_saved_bytes` is what used slots' extra mappings of shared pages did not cost, so
+`used_mapped - shared_saved` is the physical memory used slots hold (each page once).
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ Invariants (checked by `check_integrity`):
 - every created page is in exactly one of: the pool (mapped nowhere, in no prefix row), mapped
   in slots, or held by the prefix table (`prefix.py`); only pages of prefix rows are mapped
   more than once (zero-copy sharing), and `created <= budget`;
-- prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a free
-  slot that maps any is unmapped before `alloc_slot` hands it out, so no request ever writes
-  into a shared page; unmapping a freed slot's pages first waits for the device work queued
-  when it was freed (an event, recorded while the prefix table holds rows; else a full sync); `alloc_slot` prefers slots that map no shared page, then the
-  one freed first, whose work is the likeliest to be done;
+- prefix rows hold whole, final tokens: a slot maps them only as its leading pages, and a used
+  slot's length always covers every prefix row it maps (`alloc_slot` keeps only the rows its
+  new request's cached prefix starts with, unmaps the rest before handing the slot out, and
+  sets the length over the kept rows), so no request ever writes into a shared page;
+  unmapping a freed slot's pages first waits for the device work queued when it was freed
+  (an event, recorded while the prefix table holds rows; else a full sync); without a prefix,
+  `alloc_slot` prefers slots that map no shared page, then the one freed first;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
 - a free slot keeps its pages (deferred reclamation); pages are taken back from free slots only
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -146,27 +148,64 @@ class VirtualKVCache(PrefixSharing):
         return self._v[layer]
 
     # -- slots ------------------------------------------------------------------------------
-    def alloc_slot(self) -> int:
-        """A free slot, preferring the one with the most pages still mapped (and one that maps
-        no prefix row: such a slot is unmapped first, once the work queued before its free is
-        done)."""
+    def alloc_slot(self, prefix: Sequence[Hashable] = ()) -> int:
+        """A free slot. With `prefix` (page keys, all cached: see `cached_prefix`), the slot
+        maps those prefix rows as its first pages and its length is the tokens they hold (as
+        `map_cached`); the free slot already mapping most of them is chosen, so a request
+        behind a shared system prompt usually maps nothing new.
+
+        Otherwise: the slot with the most pages still mapped (and one that maps no prefix row:
+        such a slot is unmapped first, once the work queued before its free is done)."""
         with self._lock:
             self._check_open()
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
             if not free:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
-            plain = [s for s in free if not self._shares(s)]
-            if plain:
-                slot = max(plain, key=lambda s: (len(self._pages[s]), -s))
-            else:  # every free slot maps shared pages: the one freed first (its work is done)
-                slot = min(free, key=lambda s: self._freed_seq[s])
-            if self._shares(slot):  # queued work may still read its pages: wait for it alone
+            keep = 0  # leading pages of the slot that already map the wanted prefix rows
+            if prefix:
+                if self._table.match(prefix) < len(prefix):
+                    raise ValueError("alloc_slot: not every prefix key has a cached row")
+                slot, keep = self._best_prefix_slot(free, self._table.rows(prefix))
+            else:
+                plain = [s for s in free if not self._shares(s)]
+                if plain:
+                    slot = max(plain, key=lambda s: (len(self._pages[s]), -s))
+                else:  # every free slot maps shared pages: the one freed first (work done)
+                    slot = min(free, key=lambda s: self._freed_seq[s])
+            if self._shares(slot) and len(self._pages[slot]) > keep:
+                # queued work may still read the pages that go: wait for it alone
                 self._wait_freed(slot)
-                self._unmap_tail(slot, len(self._pages[slot]))
+                self._unmap_tail(slot, len(self._pages[slot]) - keep)
             self._used[slot] = True
             self._prepared[slot] = False
             self._lengths[slot] = 0
+            if prefix:
+                try:
+                    self.map_cached(slot, prefix)
+                except BaseException:
+                    self._used[slot] = False
+                    raise
             return slot
+
+    def _best_prefix_slot(self, free: list[int], rows: list[tuple[int, ...]]) -> tuple[int, int]:
+        """(slot, leading pages that already map `rows`) for a request that maps `rows`: the
+        free slot matching most of them (the first full match ends the search), else the one
+        with the fewest pages mapped where the rows go (each would be unmapped first)."""
+        best, best_key = free[0], (-1, 0)
+        first = rows[0]
+        for s in free:
+            pages = self._pages[s]
+            m = 0
+            if pages and tuple(pages[0]) == first:
+                n = min(len(pages), len(rows))
+                while m < n and tuple(pages[m]) == rows[m]:
+                    m += 1
+                if m == len(rows):
+                    return s, m
+            key = (m, -min(len(pages), len(rows)))
+            if key > best_key:
+                best, best_key = s, key
+        return best, best_key[0]
 
     def free_slot(self, slot: int) -> None:
         """Give a slot back; its pages stay mapped for the next request (deferred reclamation)."""
@@ -544,9 +583,26 @@ class VirtualKVCache(PrefixSharing):
                 prepared_bytes=prepared * ps,
                 prefix_bytes=len(list(self._table.handles())) * ps,
                 prefix_idle_bytes=self._idle_table_handles * ps,
-                shared_saved_bytes=sum(n - 1 for n in self._refs.values()) * ps,
+                shared_saved_bytes=self._shared_in_used(used) * ps,
                 prefix_hit_pages=self._table.hits,
             )
+
+    def _shared_in_used(self, used: list[int]) -> int:
+        """Mappings into used slots beyond the first of each page: what sharing saved them."""
+        seen: set[int] = set()
+        extra = 0
+        for s in used:
+            if not self._shares(s):
+                continue
+            for row in self._pages[s]:
+                h = row[0]
+                if not self._table.holds(h) and h not in self._refs:
+                    break
+                if h in seen:
+                    extra += len(row)
+                else:
+                    seen.add(h)
+        return extra
 
     def check_integrity(self) -> None:
         """Raise `RuntimeError` listing every broken invariant (for tests and debugging)."""
