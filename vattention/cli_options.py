@@ -37,7 +37,8 @@ HELP: dict[str, str] = {
     "kv_preallocate": "create the whole KV page budget at start-up (default: on CUDA)",
     "kv_mapping": "where pages are mapped: inline (after each launch) or thread",
     "kv_lookahead_tokens": "tokens mapped ahead of each request beyond the next step's need",
-    "enable_prefix_caching": "share the KV pages of common prompt prefixes (vattention cache)",
+    "enable_prefix_caching": "share the KV pages of common prompt prefixes (default: on wherever "
+    "the cache can share pages; false turns it off, true makes it required)",
     "tokenizer": "tokenizer directory, if not the model's",
 }
 

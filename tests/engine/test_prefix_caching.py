@@ -115,3 +115,29 @@ def test_prefix_caching_needs_whole_tokens_per_page(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="whole tokens per page"):
         _llm(tmp_path / "m", share=True)
     _llm(tmp_path / "m", share=False).close()  # without prefix caching any page size works
+
+
+def test_prefix_caching_is_on_by_default_where_the_cache_can_share(tmp_path: Path) -> None:
+    """Default (None): on wherever pages hold whole tokens; off, with the reason, where a page
+    would split a token (3 KV heads x 16 dims x fp32 = 192 bytes, which no power-of-two page
+    divides); True there is a clear error; False turns it off."""
+    save_tiny("llama", tmp_path / "m")
+    opts: dict[str, object] = dict(dtype="float32", device="cpu", max_model_len=128,
+                                   max_num_seqs=2, kv_page_size=4096)  # fmt: skip
+    with LLM(str(tmp_path / "m"), **opts) as llm:  # type: ignore[arg-type]
+        assert llm.engine.scheduler.prefix is not None
+        assert llm.engine.prefix_caching_off_reason is None
+    with LLM(str(tmp_path / "m"), enable_prefix_caching=False, **opts) as llm:  # type: ignore[arg-type]
+        assert llm.engine.scheduler.prefix is None
+        assert "False" in str(llm.engine.prefix_caching_off_reason)
+    save_tiny("llama", tmp_path / "odd", num_attention_heads=3, num_key_value_heads=3,
+              hidden_size=48)  # fmt: skip
+    with LLM(str(tmp_path / "odd"), **opts) as llm:  # type: ignore[arg-type]
+        assert llm.engine.scheduler.prefix is None
+        assert "whole tokens" in str(llm.engine.prefix_caching_off_reason)
+        out = llm.generate([[5, 6, 7, 8]], PARAMS, use_tqdm=False)  # still serves
+        assert len(out[0].token_ids) == NEW
+    with pytest.raises(ValueError, match="enable_prefix_caching=True.*whole tokens"):
+        LLM(str(tmp_path / "odd"), enable_prefix_caching=True, **opts)  # type: ignore[arg-type]
+    with LLM(str(tmp_path / "odd"), kv_cache="paged", block_size=4, **opts) as llm:  # type: ignore[arg-type]
+        assert llm.engine.scheduler.prefix is not None  # blocks hold whole tokens by definition

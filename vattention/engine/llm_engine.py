@@ -99,9 +99,11 @@ class EngineConfig:
     # Prefix caching: a request whose prompt starts with pages other requests computed reuses
     # them and computes only the rest; full pages are published as requests run. The
     # vAttention cache maps the same physical pages into the new request's contiguous range
-    # (zero copy); the paged cache lists the same blocks in its table (vLLM's way). Off by
-    # default until measured on the GPU.
-    enable_prefix_caching: bool = False
+    # (zero copy); the paged cache lists the same blocks in its table (vLLM's way).
+    # None (default): on wherever the cache can share pages, off otherwise (a vAttention page
+    # that splits a token; `LLMEngine.prefix_caching_off_reason` says why); True: required
+    # (a clear error where it cannot be); False: off.
+    enable_prefix_caching: bool | None = None
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -171,7 +173,7 @@ class LLMEngine:
         batched = config.max_num_batched_tokens or max(8192, config.max_num_seqs)
         sched_config = SchedulerConfig(
             config.max_num_seqs, max(batched, config.max_num_seqs), max_len,
-            enable_prefix_caching=config.enable_prefix_caching,
+            enable_prefix_caching=bool(config.enable_prefix_caching),  # resolved below
         )  # fmt: skip
         kv_dtype = next(self.model.parameters()).dtype
         spec = mcfg.kv_cache_spec(
@@ -197,6 +199,15 @@ class LLMEngine:
             self.attn = create_backend(
                 backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
             )
+            problem = _sharing_problem(self.cache)
+            wanted = config.enable_prefix_caching
+            if wanted and problem:
+                raise ValueError(f"enable_prefix_caching=True, but {problem}")
+            share = problem is None and wanted is not False
+            self.prefix_caching_off_reason: str | None = (
+                None if share else (problem or "enable_prefix_caching=False")
+            )
+            sched_config = dataclasses.replace(sched_config, enable_prefix_caching=share)
             self.scheduler = Scheduler(sched_config, self.cache)
             dummy = None
             if use_graphs:
@@ -399,6 +410,17 @@ class LLMEngine:
             self.runner.graphs = None
             self.runner.mixed_graphs = None
             close()
+
+
+def _sharing_problem(cache: Any) -> str | None:
+    """Why `cache` cannot share prefix pages, or None when it can."""
+    if not callable(getattr(cache, "map_cached", None)):
+        return f"{type(cache).__name__} cannot share pages"
+    try:
+        cache.tokens_per_page  # noqa: B018 - raises where pages split tokens
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _tokenizer_or_none(path: str) -> Any:
