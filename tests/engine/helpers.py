@@ -4,7 +4,7 @@ that drives a scheduler to completion while checking the K/V contract of every r
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -31,7 +31,8 @@ class FakeKVCache:
         self.lengths = [0] * num_slots
         self.ensure_calls: list[tuple[int, int]] = []
 
-    def alloc_slot(self) -> int:
+    def alloc_slot(self, prefix: Sequence[Hashable] = (), tokens: int | None = None) -> int:
+        assert not prefix, "this fake cache shares no pages"
         for s, used in enumerate(self.used):
             if not used:
                 self.used[s] = True

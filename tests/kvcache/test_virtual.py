@@ -130,6 +130,31 @@ def test_alloc_prefers_slot_with_most_pages(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+def test_alloc_with_a_size_takes_the_best_fitting_slot(kind: str) -> None:
+    """`alloc_slot(tokens=n)`: the free slot with the fewest pages that still cover n tokens
+    and the look-ahead (no map call, least left over); the largest if none covers them."""
+    spec = make_spec(kind)
+    with VirtualKVCache(spec, kind, budget_bytes=1 << 40, lookahead_tokens=0) as cache:
+        per = cache.layout.pages_for(1)  # 1 page per buffer holds this many tokens:
+        t = int(cache.layout.tokens_per_page)
+        assert per == 1 and spec.max_seq_len >= 4 * t
+        small, mid, big = (cache.alloc_slot() for _ in range(3))
+        cache.ensure(small, t)
+        cache.ensure(mid, 2 * t)
+        cache.ensure(big, 4 * t)
+        for s in (small, mid, big):
+            cache.free_slot(s)
+        calls = cache.stats().map_calls
+        a = cache.alloc_slot(tokens=t + 1)  # needs 2 pages: mid fits best
+        assert a == mid
+        cache.ensure(a, t + 1)
+        assert cache.stats().map_calls == calls
+        assert cache.alloc_slot(tokens=3 * t) == big  # only big covers it
+        assert cache.alloc_slot(tokens=8 * t) == small  # none covers it: the most pages left
+        cache.check_integrity()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_out_of_memory_is_all_or_nothing(kind: str) -> None:
     spec = make_spec(kind)
     probe = VirtualKVCache(spec, kind, budget_bytes=0)

@@ -296,7 +296,7 @@ class Scheduler:
         even with nothing else running is finished with `FinishReason.KV_MEMORY`."""
         keys = self.prefix.cached_keys(r) if self.prefix is not None else []
         try:  # with cached keys, the slot comes with their pages mapped (zero-copy)
-            slot = self.kv_cache.alloc_slot(keys) if keys else self.kv_cache.alloc_slot()
+            slot = self.kv_cache.alloc_slot(keys, tokens=r.num_tokens)
         except OutOfKVMemory:
             return 0
         cached = self.prefix.admitted(r, keys) if self.prefix is not None else 0

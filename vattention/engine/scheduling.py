@@ -14,6 +14,7 @@ Invariants of a `SchedulerOutput` (built by `Scheduler.schedule`):
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -24,11 +25,13 @@ from vattention.engine.request import Request
 class KVCacheManager(Protocol):
     """The part of a KV cache the scheduler uses (`VirtualKVCache` and `PagedKVCache` have it).
 
-    `alloc_slot` raises `OutOfKVMemory` when no slot is free; `ensure(slot, n)` backs tokens
-    `[0, n)` of the slot all-or-nothing and raises `OutOfKVMemory` when it cannot.
+    `alloc_slot` raises `OutOfKVMemory` when no slot is free; with `prefix` (cached page keys)
+    the slot comes with those pages as its first tokens; `tokens` is how many the request holds
+    now (a hint for choosing among free slots). `ensure(slot, n)` backs tokens `[0, n)` of the
+    slot all-or-nothing and raises `OutOfKVMemory` when it cannot.
     """
 
-    def alloc_slot(self) -> int: ...
+    def alloc_slot(self, prefix: Sequence[Hashable] = (), tokens: int | None = None) -> int: ...
 
     def free_slot(self, slot: int) -> None: ...
 

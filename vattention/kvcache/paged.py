@@ -130,10 +130,11 @@ class PagedKVCache:
         return self._v[layer]
 
     # -- slots ------------------------------------------------------------------------------
-    def alloc_slot(self, prefix: Sequence[Hashable] = ()) -> int:
+    def alloc_slot(self, prefix: Sequence[Hashable] = (), tokens: int | None = None) -> int:
         """The lowest free slot (empty table, length 0); `OutOfKVMemory` when all are used.
         With `prefix` (block keys, all cached), its table starts with their blocks, as
-        `map_cached`."""
+        `map_cached`. (`tokens`, the request's size, changes nothing here: every free slot
+        holds no block.)"""
         self._check_open()
         if prefix and self._prefix.match(prefix) < len(prefix):
             raise ValueError("alloc_slot: not every prefix key has a cached block")

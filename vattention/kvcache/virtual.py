@@ -148,14 +148,17 @@ class VirtualKVCache(PrefixSharing):
         return self._v[layer]
 
     # -- slots ------------------------------------------------------------------------------
-    def alloc_slot(self, prefix: Sequence[Hashable] = ()) -> int:
+    def alloc_slot(self, prefix: Sequence[Hashable] = (), tokens: int | None = None) -> int:
         """A free slot. With `prefix` (page keys, all cached: see `cached_prefix`), the slot
         maps those prefix rows as its first pages and its length is the tokens they hold (as
         `map_cached`); the free slot already mapping most of them is chosen, so a request
         behind a shared system prompt usually maps nothing new.
 
-        Otherwise: the slot with the most pages still mapped (and one that maps no prefix row:
-        such a slot is unmapped first, once the work queued before its free is done)."""
+        Otherwise one that maps no prefix row if there is one (such a slot is unmapped first,
+        once the work queued before its free is done): with `tokens` (the request's size now),
+        the one with the fewest pages that still cover them and the look-ahead, so a short
+        request does not hold a long one's leftover pages; else (or if none covers them) the
+        one with the most pages still mapped."""
         with self._lock:
             self._check_open()
             free = [s for s in range(self.spec.max_slots) if not self._used[s]]
@@ -168,7 +171,11 @@ class VirtualKVCache(PrefixSharing):
                 slot, keep = self._best_prefix_slot(free, self._table.rows(prefix))
             else:
                 plain = [s for s in free if not self._shares(s)]
-                if plain:
+                want = self._pages_wanted(tokens)
+                fits = [s for s in plain if len(self._pages[s]) >= want] if want else []
+                if fits:  # best fit: no page to map, the fewest left over
+                    slot = min(fits, key=lambda s: (len(self._pages[s]), s))
+                elif plain:
                     slot = max(plain, key=lambda s: (len(self._pages[s]), -s))
                 else:  # every free slot maps shared pages: the one freed first (work done)
                     slot = min(free, key=lambda s: self._freed_seq[s])
@@ -186,6 +193,13 @@ class VirtualKVCache(PrefixSharing):
                     self._used[slot] = False
                     raise
             return slot
+
+    def _pages_wanted(self, tokens: int | None) -> int:
+        """Pages (per buffer) a new request of `tokens` tokens is backed with at first; 0 for
+        no hint."""
+        if tokens is None or tokens <= 0:
+            return 0
+        return self.layout.pages_for(min(tokens + self.lookahead_tokens, self.spec.max_seq_len))
 
     def _best_prefix_slot(self, free: list[int], rows: list[tuple[int, ...]]) -> tuple[int, int]:
         """(slot, leading pages that already map `rows`) for a request that maps `rows`: the
