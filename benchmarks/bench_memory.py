@@ -97,6 +97,39 @@ def call_latencies(backend: MemoryBackend, n: int) -> dict[str, float]:
     }
 
 
+def shared_mapping(backend: MemoryBackend, n: int, copies: int) -> dict[str, float]:
+    """What prefix sharing pays per admission: map the same `n` pages into `copies` separate
+    ranges (as many slots behind one system prompt), each with one ranged set-access. us per
+    page for the first range (pages mapped nowhere else) and the mean of the others."""
+    ps = backend.page_size
+    pages = [backend.create_page() for _ in range(n)]
+    bases = [backend.reserve(n * ps) for _ in range(copies)]
+    t = time.perf_counter
+    per_copy: list[tuple[float, float]] = []
+    for base in bases:
+        s = t()
+        for i, p in enumerate(pages):
+            backend.map(base + i * ps, p)
+        m = t()
+        backend.set_access(base, n * ps)
+        per_copy.append(((m - s) / n * 1e6, (t() - m) / n * 1e6))
+    for base in bases:
+        for i in range(n):
+            backend.unmap(base + i * ps)
+        backend.release_range(base, n * ps)
+    for p in pages:
+        backend.destroy_page(p)
+    rest = per_copy[1:] or per_copy
+    return {
+        "pages": float(n),
+        "copies": float(copies),
+        "first_map_us_per_page": per_copy[0][0],
+        "first_set_access_us_per_page": per_copy[0][1],
+        "shared_map_us_per_page": sum(c[0] for c in rest) / len(rest),
+        "shared_set_access_us_per_page": sum(c[1] for c in rest) / len(rest),
+    }
+
+
 def busy_gpu_mapping(backend: MemoryBackend, n: int) -> dict[str, float]:
     """Map + grant `n` pages while the GPU runs a queue of matmuls: do the calls wait for it?"""
     ps = backend.page_size
@@ -363,6 +396,9 @@ def main() -> None:
     results: dict[str, object] = {"info": info}
     backend = make_backend(dev, page_size=page)
     results["latency_us"] = call_latencies(backend, 64 if quick else 512)
+    results["shared_mapping"] = shared_mapping(backend, 16 if quick else 128, 4 if quick else 32)
+    print("same pages mapped into several ranges (prefix sharing):",
+          json.dumps({k: round(v, 2) for k, v in results["shared_mapping"].items()}))  # fmt: skip
     if dev == "cuda":
         results["busy_gpu"] = busy_gpu_mapping(backend, 32)
         print("map+grant while the GPU is busy:", json.dumps(results["busy_gpu"]))
