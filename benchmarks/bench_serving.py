@@ -28,6 +28,7 @@ every kernel shape class. Ratios vattention/paged come from the same process.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -99,6 +100,15 @@ def run_trace(
     """Submit every request, step until idle: (seconds, output tokens, steps); see
     `vattention.bench.run_requests` (greedy, ignore EOS, no detokenizing)."""
     return run_requests(llm.engine, trace, samples, ttfts=ttfts)
+
+
+def run_trace_counted(
+    llm: LLM, trace: list[tuple[list[int], int]], samples: list[dict[str, float]],
+    ttfts: list[float],
+) -> tuple[float, int, int, int]:  # fmt: skip
+    """`run_trace`, plus the prompt tokens: (seconds, output tokens, steps, prompt tokens)."""
+    seconds, generated, steps = run_trace(llm, trace, samples, ttfts)
+    return seconds, generated, steps, sum(len(ids) for ids, _ in trace)
 
 
 def run_turns(
@@ -187,22 +197,45 @@ def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, float]:
-    """Kernel seconds over wall seconds of one profiled run (CUDA activity only)."""
+def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, Any]:
+    """Kernel seconds over wall seconds of one profiled run (CUDA activity only), and kernel
+    seconds by category (`profile_engine.CATEGORIES`: attention, matmul, ...)."""
+    from profile_engine import CATEGORIES
+
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         wall, _, steps = run_trace(llm, trace)
     kernel_us = 0.0
+    by_cat: dict[str, float] = {}
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernel_us += e.self_device_time_total
+            cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
+            by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
     return {
         "busy_share": kernel_us / 1e6 / wall,
         "kernel_s": kernel_us / 1e6,
         "wall_s": wall,
         "steps": steps,
         "requests": len(trace),
+        "kernel_s_by_category": {k: round(v, 3) for k, v in sorted(by_cat.items())},
     }
+
+
+def host_profile(fn: Any, top: int) -> tuple[Any, str]:
+    """Run `fn()` under cProfile: (its result, the `top` functions by cumulative time and by
+    own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return result, text.getvalue()
 
 
 def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[str, Any]:
@@ -254,13 +287,18 @@ def run_system(
         engine.scheduler.max_running = 0
         samples: list[dict[str, float]] = []
         ttfts: list[float] = []
+        profile_text = None
         if args.trace == "multi-turn":
-            seconds, generated, steps, prompt_tokens = run_turns(
-                llm, trace, args.turns, args.seed, samples, ttfts
-            )
+            timed = functools.partial(run_turns, llm, trace, args.turns, args.seed, samples, ttfts)
         else:
-            seconds, generated, steps = run_trace(llm, trace, samples, ttfts)
-            prompt_tokens = sum(len(ids) for ids, _ in trace)
+            timed = functools.partial(run_trace_counted, llm, trace, samples, ttfts)
+        if args.host_profile:  # a diagnostic: cProfile slows the host, so the times too
+            (seconds, generated, steps, prompt_tokens), profile_text = host_profile(
+                timed, args.host_profile
+            )
+            print(f"## host profile, {system}\n{profile_text}", flush=True)
+        else:
+            seconds, generated, steps, prompt_tokens = timed()
         result: dict[str, Any] = {
             "system": f"vattention engine, {system}",
             "kv_cache": system,
@@ -391,6 +429,13 @@ def main() -> None:
     ap.add_argument("--opt", action="append", default=[], help="extra LLM option key=json")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--busy-fraction", type=float, default=1.0)
+    ap.add_argument(
+        "--host-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cProfile the timed run, print the N top functions (a diagnostic)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny preset on the CPU (smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
