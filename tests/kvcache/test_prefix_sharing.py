@@ -184,6 +184,26 @@ def test_alloc_with_a_prefix_reuses_the_slot_that_maps_it() -> None:
         assert cache.stats().shared_saved_bytes == cache.layout.num_buffers * PAGE  # s0 twice
 
 
+def test_rows_mapped_only_by_free_slots_are_reclaimable_however_many_map_them() -> None:
+    """Three free slots map the same two rows; a request needing the whole budget gets it
+    (the free slots are unmapped, the rows evicted): a page counts as reclaimable once every
+    slot mapping it is free, not only when one slot maps it."""
+    with _cache(pages=4, slots=4) as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 2 * t)
+        cache.cache_pages(a, ["r0", "r1"])
+        b, c = cache.alloc_slot(), cache.alloc_slot()  # fresh slots: preferred over a
+        cache.map_cached(b, ["r0", "r1"])
+        cache.map_cached(c, ["r0", "r1"])
+        for s in (a, b, c):
+            cache.free_slot(s)
+        d = cache.alloc_slot()
+        cache.ensure(d, 4 * t)  # 2 pages from the pool, 2 from the evicted rows
+        assert cache.length(d) == 4 * t and cache.cached_prefix(["r0", "r1"]) == 0
+        cache.check_integrity()
+
+
 def test_paged_alloc_with_a_prefix_lists_its_blocks() -> None:
     from vattention.kvcache.paged import PagedKVCache
 

@@ -414,14 +414,19 @@ class VirtualKVCache(PrefixSharing):
         """Pages reclaiming can put back in the pool: free slots' own pages (a shared page
         only once no slot maps it) and the prefix rows no slot maps (evicted last)."""
         n = self._idle_table_handles
+        in_free: dict[int, int] = {}  # shared handle -> its mappings in free slots
         for s in range(self.spec.max_slots):
             if self._used[s] or not self._pages[s]:
                 continue
             if not self._shares(s):
                 n += len(self._pages[s]) * self.layout.num_buffers
             else:
-                n += sum(self._refs[h] == 1 for row in self._pages[s] for h in row)
-        return n
+                for row in self._pages[s]:
+                    for h in row:
+                        in_free[h] = in_free.get(h, 0) + 1
+        # a page mapped only in free slots comes back once all of them are unmapped, however
+        # many they are (counting only pages of refcount 1 missed those two free slots share)
+        return n + sum(c == self._refs[h] for h, c in in_free.items())
 
     def _spare(self, slot: int, targets: dict[int, int]) -> int:
         """Pages of a used slot beyond what its live tokens need: its current length, or the
