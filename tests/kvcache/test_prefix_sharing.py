@@ -204,6 +204,30 @@ def test_rows_mapped_only_by_free_slots_are_reclaimable_however_many_map_them() 
         cache.check_integrity()
 
 
+@pytest.mark.parametrize("layout", ["cross_layer", "cross_layer_kv", "per_layer"])
+def test_a_second_copy_of_cached_tokens_is_not_published_past_them(layout: str) -> None:
+    """Two slots computed the same tokens at once; the first publishes them. The second's
+    copies stay private, and so do its later pages (shared rows must lead a slot's pages, or a
+    later request could be handed the slot and write into a shared page)."""
+    with _cache(layout) as cache:
+        t = cache.tokens_per_page
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        for s in (a, b):
+            cache.ensure(s, 3 * t)
+            _fill(cache, s, 3 * t, 1.0)
+        assert cache.cache_pages(a, ["k0", "k1"]) == 2
+        assert cache.cache_pages(b, ["k0", "k1", "k2"]) == 0
+        assert cache.cached_prefix(["k0", "k1", "k2"]) == 2
+        cache.check_integrity()
+        cache.free_slot(b)
+        c = cache.alloc_slot()  # may be b: none of its pages is shared, so it can be written
+        cache.ensure(c, 3 * t)
+        _fill(cache, c, 3 * t, 50.0)
+        d = cache.alloc_slot(["k0", "k1"])
+        assert torch.equal(_read(cache, d, 2 * t), _read(cache, a, 2 * t))
+        cache.check_integrity()
+
+
 def test_paged_alloc_with_a_prefix_lists_its_blocks() -> None:
     from vattention.kvcache.paged import PagedKVCache
 

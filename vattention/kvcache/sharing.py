@@ -111,7 +111,12 @@ class PrefixSharing:
     def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Publish the first `len(keys)` pages of used `slot` (each fully written with final
         tokens: `len(keys) * tokens_per_page <= length(slot)`) under `keys`, for other slots
-        to map; keys already cached are left as they are. Returns how many rows were added."""
+        to map; keys already cached are left as they are. Returns how many rows were added.
+
+        Shared rows must lead a slot's pages (see `_shares`): publishing stops at the first
+        key cached under *another* row (a request that computed the same tokens at the same
+        time as the one that published them): its own copy of that page stays private, and so
+        must every page after it."""
         with self._lock:
             self._check_slot(slot)
             if len(keys) * self.tokens_per_page > self._lengths[slot]:
@@ -120,10 +125,13 @@ class PrefixSharing:
                     f"{self._lengths[slot] // self.tokens_per_page} are full of live tokens"
                 )
             added = 0
+            table = self._table
             for key, row in zip(keys, self._pages[slot], strict=False):
-                if key in self._table or any(self._table.holds(h) for h in row):
-                    continue
-                self._table.add(key, row)
+                if table.holds(row[0]):
+                    continue  # this slot maps (or published) that row already
+                if key in table:
+                    break  # cached under another row: this page and all after stay private
+                table.add(key, row)
                 added += 1
             return added
 
