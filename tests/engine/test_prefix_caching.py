@@ -141,3 +141,18 @@ def test_prefix_caching_is_on_by_default_where_the_cache_can_share(tmp_path: Pat
         LLM(str(tmp_path / "odd"), enable_prefix_caching=True, **opts)  # type: ignore[arg-type]
     with LLM(str(tmp_path / "odd"), kv_cache="paged", block_size=4, **opts) as llm:  # type: ignore[arg-type]
         assert llm.engine.scheduler.prefix is not None  # blocks hold whole tokens by definition
+
+
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_lookups_count_each_admission_once(tmp_path: Path, kv_cache: str) -> None:
+    """Requests that wait for a slot look the cache up at every step, but only the admission
+    counts: queries = the prompt tokens of the batch (no preemption here), hits <= queries."""
+    save_tiny("llama", tmp_path / "m")
+    batch = _prompts()
+    with _llm(tmp_path / "m", True, kv_cache, max_num_seqs=1) as llm:
+        outs = llm.generate(batch, PARAMS, use_tqdm=False)
+        prefix = llm.engine.scheduler.prefix
+        assert prefix is not None and llm.engine.scheduler.num_preemptions == 0
+        assert prefix.query_tokens == sum(len(p) for p in batch)
+        assert 0 < prefix.hit_tokens <= prefix.query_tokens
+        assert all(len(o.token_ids) == NEW for o in outs)

@@ -47,17 +47,19 @@ class PrefixCaching:
         self.hit_tokens = 0  # of them, served from the cache (no prefill)
 
     def cached_keys(self, r: Request) -> list[int]:
-        """Keys of `r`'s leading pages the cache holds (counted as a lookup)."""
+        """Keys of `r`'s leading pages the cache holds (nothing counted: an admission that
+        fails looks again at the next step)."""
         known = r.num_tokens - r.num_inflight
         pages = (known - 1) // self.per_page
-        self.query_tokens += known
         if pages <= 0:
             return []
         keys = extend_keys(r, pages, self.per_page)[:pages]
         return keys[: self.cache.cached_prefix(keys)]
 
     def admitted(self, r: Request, keys: list[int]) -> int:
-        """`r` got a slot that maps the pages of `keys`; returns the tokens they hold."""
+        """`r` was admitted into a slot that maps the pages of `keys`: count the lookup (its
+        known tokens, and those served from the cache); returns the tokens they hold."""
+        self.query_tokens += r.num_tokens - r.num_inflight
         tokens = len(keys) * self.per_page
         self.hit_tokens += tokens
         r.num_published_pages = len(keys)  # those pages are in the table already

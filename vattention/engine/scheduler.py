@@ -299,17 +299,18 @@ class Scheduler:
             slot = self.kv_cache.alloc_slot(keys, tokens=r.num_tokens)
         except OutOfKVMemory:
             return 0
-        cached = self.prefix.admitted(r, keys) if self.prefix is not None else 0
+        cached = len(keys) * self.prefix.per_page if self.prefix is not None else 0
         n = min(r.num_tokens - cached, budget)
         try:
             self.kv_cache.ensure(slot, cached + n)
         except OutOfKVMemory:
             self.kv_cache.free_slot(slot)
-            r.num_published_pages = 0
             if not self.running:  # alone and still too big: it never fits
                 self._finish(r, FinishReason.KV_MEMORY)
                 out.finished.append(r)
             return 0  # otherwise wait for running requests to give memory back
+        if self.prefix is not None:
+            self.prefix.admitted(r, keys)
         self.waiting.popleft()
         r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, cached
         self.running.append(r)
