@@ -143,16 +143,29 @@ def test_prefix_caching_is_on_by_default_where_the_cache_can_share(tmp_path: Pat
         assert llm.engine.scheduler.prefix is not None  # blocks hold whole tokens by definition
 
 
-@pytest.mark.parametrize("kv_cache", CACHES)
-def test_lookups_count_each_admission_once(tmp_path: Path, kv_cache: str) -> None:
-    """Requests that wait for a slot look the cache up at every step, but only the admission
-    counts: queries = the prompt tokens of the batch (no preemption here), hits <= queries."""
-    save_tiny("llama", tmp_path / "m")
-    batch = _prompts()
-    with _llm(tmp_path / "m", True, kv_cache, max_num_seqs=1) as llm:
-        outs = llm.generate(batch, PARAMS, use_tqdm=False)
-        prefix = llm.engine.scheduler.prefix
-        assert prefix is not None and llm.engine.scheduler.num_preemptions == 0
-        assert prefix.query_tokens == sum(len(p) for p in batch)
-        assert 0 < prefix.hit_tokens <= prefix.query_tokens
-        assert all(len(o.token_ids) == NEW for o in outs)
+def test_lookups_count_each_admission_once() -> None:
+    """A request refused for memory looks the cache up again at the next step, but only the
+    admission counts: after a step that admits one request and refuses the next, the queries
+    are the first one's tokens."""
+    from tests.kvcache.helpers import CPU_PAGE, make_spec
+    from vattention import VirtualKVCache
+    from vattention.engine.request import Request
+    from vattention.engine.scheduler import Scheduler
+    from vattention.engine.scheduling import SchedulerConfig
+
+    spec = make_spec("cpu", num_layers=4)  # 512 bytes a token and buffer: 128 a page
+    with VirtualKVCache(spec, "cpu", budget_bytes=6 * CPU_PAGE, lookahead_tokens=0) as cache:
+        per_page = cache.tokens_per_page  # 6 pages = 3 page-steps of K and V
+        config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8 * per_page,
+                                 max_model_len=700, enable_prefix_caching=True)  # fmt: skip
+        sched = Scheduler(config, cache)
+        a = Request("a", [7] * (2 * per_page), SamplingParams(max_tokens=2))
+        b = Request("b", [9] * (2 * per_page), SamplingParams(max_tokens=2))
+        sched.add_request(a)
+        sched.add_request(b)
+        out = sched.schedule()
+        assert [row.request.request_id for row in out.scheduled] == ["a"]  # b: no memory
+        assert sched.prefix is not None and sched.prefix.query_tokens == 2 * per_page
+        out = sched.schedule()  # a decodes into its third page; b is refused again
+        assert [row.request.request_id for row in out.scheduled] == ["a"]
+        assert sched.prefix.query_tokens == 2 * per_page
