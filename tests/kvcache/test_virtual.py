@@ -203,6 +203,49 @@ def test_reclaims_free_slots_only_when_pool_runs_dry(kind: str) -> None:
         cache.check_integrity()
 
 
+def test_reclaim_waits_for_each_free_slot_and_never_for_the_whole_device() -> None:
+    """Reclaiming a free slot's pages first waits for the event `free_slot` recorded (work
+    queued before the free may still read them), not for the whole device; trimming a used
+    slot's look-ahead waits for nothing (no queued work touches tokens past its length)."""
+    from vattention.memory.cpu import CpuBackend
+
+    calls: list[tuple[str, object]] = []
+
+    class Recording(CpuBackend):
+        def record_event(self) -> object:
+            token = object()
+            calls.append(("record", token))
+            return token
+
+        def wait_event(self, event: object) -> None:
+            calls.append(("wait", event))
+
+        def synchronize(self) -> None:
+            calls.append(("sync", None))
+
+        def unmap(self, addr: int) -> None:
+            calls.append(("unmap", addr))
+            super().unmap(addr)
+
+    spec = make_spec("cpu")
+    per_row = 2 * 64 * 1024  # K and V pages of one page-step (cross-layer, 64 KiB CPU pages)
+    with Recording(64 * 1024) as backend:
+        cache = VirtualKVCache(spec, backend, budget_bytes=3 * per_row, lookahead_tokens=0)
+        tpp = tokens_per_page(cache)
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        cache.ensure(a, 2 * tpp)
+        cache.ensure(b, tpp)
+        cache.free_slot(a)
+        freed = [t for kind, t in calls if kind == "record"][-1]
+        calls.clear()
+        cache.ensure(b, 3 * tpp)  # the budget is used up: a's pages come back
+        kinds = [kind for kind, _ in calls]
+        assert "sync" not in kinds
+        assert ("wait", freed) in calls and kinds.index("wait") < kinds.index("unmap")
+        cache.check_integrity()
+        cache.close()
+
+
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_trim_returns_memory(kind: str) -> None:
     spec = make_spec(kind)

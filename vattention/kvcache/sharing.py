@@ -136,9 +136,9 @@ class PrefixSharing:
             return added
 
     def _wait_freed(self, slot: int) -> None:
-        """Wait for the device work queued before `slot` was freed (its event; a full sync if
-        it was freed while nothing was shared, so no event was recorded; nothing if it was
-        never used: no kernel has read its pages)."""
+        """Wait for the device work queued before `slot` was freed (its event; a full sync
+        where the backend records none; nothing if it was never used: no kernel has read its
+        pages)."""
         event = self._freed_at[slot]
         if not self._freed_seq[slot]:
             return

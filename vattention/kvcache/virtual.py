@@ -14,8 +14,8 @@ Invariants (checked by `check_integrity`):
   slot's length always covers every prefix row it maps (`alloc_slot` keeps only the rows its
   new request's cached prefix starts with, unmaps the rest before handing the slot out, and
   sets the length over the kept rows), so no request ever writes into a shared page;
-  unmapping a freed slot's pages first waits for the device work queued when it was freed
-  (an event, recorded while the prefix table holds rows; else a full sync); without a prefix,
+  unmapping a freed slot's pages (prefix rows, or reclaiming them for others) first waits for
+  the device work queued when it was freed (its event, recorded at every free); without a prefix,
   `alloc_slot` prefers slots that map no shared page, then the one freed first;
 - `ensure` / `step` are all-or-nothing: on `OutOfKVMemory` no used slot's mapping or length
   changes (the check runs before anything is touched);
@@ -227,9 +227,9 @@ class VirtualKVCache(PrefixSharing):
             self._check_slot(slot)
             self._used[slot] = False
             self._lengths[slot] = 0
-            # only prefix sharing ever unmaps a just-freed slot's pages (`_wait_freed`): no
-            # device event per request otherwise
-            self._freed_at[slot] = self._backend.record_event() if len(self._table) else None
+            # unmapping a freed slot's pages (reclaim, prefix rows) waits for this event alone,
+            # not for the whole device (a few microseconds per request)
+            self._freed_at[slot] = self._backend.record_event()
             self._frees += 1
             self._freed_seq[slot] = self._frees
 
@@ -520,10 +520,13 @@ class VirtualKVCache(PrefixSharing):
         `targets` (see `_spare`)."""
         nbuf = self.layout.num_buffers
         free = [s for s in range(self.spec.max_slots) if not self._used[s] and self._pages[s]]
-        self._backend.synchronize()
+        # No device-wide sync: a free slot's pages may still be read by work queued before it
+        # was freed, so each waits for its own free event (usually long done); a used slot's
+        # look-ahead lies beyond every token queued work reads or writes (`_spare`).
         for s in sorted(free, key=lambda s: (self._prepared[s], len(self._pages[s]))):
             if need <= 0:
                 return
+            self._wait_freed(s)
             # a slot mapping prefix rows goes whole: they lead its pages
             count = len(self._pages[s]) if self._shares(s) else -(-need // nbuf)
             need -= self._unmap_tail(s, min(len(self._pages[s]), count))
