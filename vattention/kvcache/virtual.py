@@ -452,17 +452,17 @@ class VirtualKVCache(PrefixSharing):
         need = self._pages_needed(pages)
         if need == 0:
             return
-        reclaimable = 0
-        if targets is not None:
-            reclaimable = self._reclaimable() + self._trimmable(targets)
-        if need > self._pool.obtainable + reclaimable:
-            self._raise_oom(need, self._pool.obtainable + reclaimable)
-        if need > len(self._pool.free):
+        if need > len(self._pool.free):  # only then count what else could be had (O(slots))
+            reclaimable = 0
+            if targets is not None:
+                reclaimable = self._reclaimable() + self._trimmable(targets)
+            if need > self._pool.obtainable + reclaimable:
+                self._raise_oom(need, self._pool.obtainable + reclaimable)
             self._pool.refill(need)  # creation may hit device OOM, which lowers the budget
-        if need > len(self._pool.free) + reclaimable:
-            self._raise_oom(need, len(self._pool.free) + reclaimable)
-        if targets is not None and need > len(self._pool.free):
-            self._reclaim(need - len(self._pool.free), targets)
+            if need > len(self._pool.free) + reclaimable:
+                self._raise_oom(need, len(self._pool.free) + reclaimable)
+            if targets is not None and need > len(self._pool.free):
+                self._reclaim(need - len(self._pool.free), targets)
         handles = self._pool.take(need)
         done: list[tuple[int, int]] = []  # (slot, first new page) for rollback
         try:
