@@ -163,9 +163,11 @@ def test_alloc_with_a_prefix_reuses_the_slot_that_maps_it() -> None:
         b = cache.alloc_slot(["s0", "s1"])
         assert cache.length(b) == 2 * t and torch.equal(_read(cache, b, 2 * t), want)
         cache.free_slot(b)
-        calls = cache.stats().map_calls
+        before = cache.stats()
         c = cache.alloc_slot(["s0", "s1"])
-        assert c == b and cache.stats().map_calls == calls  # nothing mapped again
+        after = cache.stats()
+        assert c == b and after.map_calls == before.map_calls  # nothing mapped again,
+        assert after.set_access_calls == before.set_access_calls  # nor access granted again
         assert torch.equal(_read(cache, c, 2 * t), want)
         used = cache.num_free_slots
         with pytest.raises(ValueError, match="not every prefix key"):

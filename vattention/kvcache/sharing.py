@@ -82,6 +82,7 @@ class PrefixSharing:
                 tuple(r) != row for r, row in zip(pages, rows, strict=False)
             ):
                 self._wait_freed(slot)  # its old pages may still be read by queued work
+            first, last = len(rows), 0  # the pages mapped here (kept ones keep their access)
             for i, row in enumerate(rows):
                 if i < len(pages):
                     if tuple(pages[i]) == row:
@@ -98,10 +99,11 @@ class PrefixSharing:
                     self._map_calls += 1
                     self._acquire(h)
                     pages[i].append(h)
-            if rows:
+                first, last = min(first, i), i + 1
+            if first < last:
                 for buf in range(nbuf):
                     self._backend.set_access(
-                        self._base + self.layout.page_offset(buf, slot, 0), len(rows) * ps
+                        self._base + self.layout.page_offset(buf, slot, first), (last - first) * ps
                     )
                     self._access_calls += 1
             self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
