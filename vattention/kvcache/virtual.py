@@ -179,8 +179,10 @@ class VirtualKVCache(PrefixSharing):
                     slot = max(plain, key=lambda s: (len(self._pages[s]), -s))
                 else:  # every free slot maps shared pages: the one freed first (work done)
                     slot = min(free, key=lambda s: self._freed_seq[s])
-            if self._shares(slot) and len(self._pages[slot]) > keep:
-                # queued work may still read the pages that go: wait for it alone
+            if self._shared_lead(slot) > keep:
+                # shared rows the request would write into go (with every page after them:
+                # no holes); queued work may still read them, so wait for it alone first.
+                # Private pages right after the kept rows stay: the request writes them anew.
                 self._wait_freed(slot)
                 self._unmap_tail(slot, len(self._pages[slot]) - keep)
             self._used[slot] = True
@@ -193,6 +195,15 @@ class VirtualKVCache(PrefixSharing):
                     self._used[slot] = False
                     raise
             return slot
+
+    def _shared_lead(self, slot: int) -> int:
+        """How many leading pages of `slot` are prefix rows (they always lead its pages)."""
+        n, holds = 0, self._table.holds
+        for row in self._pages[slot]:
+            if not holds(row[0]):
+                break
+            n += 1
+        return n
 
     def _pages_wanted(self, tokens: int | None) -> int:
         """Pages (per buffer) a new request of `tokens` tokens is backed with at first; 0 for
