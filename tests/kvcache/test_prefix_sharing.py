@@ -314,6 +314,28 @@ class SharingMachine(RuleBasedStateMachine):
         self.chains[slot] = chain[:n]
 
     @rule(data=st.data())
+    @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 0)
+    def recompute(self, data: st.DataObject) -> None:
+        """A request that computed a published chain's tokens itself (it was admitted before
+        they were published) publishes them and one more page: its copies stay private, and
+        so does every page after them (shared rows must lead its pages)."""
+        chain = data.draw(st.sampled_from(self.published))
+        n = self.cache.cached_prefix(chain)
+        if not n:
+            return
+        slot = self.cache.alloc_slot()
+        try:
+            self.cache.ensure(slot, (n + 1) * self.t)
+        except OutOfKVMemory:
+            self.cache.free_slot(slot)
+            return
+        for i, key in enumerate(chain[:n]):
+            self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t] = self.rows[key]
+        self.counter += 1
+        assert self.cache.cache_pages(slot, chain[:n] + [f"dup-{self.counter}"]) == 0
+        self.chains[slot] = []
+
+    @rule(data=st.data())
     @precondition(lambda self: bool(self.chains))
     def free(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from(sorted(self.chains)))
