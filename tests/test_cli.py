@@ -102,6 +102,34 @@ def test_bench_reports_throughput(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["output_tok_per_s"] > 0 and result["config"]["model"] == "tiny"
 
 
+def test_bench_shared_prefix_trace_hits_the_prefix_cache(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Requests after the first find the system prompt's whole pages cached (4 KiB pages: 8
+    tokens of the tiny preset, so the vAttention cache shares them)."""
+    args = ["bench", "tiny", "--load-format", "dummy", "--trace", "shared-prefix",
+            "--num-requests", "6", "--prompt-len", "64", "--output-len", "4", "--json",
+            *SMALL, "--kv-page-size", "4096"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] == 6 and result["prompt_tokens"] == 6 * (64 + 8)
+    assert result["prefix_hit_tokens"] >= 4 * 64  # the warm-up published them already
+
+
+def test_make_trace_shapes() -> None:
+    from vattention.bench import make_trace
+
+    trace = make_trace("shared-prefix", 5, 40, 7, vocab=100, max_len=128, seed=1)
+    system = trace[0][0][:40]
+    assert all(ids[:40] == system and len(ids) == 45 and o == 7 for ids, o in trace)
+    assert len({tuple(ids[40:]) for ids, _ in trace}) == 5  # distinct suffixes
+    short = make_trace("shared-prefix", 2, 500, 7, vocab=100, max_len=128)
+    assert all(len(ids) + o < 128 for ids, o in short)  # capped to fit, suffixes kept
+    assert short[0][0][:-62] == short[1][0][:-62] and short[0][0][-62:] != short[1][0][-62:]
+    with pytest.raises(ValueError, match="trace must be one of"):
+        make_trace("nope", 2, 4, 4, vocab=100, max_len=128)
+
+
 def test_chat_streams_and_keeps_the_conversation(tmp_path: Path) -> None:
     from vattention.chat import run_chat
     from vattention.engine.llm_engine import LLMEngine

@@ -1,8 +1,10 @@
 """`vattention bench`: offline throughput of one engine on a seeded trace.
 
-Traces: `fixed` (N prompts of P tokens, O output tokens each) and `uneven` (prompt lengths
-log-uniform in [P/4, 4P], outputs uniform in [1, O]); token-id prompts drawn from the model's
-vocabulary, greedy, ignore EOS, no detokenizing. A short warm-up run is excluded. The result
+Traces: `fixed` (N prompts of P tokens, O output tokens each), `uneven` (prompt lengths
+log-uniform in [P/4, 4P], outputs uniform in [1, O]) and `shared-prefix` (one P-token system
+prompt before every request, then P/8 distinct tokens; O output tokens: what prefix caching
+is for); token-id prompts drawn from the model's vocabulary, greedy, ignore EOS, no
+detokenizing. A short warm-up run is excluded. The result
 reports the configuration, seconds, output and total tokens per second, steps and preemptions.
 (`benchmarks/bench_serving.py` compares both caches side by side with GPU-busy figures.)
 """
@@ -16,19 +18,31 @@ from typing import Any
 
 import torch
 
+TRACES = ("fixed", "uneven", "shared-prefix")
+
 
 def make_trace(
     kind: str, n: int, prompt_len: int, output_len: int, vocab: int, max_len: int, seed: int = 0
 ) -> list[tuple[list[int], int]]:
     """(prompt ids, output tokens) per request, capped so each fits `max_len`."""
-    if kind not in ("fixed", "uneven"):
-        raise ValueError(f"trace must be 'fixed' or 'uneven', got {kind!r}")
+    if kind not in TRACES:
+        raise ValueError(f"trace must be one of {TRACES}, got {kind!r}")
     if n < 1 or prompt_len < 1 or output_len < 1:
         raise ValueError("num_requests, prompt_len and output_len must be >= 1")
     gen = torch.Generator().manual_seed(seed)
+    high = max(4, vocab - 1)
+    system: list[int] = []
+    suffix = max(1, prompt_len // 8)
+    if kind == "shared-prefix":  # as long as asked, leaving room for the suffix and output
+        room = max_len - max(1, min(output_len, max_len - 2)) - 1
+        size = max(1, min(prompt_len, room - suffix))
+        system = torch.randint(3, high, (size,), generator=gen).tolist()
     trace = []
     for _ in range(n):
-        if kind == "fixed":
+        if kind == "shared-prefix":
+            o = output_len
+            p = len(system) + suffix
+        elif kind == "fixed":
             p, o = prompt_len, output_len
         else:
             lo, hi = max(1, prompt_len // 4), 4 * prompt_len
@@ -37,8 +51,8 @@ def make_trace(
             o = int(torch.randint(1, output_len + 1, (), generator=gen))
         o = max(1, min(o, max_len - 2))
         p = max(1, min(p, max_len - o - 1))
-        ids = torch.randint(3, max(4, vocab - 1), (p,), generator=gen).tolist()
-        trace.append((ids, o))
+        tail = torch.randint(3, high, (max(0, p - len(system)),), generator=gen).tolist()
+        trace.append(((system + tail)[:p], o))
     return trace
 
 
@@ -96,6 +110,8 @@ def run_bench(
 
         run_requests(engine, [(ids, min(o, 4)) for ids, o in trace[:4]])  # warm-up, excluded
         preempt0 = engine.scheduler.num_preemptions
+        prefix = engine.scheduler.prefix
+        hits0 = prefix.hit_tokens if prefix is not None else 0
         seconds, generated, steps = run_requests(engine, trace)
         prompt_tokens = sum(len(ids) for ids, _ in trace)
         cfg = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
@@ -110,6 +126,7 @@ def run_bench(
             "output_tok_per_s": generated / seconds,
             "total_tok_per_s": (generated + prompt_tokens) / seconds,
             "preemptions": engine.scheduler.num_preemptions - preempt0,
+            "prefix_hit_tokens": (prefix.hit_tokens - hits0) if prefix is not None else 0,
         }
     finally:
         engine.close()
@@ -117,7 +134,8 @@ def run_bench(
         f"{config.model} ({config.kv_cache}), {trace_kind} trace: {len(trace)} requests, "
         f"{prompt_tokens} prompt + {generated} output tokens in {seconds:.2f} s: "
         f"{result['output_tok_per_s']:.1f} output tok/s, {result['total_tok_per_s']:.1f} total "
-        f"tok/s, {steps} steps, {result['preemptions']} preemptions"
+        f"tok/s, {steps} steps, {result['preemptions']} preemptions, "
+        f"{result['prefix_hit_tokens']} prompt tokens from the prefix cache"
     )
     del progress  # the run is a single timed loop; nothing to report while it runs
     return result

@@ -180,9 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="offline throughput on a seeded trace")
     bench.add_argument("model", nargs="?", default=None, help=model_help)
-    bench.add_argument("--trace", choices=["fixed", "uneven"], default="fixed")
+    bench.add_argument(
+        "--trace",
+        choices=["fixed", "uneven", "shared-prefix"],
+        default="fixed",
+        help="fixed, uneven, or shared-prefix (one system prompt before each)",
+    )
     bench.add_argument("--num-requests", type=int, default=64)
-    bench.add_argument("--prompt-len", type=int, default=128, help="fixed trace")
+    bench.add_argument(
+        "--prompt-len",
+        type=int,
+        default=128,
+        help="fixed: each prompt; uneven: the median; shared-prefix: the system prompt",
+    )
     bench.add_argument("--output-len", type=int, default=64, help="fixed trace; uneven: the most")
     bench.add_argument("--trace-seed", type=int, default=0)
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
