@@ -238,16 +238,31 @@ def host_profile(fn: Any, top: int) -> tuple[Any, str]:
     return result, text.getvalue()
 
 
+def parse_system(system: str) -> tuple[str, bool, str | None]:
+    """`kind[+prefix][@layout]` -> (cache kind, prefix caching, vAttention layout or None):
+    e.g. `vattention`, `paged+prefix`, `vattention+prefix@cross_layer_kv`."""
+    name, _, layout = system.partition("@")
+    kv_cache, _, extra = name.partition("+")
+    if kv_cache not in ("vattention", "paged") or extra not in ("", "prefix"):
+        raise ValueError(
+            f"unknown system {system!r}: vattention or paged, optionally with '+prefix', then "
+            f"optionally '@layout' (vattention only)"
+        )
+    if layout and kv_cache != "vattention":
+        raise ValueError(f"system {system!r}: a layout applies to the vattention cache only")
+    return kv_cache, extra == "prefix", layout or None
+
+
 def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[str, Any]:
-    """LLM options of `system`: a cache kind, with `+prefix` for prefix caching."""
-    kv_cache, _, extra = system.partition("+")
-    if extra not in ("", "prefix"):
-        raise ValueError(f"unknown system {system!r}: a cache kind, optionally with '+prefix'")
+    """LLM options of `system` (see `parse_system`)."""
+    kv_cache, prefix, layout = parse_system(system)
     opts: dict[str, Any] = dict(
         kv_cache=kv_cache, load_format="dummy", dtype=args.dtype, max_model_len=max_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-        enforce_eager=args.eager, device=args.device, enable_prefix_caching=extra == "prefix",
+        enforce_eager=args.eager, device=args.device, enable_prefix_caching=prefix,
     )  # fmt: skip
+    if layout is not None:
+        opts["kv_layout"] = layout
     if args.quick:
         opts["kv_page_size"] = 64 * 1024
     if kv_cache == "vattention" and args.attention_backend:
@@ -274,7 +289,7 @@ def run_system(
 ) -> dict[str, Any]:
     opts = engine_options(args, kv_cache, max_len)
     system = kv_cache
-    kv_cache = system.partition("+")[0]
+    kv_cache = parse_system(system)[0]
     t0 = time.perf_counter()
     llm = LLM(args.model, **opts)
     setup = time.perf_counter() - t0
@@ -375,13 +390,13 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
             f"{_held(r.get('memory', {}))} |"
         )
     ok = {r["kv_cache"]: r for r in results if "error" not in r}
-    for suffix in ("", "+prefix"):
-        a, b = ok.get("vattention" + suffix), ok.get("paged" + suffix)
-        if a is not None and b is not None:
+    for name, a in ok.items():  # every vattention system against paged with the same sharing
+        kind, prefix, _ = parse_system(name)
+        b = ok.get("paged+prefix" if prefix else "paged")
+        if kind == "vattention" and b is not None:
             ratio = a["output_tok_per_s"] / b["output_tok_per_s"]
             lines.append(
-                f"\nvattention{suffix} / paged{suffix} (output tok/s, same process): "
-                f"**{ratio:.2f}x**"
+                f"\n{name} / {b['kv_cache']} (output tok/s, same process): **{ratio:.2f}x**"
             )
     hits = [
         f"{r['kv_cache']} {r['prefix_hit_tokens']}" for r in ok.values() if "+" in r["kv_cache"]
@@ -422,7 +437,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-batched-tokens", type=int, default=8192)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--systems", default="vattention,paged")
+    ap.add_argument(
+        "--systems",
+        default="vattention,paged",
+        help="comma-separated kind[+prefix][@layout], e.g. "
+        "vattention,vattention@cross_layer_kv,paged",
+    )
     ap.add_argument("--attention-backend", default=None, help="vattention side (default auto)")
     ap.add_argument("--paged-backend", default=None, help="paged side (default pa_triton)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)

@@ -50,3 +50,21 @@ def test_bench_serving_prefix_traces_hit_the_cache(tmp_path: Path, trace: str) -
         assert "error" not in r, r
         assert r["prefix_hit_tokens"] > 0, r["kv_cache"]
     assert "vattention+prefix / paged+prefix" in (tmp_path / "results.md").read_text()
+
+
+def test_system_names_pick_cache_sharing_and_layout() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_serving import parse_system
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert parse_system("vattention") == ("vattention", False, None)
+    assert parse_system("paged+prefix") == ("paged", True, None)
+    assert parse_system("vattention+prefix@cross_layer_kv") == (
+        "vattention",
+        True,
+        "cross_layer_kv",
+    )
+    for bad in ("vatt", "paged@cross_layer", "vattention+share"):
+        with pytest.raises(ValueError, match="system"):
+            parse_system(bad)
