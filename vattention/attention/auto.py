@@ -35,7 +35,7 @@ from vattention.attention.contiguous import ContiguousBackend
 from vattention.attention.fa2 import flash_varlen, flat_rows, slot_offsets
 from vattention.attention.mixed import MixedPlan, plan_mixed
 from vattention.attention.sdpa import CUDNN_MIN_TOKENS, prefer_cudnn, sdpa_requests
-from vattention.attention.split_chunk import cudnn_lse_usable, split_requests
+from vattention.attention.split_chunk import cudnn_lse_usable, split_chunk_attention
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
 _DECODE_CHOICES = ("triton_decode", "fa2_varlen", "sdpa", "flex", "torch_sdpa_ref")
@@ -217,7 +217,8 @@ class AutoBackend(ContiguousBackend):
             with prefer_cudnn(q.is_cuda):
                 sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), fresh, self.scale, out)
         if chunks:
-            split_requests(q, k_cache, v_cache, meta, self.starts(meta), chunks, self.scale, out)
+            sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), chunks, self.scale, out,
+                          split_chunk_attention)  # fmt: skip
 
     def _fa2_prefill(
         self,

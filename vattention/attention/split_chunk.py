@@ -19,12 +19,8 @@ device whether this torch build runs it with GQA views, so callers can fall back
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
-
-from vattention.attention.base import AttentionMetadata
-from vattention.attention.sdpa import sdpa_requests
 
 
 def _attend_lse_reference(
@@ -112,18 +108,3 @@ def reference_chunk(
     scores = (q.float() @ kf.transpose(-1, -2)) * scale
     mask = torch.ones(n, s, dtype=torch.bool, device=q.device).triu(s - n + 1)
     return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ vf
-
-
-def split_requests(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    starts: list[int],
-    requests: Iterable[int],
-    scale: float,
-    out: torch.Tensor,
-) -> None:
-    """Fill `out`'s rows of each chunk request in `requests` (context > 0) with
-    `split_chunk_attention` over its slot's rows of the cache, read in place."""
-    sdpa_requests(q, k_cache, v_cache, meta, starts, requests, scale, out, split_chunk_attention)

@@ -43,6 +43,7 @@ from vattention.engine.cuda_graphs import mixed_token_sizes
 from vattention.engine.memory_profile import MemoryProfile, profile_memory
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
+from vattention.engine.prefix_cache import sharing_problem
 from vattention.engine.request import Request
 from vattention.engine.sampler import Sampler
 from vattention.engine.sampling_params import SamplingParams
@@ -199,7 +200,7 @@ class LLMEngine:
             self.attn = create_backend(
                 backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
             )
-            problem = _sharing_problem(self.cache)
+            problem = sharing_problem(self.cache)
             wanted = config.enable_prefix_caching
             if wanted and problem:
                 raise ValueError(f"enable_prefix_caching=True, but {problem}")
@@ -410,17 +411,6 @@ class LLMEngine:
             self.runner.graphs = None
             self.runner.mixed_graphs = None
             close()
-
-
-def _sharing_problem(cache: Any) -> str | None:
-    """Why `cache` cannot share prefix pages, or None when it can."""
-    if not callable(getattr(cache, "map_cached", None)):
-        return f"{type(cache).__name__} cannot share pages"
-    try:
-        cache.tokens_per_page  # noqa: B018 - raises where pages split tokens
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _tokenizer_or_none(path: str) -> Any:

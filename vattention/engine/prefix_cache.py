@@ -32,17 +32,26 @@ def extend_keys(r: Request, num_pages: int, per_page: int) -> list[int]:
     return keys
 
 
+def sharing_problem(cache: Any) -> str | None:
+    """Why `cache` cannot share prefix pages, or None when it can."""
+    if not callable(getattr(cache, "map_cached", None)):
+        return f"prefix caching needs a KV cache that shares pages; {type(cache).__name__} has none"
+    try:
+        cache.tokens_per_page  # noqa: B018 - raises where pages split tokens
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class PrefixCaching:
     """The scheduler's side of prefix caching over a cache with `map_cached`/`cache_pages`."""
 
     def __init__(self, cache: Any) -> None:
-        if not callable(getattr(cache, "map_cached", None)):
-            raise ValueError(
-                f"prefix caching needs a KV cache that shares pages (the vAttention cache); "
-                f"{type(cache).__name__} has none yet"
-            )
+        problem = sharing_problem(cache)
+        if problem is not None:
+            raise ValueError(problem)
         self.cache = cache
-        self.per_page: int = cache.tokens_per_page  # raises if pages hold partial tokens
+        self.per_page: int = cache.tokens_per_page
         self.query_tokens = 0  # prompt tokens looked up at admission
         self.hit_tokens = 0  # of them, served from the cache (no prefill)
 

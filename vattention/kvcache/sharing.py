@@ -72,43 +72,49 @@ class PrefixSharing:
             self._check_slot(slot)
             if self._lengths[slot]:
                 raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
-            per_page = self.tokens_per_page
-            if self._table.match(keys) < len(keys):
-                raise ValueError("map_cached: not every key has a cached row")
-            rows = self._table.rows(keys)
-            pages = self._pages[slot]
-            nbuf, ps = self.layout.num_buffers, self.page_size
-            if pages[: len(rows)] and any(
-                tuple(r) != row for r, row in zip(pages, rows, strict=False)
-            ):
-                self._wait_freed(slot)  # its old pages may still be read by queued work
-            first, last = len(rows), 0  # the pages mapped here (kept ones keep their access)
-            for i, row in enumerate(rows):
-                if i < len(pages):
-                    if tuple(pages[i]) == row:
-                        continue
-                    for buf, h in enumerate(pages[i]):
-                        self._backend.unmap(self._base + self.layout.page_offset(buf, slot, i))
-                        self._unmap_calls += 1
-                        self._release(h)
-                    pages[i] = []
-                else:
-                    pages.append([])
-                for buf, h in enumerate(row):
-                    self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
-                    self._map_calls += 1
-                    self._acquire(h)
-                    pages[i].append(h)
-                first, last = min(first, i), i + 1
-            if first < last:
-                for buf in range(nbuf):
-                    self._backend.set_access(
-                        self._base + self.layout.page_offset(buf, slot, first), (last - first) * ps
-                    )
-                    self._access_calls += 1
-            self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
-            self._lengths[slot] = len(rows) * per_page
-            return self._lengths[slot]
+            return self._map_rows(slot, self._cached_rows(keys, "map_cached: not every key"))
+
+    def _cached_rows(self, keys: Sequence[Hashable], what: str) -> list[tuple[int, ...]]:
+        """The rows of `keys`, or a ValueError "{what} has a cached row"."""
+        if self._table.match(keys) < len(keys):
+            raise ValueError(f"{what} has a cached row")
+        return self._table.rows(keys)
+
+    def _map_rows(self, slot: int, rows: list[tuple[int, ...]]) -> int:
+        """Map `rows` as the first pages of `slot` (rows it already maps there stay, with
+        their access); its length becomes the tokens they hold."""
+        per_page = self.tokens_per_page
+        pages = self._pages[slot]
+        nbuf, ps = self.layout.num_buffers, self.page_size
+        if pages[: len(rows)] and any(tuple(r) != row for r, row in zip(pages, rows, strict=False)):
+            self._wait_freed(slot)  # its old pages may still be read by queued work
+        first, last = len(rows), 0  # the pages mapped here (kept ones keep their access)
+        for i, row in enumerate(rows):
+            if i < len(pages):
+                if tuple(pages[i]) == row:
+                    continue
+                for buf, h in enumerate(pages[i]):
+                    self._backend.unmap(self._base + self.layout.page_offset(buf, slot, i))
+                    self._unmap_calls += 1
+                    self._release(h)
+                pages[i] = []
+            else:
+                pages.append([])
+            for buf, h in enumerate(row):
+                self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
+                self._map_calls += 1
+                self._acquire(h)
+                pages[i].append(h)
+            first, last = min(first, i), i + 1
+        if first < last:
+            for buf in range(nbuf):
+                self._backend.set_access(
+                    self._base + self.layout.page_offset(buf, slot, first), (last - first) * ps
+                )
+                self._access_calls += 1
+        self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
+        self._lengths[slot] = len(rows) * per_page
+        return self._lengths[slot]
 
     def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Publish the first `len(keys)` pages of used `slot` (each fully written with final
@@ -153,6 +159,27 @@ class PrefixSharing:
         """Whether `slot` maps prefix rows (always its leading pages)."""
         pages = self._pages[slot]
         return bool(pages) and self._table.holds(pages[0][0])
+
+    def _shared_lead(self, slot: int) -> int:
+        """How many leading pages of `slot` are prefix rows (they always lead its pages)."""
+        n, holds = 0, self._table.holds
+        for row in self._pages[slot]:
+            if not holds(row[0]):
+                break
+            n += 1
+        return n
+
+    def _shared_in_used(self, used: list[int]) -> int:
+        """Mappings into used slots beyond the first of each page: what sharing saved them."""
+        seen: set[int] = set()
+        extra = 0
+        for s in used:
+            for row in self._pages[s][: self._shared_lead(s)]:
+                if row[0] in seen:
+                    extra += len(row)
+                else:
+                    seen.add(row[0])
+        return extra
 
     def _acquire(self, handle: int) -> None:
         n = self._refs.get(handle, 0)

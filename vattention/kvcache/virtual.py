@@ -165,10 +165,9 @@ class VirtualKVCache(PrefixSharing):
             if not free:
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
             keep = 0  # leading pages of the slot that already map the wanted prefix rows
-            if prefix:
-                if self._table.match(prefix) < len(prefix):
-                    raise ValueError("alloc_slot: not every prefix key has a cached row")
-                slot, keep = self._best_prefix_slot(free, self._table.rows(prefix))
+            rows = self._cached_rows(prefix, "alloc_slot: not every prefix key") if prefix else []
+            if rows:
+                slot, keep = self._best_prefix_slot(free, rows)
             else:
                 plain = [s for s in free if not self._shares(s)]
                 want = self._pages_wanted(tokens)
@@ -188,22 +187,13 @@ class VirtualKVCache(PrefixSharing):
             self._used[slot] = True
             self._prepared[slot] = False
             self._lengths[slot] = 0
-            if prefix:
+            if rows:
                 try:
-                    self.map_cached(slot, prefix)
+                    self._map_rows(slot, rows)
                 except BaseException:
                     self._used[slot] = False
                     raise
             return slot
-
-    def _shared_lead(self, slot: int) -> int:
-        """How many leading pages of `slot` are prefix rows (they always lead its pages)."""
-        n, holds = 0, self._table.holds
-        for row in self._pages[slot]:
-            if not holds(row[0]):
-                break
-            n += 1
-        return n
 
     def _pages_wanted(self, tokens: int | None) -> int:
         """Pages (per buffer) a new request of `tokens` tokens is backed with at first; 0 for
@@ -619,23 +609,6 @@ class VirtualKVCache(PrefixSharing):
                 shared_saved_bytes=self._shared_in_used(used) * ps,
                 prefix_hit_pages=self._table.hits,
             )
-
-    def _shared_in_used(self, used: list[int]) -> int:
-        """Mappings into used slots beyond the first of each page: what sharing saved them."""
-        seen: set[int] = set()
-        extra = 0
-        for s in used:
-            if not self._shares(s):
-                continue
-            for row in self._pages[s]:
-                h = row[0]
-                if not self._table.holds(h) and h not in self._refs:
-                    break
-                if h in seen:
-                    extra += len(row)
-                else:
-                    seen.add(h)
-        return extra
 
     def check_integrity(self) -> None:
         """Raise `RuntimeError` listing every broken invariant (for tests and debugging)."""
