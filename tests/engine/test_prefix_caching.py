@@ -169,3 +169,23 @@ def test_lookups_count_each_admission_once() -> None:
         out = sched.schedule()  # a decodes into its third page; b is refused again
         assert [row.request.request_id for row in out.scheduled] == ["a"]
         assert sched.prefix.query_tokens == 2 * per_page
+
+
+def test_hot_system_prompt_is_shared_through_a_segment(tmp_path: Path) -> None:
+    """Eight requests behind one 40-token system prompt (10 pages), four at a time: once two
+    slots map the prompt, later admissions map it through one segment (a device copy mapped
+    in one call per buffer); outputs equal those without sharing, and HF's."""
+    hf = save_tiny("llama", tmp_path / "m")
+    gen = torch.Generator().manual_seed(11)
+    system = torch.randint(3, 120, (40,), generator=gen).tolist()
+    batch = [system + torch.randint(3, 120, (n,), generator=gen).tolist() for n in range(1, 9)]
+    with _llm(tmp_path / "m", share=False, max_num_seqs=4, max_num_batched_tokens=64) as llm:
+        want = _run(llm, batch)
+    assert want[:2] == [hf_greedy(hf, p, NEW) for p in batch[:2]]
+    with _llm(tmp_path / "m", share=True, max_num_seqs=4, max_num_batched_tokens=64) as llm:
+        _run(llm, batch[:1])  # publishes the system prompt's pages
+        got = _run(llm, batch)
+        stats = llm.engine.cache.stats()
+        assert stats.segment_bytes >= 10 * 2 * 4096  # K and V of the prompt's 10 pages
+        _clean(llm)
+    assert got == want

@@ -64,3 +64,16 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("seed", [0, 1, 2, 4, 13, 16, 22, 56, 65, 84, 104, 130])
 def test_prefix_caching_changes_no_output(model: Path, seed: int) -> None:
     assert _run(model, seed, share=True) == _run(model, seed, share=False)
+
+
+@pytest.mark.parametrize("seed", [3, 5, 8, 13, 21, 34])
+def test_prefix_segments_change_no_output(
+    model: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with prefix segments from one page on (hot prefixes copied into one
+    allocation per buffer and mapped whole, `kvcache/sharing.py`)."""
+    import vattention.kvcache.virtual as virtual
+
+    want = _run(model, seed, share=False)
+    monkeypatch.setattr(virtual, "SEGMENT_MIN_PAGES", 1)
+    assert _run(model, seed, share=True) == want

@@ -28,10 +28,13 @@ def _spec(layout: str = "cross_layer", slots: int = 4) -> KVCacheSpec:
                        page_size=PAGE)  # fmt: skip
 
 
-def _cache(layout: str = "cross_layer", pages: int = 64, slots: int = 4) -> VirtualKVCache:
+def _cache(
+    layout: str = "cross_layer", pages: int = 64, slots: int = 4, segment_min_pages: int = 0
+) -> VirtualKVCache:
     spec = _spec(layout, slots)
     nbuf = 2 if layout == "cross_layer" else 2 * spec.num_layers
-    return VirtualKVCache(spec, "cpu", budget_bytes=pages * nbuf * PAGE, lookahead_tokens=0)
+    return VirtualKVCache(spec, "cpu", budget_bytes=pages * nbuf * PAGE, lookahead_tokens=0,
+                          segment_min_pages=segment_min_pages)  # fmt: skip
 
 
 def _fill(cache: VirtualKVCache, slot: int, n: int, base: float) -> None:
@@ -329,6 +332,9 @@ class SharingMachine(RuleBasedStateMachine):
         except OutOfKVMemory:
             self.cache.free_slot(slot)
             return
+        if self.cache.cached_prefix(chain) < n:  # backing it evicted those rows: no longer
+            self.cache.free_slot(slot)  # the case this rule is about
+            return
         for i, key in enumerate(chain[:n]):
             self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t] = self.rows[key]
         self.counter += 1
@@ -366,3 +372,98 @@ SharingMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )  # fmt: skip
 test_sharing_state_machine = SharingMachine.TestCase
+
+
+class SegmentMachine(SharingMachine):
+    """The same operations with prefix segments from two pages on (hot prefixes are copied
+    into one allocation per buffer and mapped whole): rows read the same through segments,
+    and segments are given back when memory runs short, on trim, and never leak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache.close()
+        self.cache = _cache(layout="cross_layer", pages=24, slots=5, segment_min_pages=2)
+
+    @rule(data=st.data(), cut=st.integers(0, 2))
+    @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 1)
+    def share_hot(self, data: st.DataObject, cut: int) -> None:
+        """Two more admissions behind one published chain (the second finds it hot), the
+        second maybe `cut` pages shorter (a segment's first pages)."""
+        chain = data.draw(st.sampled_from(self.published))
+        n = self.cache.cached_prefix(chain)
+        for m in (n, n - cut):
+            if m > 0 and self.cache.num_free_slots:
+                slot = self.cache.alloc_slot(chain[:m])
+                self.chains[slot] = chain[:m]
+
+
+SegmentMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+test_segment_state_machine = SegmentMachine.TestCase
+
+
+@pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
+def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
+    """The third slot behind a prefix mapped by two gets it through a new segment (one
+    mapping per buffer, filled by a copy), later ones reuse it, a shorter prefix maps the
+    segment's first pages, and the data read through every slot is the published data."""
+    with _cache(layout, pages=40, slots=6, segment_min_pages=2) as cache:
+        t, nbuf = cache.tokens_per_page, cache.layout.num_buffers
+        keys = ["s0", "s1", "s2", "s3"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 4 * t + 3)
+        _fill(cache, a, 4 * t + 3, 5.0)
+        cache.cache_pages(a, keys)
+        want = _read(cache, a, 4 * t)
+        b = cache.alloc_slot(keys)  # the second mapper: page by page
+        assert cache.stats().segment_bytes == 0
+        maps = cache.stats().map_calls
+        c = cache.alloc_slot(keys)  # hot now: a segment, one mapping per buffer
+        st_ = cache.stats()
+        assert st_.map_calls - maps == nbuf
+        assert st_.segment_bytes == 4 * nbuf * PAGE
+        maps = st_.map_calls
+        d = cache.alloc_slot(keys)  # reuses it
+        assert cache.stats().map_calls - maps == nbuf
+        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
+        e = cache.alloc_slot(keys[:3])  # a shorter prefix: the segment's first 3 pages
+        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
+        for s in (b, c, d):
+            assert torch.equal(_read(cache, s, 4 * t), want)
+        assert torch.equal(_read(cache, e, 3 * t), want[:, : 3 * t])
+        cache.ensure(c, 4 * t + 9)  # private pages after the segment
+        cache.check_integrity()
+        for s in (a, b, c, d, e):
+            cache.free_slot(s)
+        cache.check_integrity()
+        assert cache.trim() > 0
+        st_ = cache.stats()
+        assert st_.segment_bytes == 0 and st_.mapped_bytes == 0
+        cache.check_integrity()
+
+
+def test_segments_are_the_first_memory_given_back() -> None:
+    """Under a tight budget a segment no used slot maps is destroyed before any prefix row is
+    evicted, and a request that needs the memory gets it."""
+    with _cache(pages=16, slots=5, segment_min_pages=2) as cache:
+        t = cache.tokens_per_page
+        keys = ["s0", "s1", "s2"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * t)
+        _fill(cache, a, 3 * t, 1.0)
+        cache.cache_pages(a, keys)
+        b = cache.alloc_slot(keys)
+        c = cache.alloc_slot(keys)
+        assert cache.stats().segment_bytes > 0
+        for s in (b, c):
+            cache.free_slot(s)
+        x, y = cache.alloc_slot(), cache.alloc_slot()
+        cache.ensure(x, 10 * t)
+        assert cache.stats().segment_bytes > 0  # memory to spare so far: it stays
+        cache.ensure(y, 2 * t)  # 3 + 10 + 2 of 16 pages: the segment's budget is needed
+        assert cache.stats().segment_bytes == 0
+        assert cache.cached_prefix(keys) == 3  # the rows themselves stay (a still maps them)
+        cache.check_integrity()
+

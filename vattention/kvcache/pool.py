@@ -3,8 +3,11 @@
 Creating a page costs 60-300 us on the H200, so pages are created in batches before they are
 needed and reused after unmapping instead of being destroyed.
 
-Invariants: `created == len(free) + pages handed out and not given back`; `created <= budget`;
-every handle in `free` is mapped nowhere.
+Budget pages can also be *held* outside the pool (`hold`: prefix segments, one allocation of
+many pages): they count against the budget but are not pool pages.
+
+Invariants: `created == len(free) + pages handed out and not given back`;
+`created + held <= budget`; every handle in `free` is mapped nowhere.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ class PagePool:
         self.batch = batch
         self.free: list[int] = []
         self.created = 0
+        self.held = 0  # budget pages held outside the pool (see `hold`)
         self.create_calls = 0
         self.destroy_calls = 0
 
     @property
     def creatable(self) -> int:
         """Pages that can still be created within the budget."""
-        return self.budget - self.created
+        return self.budget - self.created - self.held
 
     @property
     def obtainable(self) -> int:
@@ -43,7 +47,7 @@ class PagePool:
             try:
                 handle = self.backend.create_page()
             except OutOfKVMemory:
-                self.budget = self.created
+                self.budget = self.created + self.held
                 return
             self.create_calls += 1
             self.created += 1
@@ -72,6 +76,27 @@ class PagePool:
         """Best effort: create pages until `target` are free (within the budget)."""
         if len(self.free) < target:
             self._create(target - len(self.free))
+
+    def hold(self, n: int, keep: int = 0) -> bool:
+        """Take `n` budget pages out of the pool for an allocation of its own, destroying free
+        pages if the budget is all created, so that at least `keep` pages stay obtainable;
+        False (nothing changed) if that cannot be done."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if self.obtainable - n < keep:
+            return False
+        while self.creatable < n:
+            self.backend.destroy_page(self.free.pop())
+            self.destroy_calls += 1
+            self.created -= 1
+        self.held += n
+        return True
+
+    def unhold(self, n: int) -> None:
+        """Give `n` held pages back to the budget (their allocation is gone)."""
+        if not 0 <= n <= self.held:
+            raise ValueError(f"cannot give back {n} of {self.held} held pages")
+        self.held -= n
 
     def release_free(self) -> int:
         """Destroy every free page; returns how many."""

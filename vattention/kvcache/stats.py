@@ -5,7 +5,8 @@ Every mapped byte is accounted for: `mapped = used_mapped + reclaimable`, where
 free slots' pages mapped ahead for upcoming requests (the rest is deferred reclamation).
 These count mappings: a prefix page mapped into several slots counts once per slot, and
 `shared_saved_bytes` is what used slots' extra mappings of shared pages did not cost, so
-`used_mapped - shared_saved` is the physical memory used slots hold (each page once).
+`used_mapped - shared_saved` is the physical memory used slots hold (each page once), plus
+`segment_bytes` where hot prefixes were also copied into segments.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class KVCacheStats:
     prefix_idle_bytes: int = 0
     shared_saved_bytes: int = 0
     prefix_hit_pages: int = 0
+    # Prefix segments (`sharing.py`): copies of hot prefixes in one allocation per buffer,
+    # physical memory beyond `created_bytes` (within the budget)
+    segment_bytes: int = 0
 
     @property
     def internal_fragmentation(self) -> float:

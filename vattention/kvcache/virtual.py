@@ -37,7 +37,7 @@ import torch
 from vattention.kvcache.layout import CacheLayout
 from vattention.kvcache.pool import PagePool
 from vattention.kvcache.prefix import PrefixTable
-from vattention.kvcache.sharing import PrefixSharing
+from vattention.kvcache.sharing import PrefixSharing, Segment
 from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
@@ -48,6 +48,12 @@ from vattention.memory.errors import OutOfKVMemory
 # to be called right after a step's launch, so it runs while the GPU works without competing
 # with the launching thread for the interpreter).
 MAPPING_MODES = ("thread", "inline")
+
+# A hot cached prefix of at least this many pages is copied into one allocation per buffer (a
+# segment) and mapped into later slots in one call per buffer (`sharing.py`): on the H200 a
+# mapping costs ~35 us whatever its size, so 128 pages cost ~9 ms a buffer page by page and
+# ~35 us as a segment.
+SEGMENT_MIN_PAGES = 4
 
 
 class VirtualKVCache(PrefixSharing):
@@ -68,6 +74,7 @@ class VirtualKVCache(PrefixSharing):
         eager_map_calls: int = 8,
         mapping: str = "thread",
         inline_eager_pieces: int = 16,
+        segment_min_pages: int | None = None,
     ) -> None:
         if not isinstance(spec, KVCacheSpec):
             raise TypeError(f"spec must be a KVCacheSpec, got {type(spec).__name__}")
@@ -102,6 +109,13 @@ class VirtualKVCache(PrefixSharing):
             raise ValueError(f"inline_eager_pieces must be >= 1, got {inline_eager_pieces}")
         self.mapping = mapping
         self.inline_eager_pieces = inline_eager_pieces
+        if segment_min_pages is None:
+            segment_min_pages = SEGMENT_MIN_PAGES
+        if segment_min_pages < 0:
+            raise ValueError(f"segment_min_pages must be >= 0, got {segment_min_pages}")
+        # hot prefixes of at least this many pages are copied into one allocation per buffer
+        # and mapped in one call (`sharing.py`); 0: never
+        self.segment_min_pages = segment_min_pages
         self._inline_error: OutOfKVMemory | None = None
         nbuf = self.layout.num_buffers
         max_pages = self.layout.pages_per_slot * spec.max_slots * nbuf
@@ -115,8 +129,8 @@ class VirtualKVCache(PrefixSharing):
         self._closed = False
         self._base = self._backend.reserve(self.layout.total_bytes)
         try:
-            raw = self._backend.tensor(self._base, self.layout.total_bytes)
-            self._k, self._v = self.layout.views(raw)
+            self._raw = self._backend.tensor(self._base, self.layout.total_bytes)
+            self._k, self._v = self.layout.views(self._raw)
         except BaseException:
             self._backend.release_range(self._base, self.layout.total_bytes)
             raise
@@ -129,6 +143,9 @@ class VirtualKVCache(PrefixSharing):
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
+        self._segments: dict[tuple[int, ...], list[Segment]] = {}  # see sharing.py
+        self._seg_of: list[Segment | None] = [None] * n  # the segment a slot maps, if any
+        self._seg_pages = [0] * n  # its leading pages mapped through that segment
         self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
         self._freed_seq = [0] * n  # order in which slots were freed
         self._frees = 0
@@ -215,7 +232,9 @@ class VirtualKVCache(PrefixSharing):
                 n = min(len(pages), len(rows))
                 while m < n and tuple(pages[m]) == rows[m]:
                     m += 1
-                if m == len(rows):
+                if m < self._seg_pages[s]:
+                    m = 0  # a segment is unmapped whole: keeping part of it is no keep
+                elif m == len(rows):
                     return s, m
             key = (m, -min(len(pages), len(rows)))
             if key > best_key:
@@ -333,7 +352,8 @@ class VirtualKVCache(PrefixSharing):
                 if not self._used[s]:
                     self._unmap_tail(s, len(self._pages[s]))
             self._evict(self._idle_table_handles)
-            return self._pool.release_free() * self.page_size
+            held = self._drop_idle_segments()
+            return (self._pool.release_free() + held) * self.page_size
 
     # -- internals --------------------------------------------------------------------------
     def _growth(self, targets: dict[int, int]) -> dict[int, int]:
@@ -427,6 +447,8 @@ class VirtualKVCache(PrefixSharing):
                         in_free[h] = in_free.get(h, 0) + 1
         # a page mapped only in free slots comes back once all of them are unmapped, however
         # many they are (counting only pages of refcount 1 missed those two free slots share)
+        # (and segments only free slots map: theirs go whole, so the segment goes too)
+        n += self._segment_pages(only_reclaimable=True)
         return n + sum(c == self._refs[h] for h, c in in_free.items())
 
     def _spare(self, slot: int, targets: dict[int, int]) -> int:
@@ -502,7 +524,12 @@ class VirtualKVCache(PrefixSharing):
         pool (a prefix row's pages stay with the table)."""
         pages = self._pages[slot]
         pooled = 0
-        for _ in range(count):
+        for done in range(count):
+            if len(pages) == self._seg_pages[slot] > 0:  # the rest is a segment: all of it
+                if count - done < len(pages):
+                    raise RuntimeError(f"slot {slot}: would unmap part of a prefix segment")
+                pooled += self._unmap_segment(slot)
+                break
             page = len(pages) - 1
             row = pages[-1]
             while row:
@@ -608,6 +635,7 @@ class VirtualKVCache(PrefixSharing):
                 prefix_idle_bytes=self._idle_table_handles * ps,
                 shared_saved_bytes=self._shared_in_used(used) * ps,
                 prefix_hit_pages=self._table.hits,
+                segment_bytes=self._pool.held * ps,
             )
 
     def check_integrity(self) -> None:
@@ -647,13 +675,32 @@ class VirtualKVCache(PrefixSharing):
                     problems.append(f"slot {s}: {self._lengths[s]} live tokens beyond its pages")
                 if not self._used[s] and self._lengths[s]:
                     problems.append(f"free slot {s} has live tokens")
+            segs = [g for gs in self._segments.values() for g in gs]
+            for g in segs:
+                if any(not self._table.holds(row[0]) for row in g.rows):
+                    problems.append("a prefix segment holds a row the table dropped")
+                if g.users != sum(x is g for x in self._seg_of):
+                    problems.append("a prefix segment's user count is off")
+            for s in range(self.spec.max_slots):
+                g, n = self._seg_of[s], self._seg_pages[s]
+                if (g is None) != (n == 0) or (g is not None and (
+                    n > len(self._pages[s]) or n > len(g.rows)
+                    or [tuple(r) for r in self._pages[s][:n]] != list(g.rows[:n])
+                )):  # fmt: skip
+                    problems.append(f"slot {s}: its prefix segment does not back its first pages")
+            if self._pool.held != sum(len(g.rows) for g in segs) * nbuf:
+                problems.append("the budget held by prefix segments is off")
+            if self._pool.created + self._pool.held > self._pool.budget:
+                problems.append("more pages created or held than the budget")
+            # physical mappings: a segment maps a slot's first pages in one mapping per buffer
+            physical = len(mapped) - sum(
+                (n - 1) * nbuf for n in self._seg_pages if n
+            )  # fmt: skip
+            handles_made = self._pool.created + len(segs) * nbuf
             backend = self._backend
-            if self._owns_backend and getattr(backend, "num_mappings", len(mapped)) != len(mapped):
+            if self._owns_backend and getattr(backend, "num_mappings", physical) != physical:
                 problems.append("backend mappings differ from the cache's")
-            if (
-                self._owns_backend
-                and getattr(backend, "num_pages", self._pool.created) != self._pool.created
-            ):
+            if self._owns_backend and getattr(backend, "num_pages", handles_made) != handles_made:
                 problems.append("backend pages differ from the cache's")
             if problems:
                 raise RuntimeError("KV cache integrity: " + "; ".join(problems))
@@ -672,8 +719,9 @@ class VirtualKVCache(PrefixSharing):
             for s in range(self.spec.max_slots):
                 self._unmap_tail(s, len(self._pages[s]))
             self._evict(self._idle_table_handles)
+            self._drop_idle_segments()
             self._pool.release_free()
-            self._k, self._v = [], []
+            self._k, self._v, self._raw = [], [], torch.empty(0, dtype=torch.uint8)
             self._backend.release_range(self._base, self.layout.total_bytes)
             if self._owns_backend:
                 self._backend.close()

@@ -2,13 +2,18 @@
 
 A backend hands out three kinds of things and keeps no policy of its own:
 - virtual ranges (`reserve` / `release_range`): address space only, no memory behind it;
-- physical pages (`create_page` / `destroy_page`): `page_size` bytes each, opaque int handles;
-- mappings (`map` / `unmap` / `set_access`): one page at one page-aligned virtual address.
+- physical pages (`create_page` / `destroy_page`): opaque int handles of one page (`page_size`
+  bytes) or of several (`create_page(pages)`: one physical allocation, a prefix segment);
+- mappings (`map` / `unmap` / `set_access`): the first `pages` pages of a handle (one page by
+  default) at one page-aligned virtual address. The driver's cost is per mapping, not per
+  byte (H200: ~31 us to grant access to one mapping of 2 MiB or of 256 MiB), so one mapping of
+  a many-page handle replaces many page mappings.
 
 Invariants every implementation keeps:
 - `page_size` is a power of two and every address and length passed in is a multiple of it;
-- a page may be mapped at several addresses at once (aliasing: writes through one address are
-  read through the others); it may be destroyed only once it is mapped nowhere;
+- a handle may be mapped at several addresses at once (aliasing: writes through one address are
+  read through the others); it may be destroyed only once it is mapped nowhere; a mapping is
+  unmapped whole (`unmap` names the same page count `map` did);
 - memory is readable and writable only after `map` then `set_access` over it (on the CPU the
   grant is part of `map`; `set_access` is then free);
 - `close()` unmaps, destroys and releases everything still outstanding and is idempotent.
@@ -46,22 +51,23 @@ class MemoryBackend(ABC):
 
     # -- physical pages -------------------------------------------------------------------
     @abstractmethod
-    def create_page(self) -> int:
-        """Create one physical page; returns its handle. Raises `OutOfKVMemory` when the
-        device has no memory left for it."""
+    def create_page(self, pages: int = 1) -> int:
+        """Create one physical allocation of `pages` pages; returns its handle. Raises
+        `OutOfKVMemory` when the device has no memory left for it."""
 
     @abstractmethod
     def destroy_page(self, handle: int) -> None:
-        """Return a page's memory; the page must be mapped nowhere."""
+        """Return a handle's memory; it must be mapped nowhere."""
 
     # -- mappings -------------------------------------------------------------------------
     @abstractmethod
-    def map(self, addr: int, handle: int) -> None:
-        """Map page `handle` at page-aligned `addr` inside a reserved range."""
+    def map(self, addr: int, handle: int, pages: int = 1) -> None:
+        """Map the first `pages` pages of `handle` at page-aligned `addr` inside a reserved
+        range."""
 
     @abstractmethod
-    def unmap(self, addr: int) -> None:
-        """Unmap the page mapped at `addr` (the page itself survives)."""
+    def unmap(self, addr: int, pages: int = 1) -> None:
+        """Unmap the mapping at `addr` (of `pages` pages, as mapped); the handle survives."""
 
     @abstractmethod
     def set_access(self, addr: int, nbytes: int) -> None:

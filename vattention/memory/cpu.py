@@ -1,14 +1,16 @@
 """CPU backend: the vAttention design on OS virtual memory (Linux).
 
 - reserve: `mmap(PROT_NONE, MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)`: address space, no memory;
-- pages: `page_size` slices of one `memfd_create` file; creating a page commits its memory with
-  `fallocate`, destroying it punches the hole back (the memory really returns to the OS);
-- map: `mmap(addr, MAP_SHARED|MAP_FIXED, memfd, offset)`: the page appears at `addr`;
+- pages: `page_size` slices of one `memfd_create` file (a handle of several pages is a run of
+  them); creating commits the memory with `fallocate`, destroying punches the hole back (the
+  memory really returns to the OS);
+- map: `mmap(addr, MAP_SHARED|MAP_FIXED, memfd, offset)`: the handle's pages appear at `addr`;
 - unmap: map fresh `PROT_NONE` anonymous memory over the page (the range stays reserved).
 
 A memfd page mapped at two addresses aliases (both see the same bytes): the basis of prefix
-sharing. Page handles are page indices into the memfd; freed indices are reused.
-Invariant: `len(self._live)` pages hold memory; the file never shrinks below the highest live one.
+sharing. Handles are the index of their first page in the memfd; freed indices are reused by
+one-page handles. Invariant: the handles in `self._live` hold memory; the file never shrinks
+below the highest live one.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class CpuBackend(MemoryBackend):
         self._file_pages = 0
         self._free_indices: list[int] = []
         self._next_index = 0
-        self._live: set[int] = set()
-        self._mapped: dict[int, int] = {}  # addr -> handle
+        self._live: dict[int, int] = {}  # handle (first file page) -> its pages
+        self._mapped: dict[int, tuple[int, int]] = {}  # addr -> (handle, pages)
+        self._covered: set[int] = set()  # every page address some mapping covers
         self._ranges: dict[int, int] = {}  # base -> nbytes
 
     def _check_open(self) -> None:
@@ -136,73 +139,89 @@ class CpuBackend(MemoryBackend):
         if _libc.munmap(addr, nbytes) != 0:
             raise MemoryBackendError(f"release_range: munmap failed (errno {ctypes.get_errno()})")
 
-    def create_page(self) -> int:
+    def create_page(self, pages: int = 1) -> int:
         self._check_open()
+        if pages < 1:
+            raise ValueError(f"pages must be >= 1, got {pages}")
         with self._lock:
-            idx = self._free_indices.pop() if self._free_indices else self._next_index
-            if idx == self._next_index:
-                self._next_index += 1
+            if pages == 1 and self._free_indices:
+                idx = self._free_indices.pop()
+            else:  # a new run of file pages (a segment's run is reused page by page later)
+                idx = self._next_index
+                self._next_index += pages
             if self._next_index > self._file_pages:
                 self._file_pages = max(self._next_index, 2 * self._file_pages)
                 os.ftruncate(self._fd, self._file_pages * self.page_size)
             try:
-                os.posix_fallocate(self._fd, idx * self.page_size, self.page_size)
+                os.posix_fallocate(self._fd, idx * self.page_size, pages * self.page_size)
             except OSError as e:
-                self._free_indices.append(idx)
-                raise OutOfKVMemory(f"cannot commit a {self.page_size}-byte page: {e}") from e
-            self._live.add(idx)
+                self._free_indices.extend(range(idx, idx + pages))
+                raise OutOfKVMemory(
+                    f"cannot commit {pages} page(s) of {self.page_size} bytes: {e}"
+                ) from e
+            self._live[idx] = pages
         return idx
 
     def destroy_page(self, handle: int) -> None:
         with self._lock:
             if handle not in self._live:
                 raise ValueError(f"page {handle} does not exist (destroyed twice?)")
-            if handle in self._mapped.values():
+            if any(h == handle for h, _ in self._mapped.values()):
                 raise ValueError(f"page {handle} is still mapped")
+            pages = self._live[handle]
             rc = _libc.fallocate(
                 self._fd,
                 FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 handle * self.page_size,
-                self.page_size,
+                pages * self.page_size,
             )
             if rc != 0:
                 raise MemoryBackendError(
                     f"destroy_page: fallocate(PUNCH_HOLE) failed (errno {ctypes.get_errno()})"
                 )
-            self._live.discard(handle)
-            self._free_indices.append(handle)
+            del self._live[handle]
+            self._free_indices.extend(range(handle, handle + pages))
 
     def _check_in_range(self, addr: int) -> None:
         self._check_aligned(addr, "address")
         if not any(b <= addr < b + n for b, n in self._ranges.items()):
             raise ValueError(f"address {addr:#x} is not inside a reserved range")
 
-    def map(self, addr: int, handle: int) -> None:
+    def map(self, addr: int, handle: int, pages: int = 1) -> None:
         self._check_open()
         with self._lock:
-            self._check_in_range(addr)
             if handle not in self._live:
                 raise ValueError(f"page {handle} does not exist")
-            if addr in self._mapped:
+            if not 1 <= pages <= self._live[handle]:
+                raise ValueError(f"cannot map {pages} pages of a {self._live[handle]}-page handle")
+            self._check_in_range(addr)
+            self._check_in_range(addr + (pages - 1) * self.page_size)
+            span = [addr + i * self.page_size for i in range(pages)]
+            if any(a in self._covered for a in span):
                 raise ValueError(f"address {addr:#x} is already mapped")
             _mmap(
                 addr,
-                self.page_size,
+                pages * self.page_size,
                 PROT_READ | PROT_WRITE,
                 MAP_SHARED | MAP_FIXED,
                 self._fd,
                 handle * self.page_size,
                 "map",
             )
-            self._mapped[addr] = handle
+            self._mapped[addr] = (handle, pages)
+            self._covered.update(span)
 
-    def unmap(self, addr: int) -> None:
+    def unmap(self, addr: int, pages: int = 1) -> None:
         with self._lock:
             if addr not in self._mapped:
                 raise ValueError(f"nothing is mapped at {addr:#x}")
+            if self._mapped[addr][1] != pages:
+                raise ValueError(
+                    f"the mapping at {addr:#x} has {self._mapped[addr][1]} pages, not {pages}"
+                )
             _mmap(
                 addr,
-                self.page_size,
+                pages * self.page_size,
                 PROT_NONE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE,
                 -1,
@@ -210,6 +229,7 @@ class CpuBackend(MemoryBackend):
                 "unmap",
             )
             del self._mapped[addr]
+            self._covered.difference_update(addr + i * self.page_size for i in range(pages))
 
     def set_access(self, addr: int, nbytes: int) -> None:
         # `map` already grants read/write on the CPU; only validate.
@@ -235,8 +255,8 @@ class CpuBackend(MemoryBackend):
     def close(self) -> None:
         if self.closed:
             return
-        for addr in list(self._mapped):
-            self.unmap(addr)
+        for addr, (_, pages) in list(self._mapped.items()):
+            self.unmap(addr, pages)
         for handle in list(self._live):
             self.destroy_page(handle)
         for base, n in list(self._ranges.items()):
