@@ -466,4 +466,3 @@ def test_segments_are_the_first_memory_given_back() -> None:
         assert cache.stats().segment_bytes == 0
         assert cache.cached_prefix(keys) == 3  # the rows themselves stay (a still maps them)
         cache.check_integrity()
-
