@@ -407,8 +407,8 @@ test_segment_state_machine = SegmentMachine.TestCase
 @pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
 def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
     """The third slot behind a prefix mapped by two gets it through a new segment (one
-    mapping per buffer, filled by a copy), later ones reuse it, a shorter prefix maps the
-    segment's first pages, and the data read through every slot is the published data."""
+    mapping per buffer, filled by a copy), later ones reuse it, a shorter hot prefix gets a
+    segment of its own (segments map whole), and every slot reads the published data."""
     with _cache(layout, pages=40, slots=6, segment_min_pages=2) as cache:
         t, nbuf = cache.tokens_per_page, cache.layout.num_buffers
         keys = ["s0", "s1", "s2", "s3"]
@@ -428,14 +428,19 @@ def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
         d = cache.alloc_slot(keys)  # reuses it
         assert cache.stats().map_calls - maps == nbuf
         assert cache.stats().segment_bytes == 4 * nbuf * PAGE
-        e = cache.alloc_slot(keys[:3])  # a shorter prefix: the segment's first 3 pages
-        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
+        # a shorter hot prefix: a segment is mapped whole, so it gets one of its own
+        e = cache.alloc_slot(keys[:3])
+        assert cache.stats().segment_bytes == 7 * nbuf * PAGE
+        maps = cache.stats().map_calls
+        f = cache.alloc_slot(keys[:3])
+        assert cache.stats().map_calls - maps == nbuf
         for s in (b, c, d):
             assert torch.equal(_read(cache, s, 4 * t), want)
-        assert torch.equal(_read(cache, e, 3 * t), want[:, : 3 * t])
+        for s in (e, f):
+            assert torch.equal(_read(cache, s, 3 * t), want[:, : 3 * t])
         cache.ensure(c, 4 * t + 9)  # private pages after the segment
         cache.check_integrity()
-        for s in (a, b, c, d, e):
+        for s in (a, b, c, d, e, f):
             cache.free_slot(s)
         cache.check_integrity()
         assert cache.trim() > 0

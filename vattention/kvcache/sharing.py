@@ -13,11 +13,12 @@ Prefix segments. The driver's cost is per mapping, not per byte (H200: granting 
 Llama-3-8B page by page (128 pages x K and V) costs ~14 ms an admission, while paged engines
 only copy block ids. Once a prefix is *hot* (mapped by two slots or more), its pages are
 copied (on the device, stream-ordered) into one allocation per buffer, a segment, and later
-admissions map the segment's first pages in one call per buffer. A slot's pages stay rows of
-the table (`_pages` names the rows whatever backs them, so matching, reference counts and
-eviction are unchanged); only the physical mapping differs:
-- a slot maps at most one segment, as its first `_seg_pages[slot]` pages, holding references
-  to the rows it copies (so they are not evicted while a slot maps it), and unmaps it whole;
+admissions whose prefix starts with it map the whole segment in one call per buffer. A slot's
+pages stay rows of the table (`_pages` names the rows whatever backs them, so matching,
+reference counts and eviction are unchanged); only the physical mapping differs:
+- a slot maps at most one segment, whole (the driver maps no part of an allocation), as its
+  first `_seg_pages[slot]` pages, holding references to the rows it copies (so they are not
+  evicted while a slot maps it), and unmaps it whole;
 - a segment's rows are all in the table; its pages count against the budget (`PagePool.hold`)
   and it is the first memory given back (`_evict`) once no slot maps it: it only duplicates.
 """
@@ -153,7 +154,7 @@ class PrefixSharing:
                 pages[i].append(h)
         if seg is not None:
             for buf, h in enumerate(seg.handles):
-                self._backend.map(self._base + self.layout.page_offset(buf, slot, 0), h, through)
+                self._backend.map(self._base + self.layout.page_offset(buf, slot, 0), h)
                 self._map_calls += 1
             seg.users += 1
             self._seg_of[slot], self._seg_pages[slot] = seg, through
@@ -174,15 +175,16 @@ class PrefixSharing:
         self, slot: int, rows: list[tuple[int, ...]]
     ) -> tuple[Segment | None, int, int | None]:
         """(segment, how many leading `rows` it backs, the slot to fill it from if it is new)
-        for `slot`'s new prefix: an existing segment holding all of them, else a new one if
-        they are hot (two slots map them) and memory is plentiful, else an existing one
-        holding at least `segment_min_pages` of them, else (None, 0, None)."""
+        for `slot`'s new prefix: an existing segment holding exactly them, else a new one if
+        they are hot (two slots map them) and memory is plentiful, else the longest existing
+        one whose rows all lead `rows` (a segment is mapped whole: the driver maps no part
+        of an allocation), else (None, 0, None)."""
         if not self.segment_min_pages or len(rows) < self.segment_min_pages:
             return None, 0, None
         best, most = None, 0
         for seg in self._segments.get(rows[0], ()):
-            m = seg.match(rows)
-            if m > most:
+            m = len(seg.rows)
+            if m > most and seg.match(rows) == m:
                 best, most = seg, m
         if most == len(rows):
             return best, most, None
@@ -242,7 +244,7 @@ class PrefixSharing:
         seg, n = self._seg_of[slot], self._seg_pages[slot]
         assert seg is not None and len(self._pages[slot]) == n
         for buf in range(len(seg.handles)):
-            self._backend.unmap(self._base + self.layout.page_offset(buf, slot, 0), n)
+            self._backend.unmap(self._base + self.layout.page_offset(buf, slot, 0))
             self._unmap_calls += 1
         pooled = 0
         for row in self._pages[slot]:

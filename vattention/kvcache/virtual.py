@@ -684,7 +684,7 @@ class VirtualKVCache(PrefixSharing):
             for s in range(self.spec.max_slots):
                 g, n = self._seg_of[s], self._seg_pages[s]
                 if (g is None) != (n == 0) or (g is not None and (
-                    n > len(self._pages[s]) or n > len(g.rows)
+                    n > len(self._pages[s]) or n != len(g.rows)
                     or [tuple(r) for r in self._pages[s][:n]] != list(g.rows[:n])
                 )):  # fmt: skip
                     problems.append(f"slot {s}: its prefix segment does not back its first pages")

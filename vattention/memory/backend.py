@@ -4,16 +4,15 @@ A backend hands out three kinds of things and keeps no policy of its own:
 - virtual ranges (`reserve` / `release_range`): address space only, no memory behind it;
 - physical pages (`create_page` / `destroy_page`): opaque int handles of one page (`page_size`
   bytes) or of several (`create_page(pages)`: one physical allocation, a prefix segment);
-- mappings (`map` / `unmap` / `set_access`): the first `pages` pages of a handle (one page by
-  default) at one page-aligned virtual address. The driver's cost is per mapping, not per
-  byte (H200: ~31 us to grant access to one mapping of 2 MiB or of 256 MiB), so one mapping of
-  a many-page handle replaces many page mappings.
+- mappings (`map` / `unmap` / `set_access`): a whole handle at one page-aligned virtual address
+  (the H200's driver refuses to map part of one: CUDA_ERROR_NOT_SUPPORTED). The driver's cost
+  is per mapping, not per byte (H200: ~31 us to grant access to one mapping of 2 MiB or of
+  256 MiB), so one mapping of a many-page handle replaces many page mappings.
 
 Invariants every implementation keeps:
 - `page_size` is a power of two and every address and length passed in is a multiple of it;
 - a handle may be mapped at several addresses at once (aliasing: writes through one address are
-  read through the others); it may be destroyed only once it is mapped nowhere; a mapping is
-  unmapped whole (`unmap` names the same page count `map` did);
+  read through the others); it may be destroyed only once it is mapped nowhere;
 - memory is readable and writable only after `map` then `set_access` over it (on the CPU the
   grant is part of `map`; `set_access` is then free);
 - `close()` unmaps, destroys and releases everything still outstanding and is idempotent.
@@ -61,13 +60,12 @@ class MemoryBackend(ABC):
 
     # -- mappings -------------------------------------------------------------------------
     @abstractmethod
-    def map(self, addr: int, handle: int, pages: int = 1) -> None:
-        """Map the first `pages` pages of `handle` at page-aligned `addr` inside a reserved
-        range."""
+    def map(self, addr: int, handle: int) -> None:
+        """Map all of `handle` at page-aligned `addr` inside a reserved range."""
 
     @abstractmethod
-    def unmap(self, addr: int, pages: int = 1) -> None:
-        """Unmap the mapping at `addr` (of `pages` pages, as mapped); the handle survives."""
+    def unmap(self, addr: int) -> None:
+        """Unmap the mapping at `addr` (all of its handle); the handle survives."""
 
     @abstractmethod
     def set_access(self, addr: int, nbytes: int) -> None:

@@ -187,13 +187,12 @@ class CpuBackend(MemoryBackend):
         if not any(b <= addr < b + n for b, n in self._ranges.items()):
             raise ValueError(f"address {addr:#x} is not inside a reserved range")
 
-    def map(self, addr: int, handle: int, pages: int = 1) -> None:
+    def map(self, addr: int, handle: int) -> None:
         self._check_open()
         with self._lock:
             if handle not in self._live:
                 raise ValueError(f"page {handle} does not exist")
-            if not 1 <= pages <= self._live[handle]:
-                raise ValueError(f"cannot map {pages} pages of a {self._live[handle]}-page handle")
+            pages = self._live[handle]  # all of it, as CUDA's driver does
             self._check_in_range(addr)
             self._check_in_range(addr + (pages - 1) * self.page_size)
             span = [addr + i * self.page_size for i in range(pages)]
@@ -211,14 +210,11 @@ class CpuBackend(MemoryBackend):
             self._mapped[addr] = (handle, pages)
             self._covered.update(span)
 
-    def unmap(self, addr: int, pages: int = 1) -> None:
+    def unmap(self, addr: int) -> None:
         with self._lock:
             if addr not in self._mapped:
                 raise ValueError(f"nothing is mapped at {addr:#x}")
-            if self._mapped[addr][1] != pages:
-                raise ValueError(
-                    f"the mapping at {addr:#x} has {self._mapped[addr][1]} pages, not {pages}"
-                )
+            pages = self._mapped[addr][1]
             _mmap(
                 addr,
                 pages * self.page_size,
@@ -255,8 +251,8 @@ class CpuBackend(MemoryBackend):
     def close(self) -> None:
         if self.closed:
             return
-        for addr, (_, pages) in list(self._mapped.items()):
-            self.unmap(addr, pages)
+        for addr in list(self._mapped):
+            self.unmap(addr)
         for handle in list(self._live):
             self.destroy_page(handle)
         for base, n in list(self._ranges.items()):

@@ -3,7 +3,8 @@
 - reserve: `cuMemAddressReserve` (virtual only, costs no device memory);
 - pages: `cuMemCreate` of one granule (2 MiB on current NVIDIA drivers) of pinned device memory,
   or of several (a prefix segment: one allocation, so one mapping and one grant for all of it);
-- map / unmap: `cuMemMap` / `cuMemUnmap` of a handle's first pages (offset 0) at one address;
+- map / unmap: `cuMemMap` / `cuMemUnmap` of a whole handle at one address (mapping part of one
+  fails with CUDA_ERROR_NOT_SUPPORTED on the H200's driver 580);
 - set_access: `cuMemSetAccess` over a whole contiguous mapped range in one call; its cost is
   per mapping in the range (~31 us each on the H200, whatever its size), not per byte;
 - tensors: a `__cuda_array_interface__` wrapper, so torch sees the range in place (no copy).
@@ -191,30 +192,26 @@ class CudaBackend(MemoryBackend):
         self._check(self._cu.cuMemRelease(obj)[0], "cuMemRelease")
 
     # -- mappings -------------------------------------------------------------------------
-    def map(self, addr: int, handle: int, pages: int = 1) -> None:
+    def map(self, addr: int, handle: int) -> None:
         self._check_open()
         self._aligned(addr, "address")
         with self._lock:
             entry = self._pages.get(handle)
             if entry is None:
                 raise ValueError(f"page {handle:#x} does not exist")
-            if not 1 <= pages <= entry[1]:
-                raise ValueError(f"cannot map {pages} pages of a {entry[1]}-page handle")
             if addr in self._mapped:
                 raise ValueError(f"address {addr:#x} is already mapped")
-            size = pages * self.page_size  # the handle's first pages (offset 0)
-            self._check(self._cu.cuMemMap(addr, size, 0, entry[0], 0)[0], "cuMemMap")
+            obj, pages = entry  # all of it: this driver refuses part of a handle
+            size = pages * self.page_size
+            self._check(self._cu.cuMemMap(addr, size, 0, obj, 0)[0], "cuMemMap")
             self._mapped[addr] = (handle, pages)
 
-    def unmap(self, addr: int, pages: int = 1) -> None:
+    def unmap(self, addr: int) -> None:
         self._make_current()
         with self._lock:
             if addr not in self._mapped:
                 raise ValueError(f"nothing is mapped at {addr:#x}")
-            if self._mapped[addr][1] != pages:
-                raise ValueError(
-                    f"the mapping at {addr:#x} has {self._mapped[addr][1]} pages, not {pages}"
-                )
+            pages = self._mapped[addr][1]
             self._check(self._cu.cuMemUnmap(addr, pages * self.page_size)[0], "cuMemUnmap")
             del self._mapped[addr]
 
@@ -275,8 +272,8 @@ class CudaBackend(MemoryBackend):
             return
         self._make_current()
         torch.cuda.synchronize(self.device)
-        for addr, (_, pages) in list(self._mapped.items()):
-            self.unmap(addr, pages)
+        for addr in list(self._mapped):
+            self.unmap(addr)
         for handle in list(self._pages):
             self.destroy_page(handle)
         for base, n in list(self._ranges.items()):
