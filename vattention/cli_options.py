@@ -27,8 +27,8 @@ HELP: dict[str, str] = {
     "kv_cache_memory": "KV cache budget in bytes (overrides --gpu-memory-utilization)",
     "attention_backend": "attention backend name; default auto (vattention) / pa_triton (paged)",
     "block_size": "tokens per block of the paged cache",
-    "kv_layout": "vattention layout: cross_layer (one page holds all layers), cross_layer_kv "
-    "(K and V of all layers: half the tokens a page) or per_layer",
+    "kv_layout": "vattention layout: cross_layer_kv (default: K and V of all layers in one "
+    "page), cross_layer (K and V pages apart: twice the tokens a page) or per_layer",
     "kv_page_size": "physical page size in bytes (default: the backend's, 2 MiB on CUDA)",
     "enforce_eager": "no CUDA graphs",
     "mixed_graph_tokens": "CUDA graphs for mixed steps below this many new tokens (0: off)",
