@@ -16,7 +16,10 @@
 #   online      bench_online against `vattention serve` (both caches); ONLINE_ARGS adjusts it;
 #               needs fastapi/uvicorn/pydantic: carry them as wheels in .whl (see the device notes)
 #   sanitize    compute-sanitizer memcheck over engine runs (tiny preset, bf16, CUDA graphs of
-#               mixed steps, uneven prompts): auto, fa2_varlen and the paged cache
+#               mixed steps, uneven prompts): auto, fa2_varlen and the paged cache; SAN_CONFIGS
+#               (';'-separated option sets, later options win) and SAN_MODEL adjust it, e.g.
+#               prefix segments: SAN_MODEL=yi-6b SAN_CONFIGS="--trace shared-prefix --prompt-len 512
+#               --num-requests 12 --output-len 8" (2 MiB pages hold 32 of its tokens)
 #   serving     bench_serving; SERVE_RUNS holds "model:trace[:extra args]" entries separated
 #               by ';' (default: yi-6b:uneven), each written to $OUT/serving_<model>_<trace>
 set -u
@@ -114,7 +117,7 @@ for part in "$@"; do
     for opts in "${configs[@]}"; do
       echo "### $opts" >> "$OUT/sanitize.txt"
       timeout ${SAN_TIMEOUT:-150} compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 7 \
-        python3 -m vattention.cli bench tiny --load-format dummy --dtype bfloat16 --trace uneven \
+        python3 -m vattention.cli bench ${SAN_MODEL:-tiny} --load-format dummy --dtype bfloat16 --trace uneven \
         --num-requests 24 --prompt-len 96 --output-len 24 --max-num-seqs 8 \
         --max-num-batched-tokens 256 --max-model-len 1024 --mixed-graph-tokens 256 $opts \
         >> "$OUT/sanitize.txt" 2>&1
