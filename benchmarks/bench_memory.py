@@ -409,7 +409,7 @@ def main() -> None:
     )  # type: ignore[union-attr]
 
     thr: dict[str, object] = {}
-    for layout in ("cross_layer", "per_layer"):
+    for layout in ("cross_layer_kv", "cross_layer", "per_layer"):
         spec = KVCacheSpec(
             num_layers=layers,
             num_kv_heads=heads,
@@ -424,7 +424,7 @@ def main() -> None:
             r = mapping_throughput(spec, dev, pool_ready)
             thr[f"{layout}/{'pooled' if pool_ready else 'create+map'}"] = r
             print(
-                f"mapping throughput {layout:11s} {'pool ready' if pool_ready else 'create+map':10s}: "
+                f"mapping throughput {layout:14s} {'pool ready' if pool_ready else 'create+map':10s}: "
                 f"{r['pages_per_s']:10.0f} pages/s  {r['GB_per_s']:7.2f} GB/s"
             )
     results["throughput"] = thr
@@ -432,7 +432,7 @@ def main() -> None:
     work = Workload(batch, hidden, inter, layers, dev, dtype)
     rows = []
     for graph in (False, True) if dev == "cuda" else (False,):
-        for layout in ("cross_layer", "per_layer"):
+        for layout in ("cross_layer_kv", "cross_layer", "per_layer"):
             for tps in (1, 8):
                 spec = KVCacheSpec(
                     num_layers=layers,
@@ -463,7 +463,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(
-                    f"step time {row['launch']:10s} {layout:11s} +{tps} tok/step: premapped "
+                    f"step time {row['launch']:10s} {layout:14s} +{tps} tok/step: premapped "
                     f"{base:7.3f} ms | sync {r['sync']['mean_ms']:7.3f} ms "
                     f"({row['sync_overhead']:+.2%}) | async {r['async']['mean_ms']:7.3f} ms "
                     f"({row['async_overhead']:+.2%}) | async in bursts "
