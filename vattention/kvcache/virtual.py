@@ -475,6 +475,8 @@ class VirtualKVCache(PrefixSharing):
         need = self._pages_needed(pages)
         if need == 0:
             return
+        if len(self._pool.free) < need <= self._pool.obtainable:
+            self._pool.refill(need)  # creation may hit device OOM, which lowers the budget
         if need > len(self._pool.free):  # only then count what else could be had (O(slots))
             reclaimable = 0
             if targets is not None:
