@@ -71,7 +71,7 @@ def test_prefix_segments_change_no_output(
     model: Path, seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same with prefix segments from one page on (hot prefixes copied into one
-    allocation per buffer and mapped whole, `kvcache/sharing.py`)."""
+    allocation per buffer and mapped whole, `kvcache/segments.py`)."""
     import vattention.kvcache.virtual as virtual
 
     want = _run(model, seed, share=False)
@@ -117,17 +117,17 @@ def test_hot_prefixes_through_segments_change_no_output(
     sharing, invariants hold, and segments were really built. (When written, seeds 0-199
     passed with 85 segments built.)"""
     import vattention.kvcache.virtual as virtual
-    from vattention.kvcache import sharing
+    from vattention.kvcache import segments
 
     built = []
-    build = sharing.PrefixSharing._build_segment
+    build = segments.PrefixSegments._build_segment
 
-    def counting(self: sharing.PrefixSharing, *args: object) -> object:
+    def counting(self: segments.PrefixSegments, *args: object) -> object:
         made = build(self, *args)  # type: ignore[arg-type]
         built.append(made is not None)
         return made
 
-    monkeypatch.setattr(sharing.PrefixSharing, "_build_segment", counting)
+    monkeypatch.setattr(segments.PrefixSegments, "_build_segment", counting)
     for seed, min_pages in [(1, 2), (4, 2), (7, 1), (9, 1), (12, 2)]:
         monkeypatch.setattr(virtual, "SEGMENT_MIN_PAGES", 0)
         want = _run_hot(model, seed, share=False)

@@ -44,7 +44,7 @@ class KVCacheStats:
     prefix_idle_bytes: int = 0
     shared_saved_bytes: int = 0
     prefix_hit_pages: int = 0
-    # Prefix segments (`sharing.py`): copies of hot prefixes in one allocation per buffer,
+    # Prefix segments (`segments.py`): copies of hot prefixes in one allocation per buffer,
     # physical memory beyond `created_bytes` (within the budget)
     segment_bytes: int = 0
 

@@ -37,7 +37,8 @@ import torch
 from vattention.kvcache.layout import CacheLayout
 from vattention.kvcache.pool import PagePool
 from vattention.kvcache.prefix import PrefixTable
-from vattention.kvcache.sharing import PrefixSharing, Segment
+from vattention.kvcache.segments import Segment
+from vattention.kvcache.sharing import PrefixSharing
 from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
 from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
@@ -50,7 +51,7 @@ from vattention.memory.errors import OutOfKVMemory
 MAPPING_MODES = ("thread", "inline")
 
 # A hot cached prefix of at least this many pages is copied into one allocation per buffer (a
-# segment) and mapped into later slots in one call per buffer (`sharing.py`): on the H200 a
+# segment) and mapped into later slots in one call per buffer (`segments.py`): on the H200 a
 # mapping costs ~35 us whatever its size, so 128 pages cost ~9 ms a buffer page by page and
 # ~35 us as a segment.
 SEGMENT_MIN_PAGES = 4
@@ -114,7 +115,7 @@ class VirtualKVCache(PrefixSharing):
         if segment_min_pages < 0:
             raise ValueError(f"segment_min_pages must be >= 0, got {segment_min_pages}")
         # hot prefixes of at least this many pages are copied into one allocation per buffer
-        # and mapped in one call (`sharing.py`); 0: never
+        # and mapped in one call (`segments.py`); 0: never
         self.segment_min_pages = segment_min_pages
         self._inline_error: OutOfKVMemory | None = None
         nbuf = self.layout.num_buffers
@@ -143,7 +144,7 @@ class VirtualKVCache(PrefixSharing):
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
-        self._segments: dict[tuple[int, ...], list[Segment]] = {}  # see sharing.py
+        self._segments: dict[tuple[int, ...], list[Segment]] = {}  # see segments.py
         self._seg_of: list[Segment | None] = [None] * n  # the segment a slot maps, if any
         self._seg_pages = [0] * n  # its leading pages mapped through that segment
         self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
