@@ -240,18 +240,20 @@ def host_profile(fn: Any, top: int) -> tuple[Any, str]:
 
 
 def parse_system(system: str) -> tuple[str, bool, str | None]:
-    """`kind[+prefix][@layout]` -> (cache kind, prefix caching, vAttention layout or None):
-    e.g. `vattention`, `paged+prefix`, `vattention+prefix@cross_layer_kv`."""
+    """`kind[+prefix[-noseg]][@layout]` -> (cache kind, prefix caching, vAttention layout or
+    None): e.g. `vattention`, `paged+prefix`, `vattention+prefix@cross_layer_kv`;
+    `vattention+prefix-noseg` shares without prefix segments (every shared page mapped on its
+    own, `kv_segment_min_pages=0`)."""
     name, _, layout = system.partition("@")
     kv_cache, _, extra = name.partition("+")
-    if kv_cache not in ("vattention", "paged") or extra not in ("", "prefix"):
+    if kv_cache not in ("vattention", "paged") or extra not in ("", "prefix", "prefix-noseg"):
         raise ValueError(
-            f"unknown system {system!r}: vattention or paged, optionally with '+prefix', then "
-            f"optionally '@layout' (vattention only)"
+            f"unknown system {system!r}: vattention or paged, optionally with '+prefix' (or "
+            f"'+prefix-noseg', vattention only), then optionally '@layout' (vattention only)"
         )
-    if layout and kv_cache != "vattention":
-        raise ValueError(f"system {system!r}: a layout applies to the vattention cache only")
-    return kv_cache, extra == "prefix", layout or None
+    if (layout or extra == "prefix-noseg") and kv_cache != "vattention":
+        raise ValueError(f"system {system!r}: a layout or -noseg applies to vattention only")
+    return kv_cache, extra.startswith("prefix"), layout or None
 
 
 def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[str, Any]:
@@ -264,6 +266,8 @@ def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[
     )  # fmt: skip
     if layout is not None:
         opts["kv_layout"] = layout
+    if system.partition("@")[0].endswith("-noseg"):
+        opts["kv_segment_min_pages"] = 0
     if args.quick:
         opts["kv_page_size"] = 64 * 1024
     if kv_cache == "vattention" and args.attention_backend:
@@ -441,8 +445,9 @@ def main() -> None:
     ap.add_argument(
         "--systems",
         default="vattention,paged",
-        help="comma-separated kind[+prefix][@layout], e.g. "
-        "vattention,vattention@cross_layer_kv,paged",
+        help="comma-separated kind[+prefix[-noseg]][@layout], e.g. "
+        "vattention,vattention@cross_layer,paged or vattention+prefix,vattention+prefix-noseg,"
+        "paged+prefix",
     )
     ap.add_argument("--attention-backend", default=None, help="vattention side (default auto)")
     ap.add_argument("--paged-backend", default=None, help="paged side (default pa_triton)")

@@ -39,6 +39,8 @@ HELP: dict[str, str] = {
     "kv_lookahead_tokens": "tokens mapped ahead of each request beyond the next step's need",
     "enable_prefix_caching": "share the KV pages of common prompt prefixes (default: on wherever "
     "the cache can share pages; false turns it off, true makes it required)",
+    "kv_segment_min_pages": "copy a shared prefix of at least this many pages, once two "
+    "requests map it, into one allocation mapped in one call (0: never; default 4)",
     "tokenizer": "tokenizer directory, if not the model's",
 }
 

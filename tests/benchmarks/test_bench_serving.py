@@ -65,6 +65,7 @@ def test_system_names_pick_cache_sharing_and_layout() -> None:
         True,
         "cross_layer_kv",
     )
-    for bad in ("vatt", "paged@cross_layer", "vattention+share"):
+    assert parse_system("vattention+prefix-noseg") == ("vattention", True, None)
+    for bad in ("vatt", "paged@cross_layer", "vattention+share", "paged+prefix-noseg"):
         with pytest.raises(ValueError, match="system"):
             parse_system(bad)

@@ -41,11 +41,12 @@ def _workload(seed: int) -> tuple[list[list[int]], list[SamplingParams], dict[st
     return prompts, params, opts
 
 
-def _run(path: Path, seed: int, share: bool) -> list[list[list[int]]]:
+def _run(path: Path, seed: int, share: bool, segments: int | None = None) -> list[list[list[int]]]:
     prompts, params, opts = _workload(seed)
     out = []
     with LLM(str(path), dtype="float32", device="cpu", max_model_len=128, kv_page_size=4096,
-             block_size=4, enable_prefix_caching=share, **opts) as llm:  # type: ignore[arg-type]  # fmt: skip
+             block_size=4, enable_prefix_caching=share, kv_segment_min_pages=segments,
+             **opts) as llm:  # type: ignore[arg-type]  # fmt: skip
         for _ in range(2):
             out.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
             check = getattr(llm.engine.cache, "check_integrity", None)
@@ -67,16 +68,10 @@ def test_prefix_caching_changes_no_output(model: Path, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [3, 5, 8, 13, 21, 34])
-def test_prefix_segments_change_no_output(
-    model: Path, seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prefix_segments_change_no_output(model: Path, seed: int) -> None:
     """The same with prefix segments from one page on (hot prefixes copied into one
     allocation per buffer and mapped whole, `kvcache/segments.py`)."""
-    import vattention.kvcache.virtual as virtual
-
-    want = _run(model, seed, share=False)
-    monkeypatch.setattr(virtual, "SEGMENT_MIN_PAGES", 1)
-    assert _run(model, seed, share=True) == want
+    assert _run(model, seed, share=True, segments=1) == _run(model, seed, share=False)
 
 
 def _hot_workload(seed: int) -> tuple[list[list[int]], list[SamplingParams], dict[str, object]]:
@@ -98,11 +93,13 @@ def _hot_workload(seed: int) -> tuple[list[list[int]], list[SamplingParams], dic
     return prompts, params, opts
 
 
-def _run_hot(path: Path, seed: int, share: bool) -> list[list[list[int]]]:
+def _run_hot(path: Path, seed: int, segments: int | None) -> list[list[list[int]]]:
+    """Two passes of the hot workload; `segments` None: without prefix caching."""
     prompts, params, opts = _hot_workload(seed)
     out = []
     with LLM(str(path), dtype="float32", device="cpu", max_model_len=128, kv_page_size=4096,
-             enable_prefix_caching=share, **opts) as llm:  # type: ignore[arg-type]  # fmt: skip
+             enable_prefix_caching=segments is not None, kv_segment_min_pages=segments,
+             **opts) as llm:  # type: ignore[arg-type]  # fmt: skip
         for _ in range(2):
             out.append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
             llm.engine.cache.check_integrity()
@@ -116,7 +113,6 @@ def test_hot_prefixes_through_segments_change_no_output(
     async scheduling, with segments from one or two pages on: outputs equal those without
     sharing, invariants hold, and segments were really built. (When written, seeds 0-199
     passed with 85 segments built.)"""
-    import vattention.kvcache.virtual as virtual
     from vattention.kvcache import segments
 
     built = []
@@ -129,8 +125,5 @@ def test_hot_prefixes_through_segments_change_no_output(
 
     monkeypatch.setattr(segments.PrefixSegments, "_build_segment", counting)
     for seed, min_pages in [(1, 2), (4, 2), (7, 1), (9, 1), (12, 2)]:
-        monkeypatch.setattr(virtual, "SEGMENT_MIN_PAGES", 0)
-        want = _run_hot(model, seed, share=False)
-        monkeypatch.setattr(virtual, "SEGMENT_MIN_PAGES", min_pages)
-        assert _run_hot(model, seed, share=True) == want, seed
+        assert _run_hot(model, seed, min_pages) == _run_hot(model, seed, None), seed
     assert any(built)

@@ -108,6 +108,10 @@ class EngineConfig:
     # that splits a token; `LLMEngine.prefix_caching_off_reason` says why); True: required
     # (a clear error where it cannot be); False: off.
     enable_prefix_caching: bool | None = None
+    # vAttention cache: a prefix at least this many pages long that two slots map is copied
+    # once into one allocation per buffer, which later requests map in one call (the driver's
+    # cost is per mapping); None: the cache's default (`virtual.SEGMENT_MIN_PAGES`), 0: never.
+    kv_segment_min_pages: int | None = None
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class EngineConfig:
 
         if self.kv_mapping not in MAPPING_MODES:
             raise ValueError(f"kv_mapping must be one of {MAPPING_MODES}, got {self.kv_mapping!r}")
+        if self.kv_segment_min_pages is not None and self.kv_segment_min_pages < 0:
+            raise ValueError(f"kv_segment_min_pages must be >= 0, got {self.kv_segment_min_pages}")
         if self.kv_lookahead_tokens < 0:
             raise ValueError(f"kv_lookahead_tokens must be >= 0, got {self.kv_lookahead_tokens}")
         if self.mixed_graph_tokens < 0 or self.max_graph_prefills < 1:
@@ -280,6 +286,7 @@ class LLMEngine:
             cache = VirtualKVCache(
                 spec, backend, device=self.device, budget_bytes=budget, mapping=config.kv_mapping,
                 lookahead_tokens=config.kv_lookahead_tokens,
+                segment_min_pages=config.kv_segment_min_pages,
             )  # fmt: skip
             preallocate = config.kv_preallocate
             if preallocate or (preallocate is None and self.device.type == "cuda"):
