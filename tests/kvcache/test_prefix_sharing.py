@@ -471,3 +471,26 @@ def test_segments_are_the_first_memory_given_back() -> None:
         assert cache.stats().segment_bytes == 0
         assert cache.cached_prefix(keys) == 3  # the rows themselves stay (a still maps them)
         cache.check_integrity()
+
+
+def test_a_hot_system_prompt_before_private_turns_gets_a_segment() -> None:
+    """Two conversations share a 4-page system prompt, each with pages of its own: a third
+    admission that continues one of them maps the hot system part through a new segment and
+    its conversation's pages one by one."""
+    with _cache(pages=40, slots=4, segment_min_pages=2) as cache:
+        t, nbuf = cache.tokens_per_page, cache.layout.num_buffers
+        system = ["s0", "s1", "s2", "s3"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 6 * t)
+        _fill(cache, a, 6 * t, 3.0)
+        cache.cache_pages(a, system + ["a0", "a1"])
+        want = _read(cache, a, 6 * t)
+        b = cache.alloc_slot(system)
+        cache.ensure(b, 6 * t)
+        cache.cache_pages(b, system + ["b0", "b1"])
+        maps = cache.stats().map_calls
+        c = cache.alloc_slot(system + ["a0", "a1"])  # conversation a's next turn
+        assert cache.stats().map_calls - maps == nbuf + 2 * nbuf  # the segment, then 2 pages
+        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
+        assert torch.equal(_read(cache, c, 6 * t), want)
+        cache.check_integrity()

@@ -591,3 +591,29 @@ def test_a_step_keeps_the_pages_of_the_lengths_it_sets() -> None:
         cache.step({b: 1})  # a's spare page may go to b when a needs none
         assert (cache.mapped_pages(a), cache.mapped_pages(b)) == (0, 1)
         cache.check_integrity()
+
+
+def test_a_late_background_job_never_rewrites_a_newer_length() -> None:
+    """The mapping thread's job for a step's predicted lengths may run after the caller moved
+    on (the engine schedules the next step before joining it): it must not give a slot handed
+    out again meanwhile its old request's length, nor shorten a length the caller set since.
+    (Both happened: prefix caching then published pages past a slot's length.)"""
+    spec = make_spec("cpu")
+    with VirtualKVCache(spec, "cpu", budget_bytes=1 << 30, lookahead_tokens=0,
+                        mapping="thread") as cache:  # fmt: skip
+        a = cache.alloc_slot()
+        cache.ensure(a, 10)
+        with cache._lock:  # the job waits for the lock until the caller is done
+            cache.step_async({a: 11})
+            cache.free_slot(a)
+            b = cache.alloc_slot()
+            assert b == a  # the same slot, another request
+            cache.ensure(b, 3)
+        cache.wait()
+        assert cache.length(b) == 3
+        with cache._lock:
+            cache.step_async({b: 4})
+            cache.step({b: 40})  # the caller's next step, longer than predicted
+        cache.wait()
+        assert cache.length(b) == 40
+        cache.check_integrity()

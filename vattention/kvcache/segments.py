@@ -74,11 +74,14 @@ class PrefixSegments:
         self, slot: int, rows: list[tuple[int, ...]]
     ) -> tuple[Segment | None, int, int | None]:
         """(segment, how many leading `rows` it backs, the slot to fill it from if it is new)
-        for `slot`'s new prefix: an existing segment holding exactly them, else a new one if
-        they are hot (two slots map them) and memory is plentiful, else the longest existing
-        one whose rows all lead `rows` (a segment is mapped whole: the driver maps no part
-        of an allocation), else (None, 0, None)."""
-        if not self.segment_min_pages or len(rows) < self.segment_min_pages:
+        for `slot`'s new prefix: an existing segment holding exactly them; else a new one for
+        their hot leading part (the rows two slots or more map: a shared system prompt before a
+        conversation of its own), if longer than any existing one and memory is plentiful;
+        else the longest existing one whose rows all lead `rows` (a segment is mapped whole:
+        the driver maps no part of an allocation); else (None, 0, None). Each part needs at
+        least `segment_min_pages` rows."""
+        low = self.segment_min_pages
+        if not low or len(rows) < low:
             return None, 0, None
         best, most = None, 0
         for seg in self._segments.get(rows[0], ()):
@@ -87,11 +90,14 @@ class PrefixSegments:
                 best, most = seg, m
         if most == len(rows):
             return best, most, None
-        if self._refs.get(rows[-1][0], 0) >= 2:
-            built = self._build_segment(slot, rows)
+        hot = 0  # mappings of a chain's rows never grow along it: shared rows lead
+        while hot < len(rows) and self._refs.get(rows[hot][0], 0) >= 2:
+            hot += 1
+        if hot > most and hot >= low:
+            built = self._build_segment(slot, rows[:hot])
             if built is not None:
-                return built[0], len(rows), built[1]
-        if most >= self.segment_min_pages:
+                return built[0], hot, built[1]
+        if most >= low:
             return best, most, None
         return None, 0, None
 

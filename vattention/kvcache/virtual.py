@@ -141,6 +141,9 @@ class VirtualKVCache(PrefixSharing):
         self._cap_tokens = [0] * n  # tokens the mapped pages of each slot can hold
         self._used = [False] * n
         self._prepared = [False] * n  # a free slot mapped ahead for an upcoming request
+        # bumped at every alloc and free: a background job's plan for a slot applies only to
+        # the tenure it was made for (a slot freed and handed out again is someone else's)
+        self._tenure = [0] * n
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
@@ -203,6 +206,7 @@ class VirtualKVCache(PrefixSharing):
                 self._wait_freed(slot)
                 self._unmap_tail(slot, len(self._pages[slot]) - keep)
             self._used[slot] = True
+            self._tenure[slot] += 1
             self._prepared[slot] = False
             self._lengths[slot] = 0
             if rows:
@@ -247,6 +251,7 @@ class VirtualKVCache(PrefixSharing):
         with self._lock:
             self._check_slot(slot)
             self._used[slot] = False
+            self._tenure[slot] += 1
             self._lengths[slot] = 0
             # unmapping a freed slot's pages (reclaim, prefix rows) waits for this event alone,
             # not for the whole device (a few microseconds per request)
@@ -301,15 +306,16 @@ class VirtualKVCache(PrefixSharing):
         top = self.spec.max_seq_len
         upcoming = [min(int(n), top) for n in reserve if int(n) > 0]
         self.wait()
+        tenure = {s: self._tenure[s] for s in targets}
         if self.mapping == "inline":  # on the caller's thread, now (see `mapping`)
             try:
-                self._step_and_look_ahead(targets, upcoming, self.inline_eager_pieces)
+                self._step_and_look_ahead(targets, tenure, upcoming, self.inline_eager_pieces)
             except OutOfKVMemory as err:
                 self._inline_error = err
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattention-map")
-        self._pending = self._executor.submit(self._step_and_look_ahead, targets, upcoming)
+        self._pending = self._executor.submit(self._step_and_look_ahead, targets, tenure, upcoming)
 
     def wait(self, interrupt: bool = True) -> None:
         """Join the background job of `step_async` (re-raising its error, if any).
@@ -363,14 +369,23 @@ class VirtualKVCache(PrefixSharing):
         return {s: pages_for(n) for s, n in targets.items() if n > cap[s]}
 
     def _step_and_look_ahead(
-        self, targets: dict[int, int], reserve: list[int], max_pieces: int | None = None
+        self,
+        targets: dict[int, int],
+        tenure: dict[int, int],
+        reserve: list[int],
+        max_pieces: int | None = None,
     ) -> None:
         with self._lock:
-            # A slot freed since `step_async` was called is left alone (it has no live tokens).
-            targets = {s: n for s, n in targets.items() if self._used[s]}
+            # A slot freed since `step_async` was called is left alone (it has no live tokens),
+            # and so is one handed out again since (its new request has a length of its own).
+            targets = {
+                s: n for s, n in targets.items() if self._used[s] and self._tenure[s] == tenure[s]
+            }
             self._back(self._growth(targets), targets)
+            # (the caller may have run `step` for this slot meanwhile, with a longer length
+            # than was predicted here: never shorten it)
             for s, n in targets.items():
-                self._lengths[s] = n
+                self._lengths[s] = max(self._lengths[s], n)
         if not self._map_ahead(reserve, max_pieces):
             return
         while len(self._pool.free) < self._pool.batch and not self._interrupt.is_set():
@@ -384,8 +399,9 @@ class VirtualKVCache(PrefixSharing):
         of them; False if it stopped before the end of its work."""
         pages_for, top = self.layout.pages_for, self.spec.max_seq_len
         with self._lock:
-            # (spare tokens, slot, pages wanted, whether the slot is in use)
-            wanted: list[tuple[int, int, int, bool]] = []
+            # (spare tokens, slot, pages wanted, whether the slot is in use, its tenure)
+            wanted: list[tuple[int, int, int, bool, int]] = []
+            ten = self._tenure
             if self.lookahead_tokens:
                 cap, lengths, look = self._cap_tokens, self._lengths, self.lookahead_tokens
                 used = [s for s in range(self.spec.max_slots) if self._used[s]]
@@ -394,23 +410,27 @@ class VirtualKVCache(PrefixSharing):
                     for s in used:
                         horizon = min(top, lengths[s] + look)
                         if cap[s] < horizon:
-                            wanted.append((cap[s] - lengths[s], s, pages_for(horizon), True))
+                            wanted.append(
+                                (cap[s] - lengths[s], s, pages_for(horizon), True, ten[s])
+                            )
             wanted.sort()
             if reserve:
                 free = [s for s in range(self.spec.max_slots) if not self._used[s]]
                 free.sort(key=lambda s: (-len(self._pages[s]), s))  # alloc_slot's order
-                wanted += [(0, s, pages_for(n), False) for s, n in zip(free, reserve, strict=False)]
+                wanted += [
+                    (0, s, pages_for(n), False, ten[s]) for s, n in zip(free, reserve, strict=False)
+                ]
         piece = max(1, self.eager_map_calls // self.layout.num_buffers)
         pieces = 0
-        for _, s, want, in_use in wanted:
+        for _, s, want, in_use, tenure in wanted:
             while not self._interrupt.is_set():
                 if max_pieces is not None and pieces >= max_pieces:
                     return False
                 with self._lock:
                     if self._closed:
                         return False
-                    if self._used[s] != in_use:
-                        break  # freed (or handed out) since the plan was made: not for it now
+                    if self._used[s] != in_use or self._tenure[s] != tenure:
+                        break  # freed or handed out since the plan was made: not for it now
                     have = len(self._pages[s])
                     add = min(want - have, piece)
                     if add <= 0:
