@@ -43,6 +43,7 @@ class PrefixSharing(PrefixSegments):
     _refs: dict[int, int]
     _idle_table_handles: int
     _used: list[bool]
+    _epoch: list[int]
     _seg_of: list[Segment | None]
     _seg_pages: list[int]
     _map_calls: int
@@ -78,6 +79,7 @@ class PrefixSharing(PrefixSegments):
             self._check_slot(slot)
             if self._lengths[slot]:
                 raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
+            self._epoch[slot] += 1  # the caller sets its length (see `step_async`)
             return self._map_rows(slot, self._cached_rows(keys, "map_cached: not every key"))
 
     def _cached_rows(self, keys: Sequence[Hashable], what: str) -> list[tuple[int, ...]]:

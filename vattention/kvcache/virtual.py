@@ -144,6 +144,9 @@ class VirtualKVCache(PrefixSharing):
         # bumped at every alloc and free: a background job's plan for a slot applies only to
         # the tenure it was made for (a slot freed and handed out again is someone else's)
         self._tenure = [0] * n
+        # bumped whenever the caller sets a slot's length (alloc, free, step, map_cached): the
+        # background job's predicted length applies only if nobody set one since it was asked
+        self._epoch = [0] * n
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
@@ -207,6 +210,7 @@ class VirtualKVCache(PrefixSharing):
                 self._unmap_tail(slot, len(self._pages[slot]) - keep)
             self._used[slot] = True
             self._tenure[slot] += 1
+            self._epoch[slot] += 1
             self._prepared[slot] = False
             self._lengths[slot] = 0
             if rows:
@@ -252,6 +256,7 @@ class VirtualKVCache(PrefixSharing):
             self._check_slot(slot)
             self._used[slot] = False
             self._tenure[slot] += 1
+            self._epoch[slot] += 1
             self._lengths[slot] = 0
             # unmapping a freed slot's pages (reclaim, prefix rows) waits for this event alone,
             # not for the whole device (a few microseconds per request)
@@ -284,6 +289,7 @@ class VirtualKVCache(PrefixSharing):
             self._blocking_map_calls += self._map_calls - before
             for s, n in targets.items():
                 self._lengths[s] = n
+                self._epoch[s] += 1
 
     def step_async(self, lengths: Lengths, reserve: Sequence[int] = ()) -> None:
         """Start `step(lengths)` on the background thread; `wait()` joins.
@@ -306,16 +312,16 @@ class VirtualKVCache(PrefixSharing):
         top = self.spec.max_seq_len
         upcoming = [min(int(n), top) for n in reserve if int(n) > 0]
         self.wait()
-        tenure = {s: self._tenure[s] for s in targets}
+        epoch = {s: self._epoch[s] for s in targets}
         if self.mapping == "inline":  # on the caller's thread, now (see `mapping`)
             try:
-                self._step_and_look_ahead(targets, tenure, upcoming, self.inline_eager_pieces)
+                self._step_and_look_ahead(targets, epoch, upcoming, self.inline_eager_pieces)
             except OutOfKVMemory as err:
                 self._inline_error = err
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="vattention-map")
-        self._pending = self._executor.submit(self._step_and_look_ahead, targets, tenure, upcoming)
+        self._pending = self._executor.submit(self._step_and_look_ahead, targets, epoch, upcoming)
 
     def wait(self, interrupt: bool = True) -> None:
         """Join the background job of `step_async` (re-raising its error, if any).
@@ -371,21 +377,18 @@ class VirtualKVCache(PrefixSharing):
     def _step_and_look_ahead(
         self,
         targets: dict[int, int],
-        tenure: dict[int, int],
+        epoch: dict[int, int],
         reserve: list[int],
         max_pieces: int | None = None,
     ) -> None:
         with self._lock:
-            # A slot freed since `step_async` was called is left alone (it has no live tokens),
-            # and so is one handed out again since (its new request has a length of its own).
-            targets = {
-                s: n for s, n in targets.items() if self._used[s] and self._tenure[s] == tenure[s]
-            }
+            # A slot whose length the caller set since `step_async` was called (freed, handed
+            # out again, or stepped: the engine schedules the next step before joining this
+            # job) is left alone: the caller's length is the newer one.
+            targets = {s: n for s, n in targets.items() if self._epoch[s] == epoch[s]}
             self._back(self._growth(targets), targets)
-            # (the caller may have run `step` for this slot meanwhile, with a longer length
-            # than was predicted here: never shorten it)
             for s, n in targets.items():
-                self._lengths[s] = max(self._lengths[s], n)
+                self._lengths[s] = n
         if not self._map_ahead(reserve, max_pieces):
             return
         while len(self._pool.free) < self._pool.batch and not self._interrupt.is_set():
