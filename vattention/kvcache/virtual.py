@@ -4,7 +4,7 @@ The whole worst case (max_slots x max_seq_len, every layer, K and V) is reserved
 address space once; physical pages are mapped into it only as requests grow. Attention kernels
 see ordinary dense tensors (`k_cache(layer)[slot, :length]`) whose addresses never move.
 
-Invariants (checked by `check_integrity`):
+Invariants (checked by `check_integrity`, in `accounting.py` with `stats()`):
 - a slot's mapped pages form a prefix: pages `[0, mapped(slot))` are mapped in every buffer, and
   a used slot's first `length(slot)` tokens lie inside them;
 - every created page is in exactly one of: the pool (mapped nowhere, in no prefix row), mapped
@@ -34,13 +34,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from vattention.kvcache.accounting import CacheAccounting
 from vattention.kvcache.layout import CacheLayout
 from vattention.kvcache.pool import PagePool
 from vattention.kvcache.prefix import PrefixTable
 from vattention.kvcache.segments import Segment
 from vattention.kvcache.sharing import PrefixSharing
 from vattention.kvcache.spec import KVCacheSpec, Lengths, normalize_lengths
-from vattention.kvcache.stats import KVCacheStats
 from vattention.memory.backend import MemoryBackend, make_backend
 from vattention.memory.errors import OutOfKVMemory
 
@@ -57,7 +57,7 @@ MAPPING_MODES = ("thread", "inline")
 SEGMENT_MIN_PAGES = 4
 
 
-class VirtualKVCache(PrefixSharing):
+class VirtualKVCache(PrefixSharing, CacheAccounting):
     """A KV cache contiguous in virtual memory, backed on demand by physical pages (prefix
     sharing: `sharing.PrefixSharing`)."""
 
@@ -624,112 +624,6 @@ class VirtualKVCache(PrefixSharing):
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.spec.num_layers:
             raise ValueError(f"layer {layer} is out of range [0, {self.spec.num_layers})")
-
-    # -- accounting -------------------------------------------------------------------------
-    def stats(self) -> KVCacheStats:
-        with self._lock:
-            ps, nbuf = self.page_size, self.layout.num_buffers
-            used = [s for s in range(self.spec.max_slots) if self._used[s]]
-            used_pages = sum(len(self._pages[s]) for s in used) * nbuf
-            live = sum(self._lengths[s] for s in used) * self.layout.buffer_token_bytes * nbuf
-            needed = sum(self.layout.pages_for(self._lengths[s]) for s in used) * nbuf
-            prepared = sum(
-                len(self._pages[s]) for s in range(self.spec.max_slots)
-                if self._prepared[s] and not self._used[s]
-            ) * nbuf  # fmt: skip
-            return KVCacheStats(
-                page_size=ps,
-                budget_bytes=self._pool.budget * ps,
-                created_bytes=self._pool.created * ps,
-                mapped_bytes=(used_pages + self._free_mapped()) * ps,
-                live_bytes=live,
-                used_mapped_bytes=used_pages * ps,
-                reclaimable_bytes=self._free_mapped() * ps,
-                pool_free_bytes=len(self._pool.free) * ps,
-                slots_used=len(used),
-                slots_free=self.spec.max_slots - len(used),
-                map_calls=self._map_calls,
-                blocking_map_calls=self._blocking_map_calls,
-                unmap_calls=self._unmap_calls,
-                set_access_calls=self._access_calls,
-                create_calls=self._pool.create_calls,
-                destroy_calls=self._pool.destroy_calls,
-                slack_bytes=needed * ps - live,
-                lookahead_bytes=(used_pages - needed) * ps,
-                prepared_bytes=prepared * ps,
-                prefix_bytes=len(list(self._table.handles())) * ps,
-                prefix_idle_bytes=self._idle_table_handles * ps,
-                shared_saved_bytes=self._shared_in_used(used) * ps,
-                prefix_hit_pages=self._table.hits,
-                segment_bytes=self._pool.held * ps,
-            )
-
-    def check_integrity(self) -> None:
-        """Raise `RuntimeError` listing every broken invariant (for tests and debugging)."""
-        with self._lock:
-            problems: list[str] = []
-            nbuf = self.layout.num_buffers
-            mapped = [h for rows in self._pages for row in rows for h in row]
-            if any(len(row) != nbuf for rows in self._pages for row in rows):
-                problems.append("a page index is mapped in some buffers only")
-            table = set(self._table.handles())
-            counts: dict[int, int] = {}
-            for h in mapped:
-                counts[h] = counts.get(h, 0) + 1
-            if counts != self._refs:
-                problems.append("mapping counts differ from the reference counts")
-            if any(n > 1 and h not in table for h, n in counts.items()):
-                problems.append("a page outside the prefix table is mapped twice")
-            handles = list(set(counts) | table) + self._pool.free
-            if len(set(handles)) != len(handles):
-                problems.append("a pooled page is also mapped or in the prefix table")
-            if len(handles) != self._pool.created:
-                problems.append(f"{len(handles)} pages accounted, {self._pool.created} created")
-            if self._idle_table_handles != len(table - set(counts)):
-                problems.append("the count of prefix pages mapped nowhere is off")
-            for s in range(self.spec.max_slots):
-                shared = [any(h in table for h in row) for row in self._pages[s]]
-                if shared != sorted(shared, reverse=True):
-                    problems.append(f"slot {s}: prefix rows do not lead its pages")
-            if self._pool.created > self._pool.budget:
-                problems.append("more pages created than the budget")
-            for s in range(self.spec.max_slots):
-                cap = len(self._pages[s]) * self.page_size // self.layout.buffer_token_bytes
-                if self._cap_tokens[s] != cap:
-                    problems.append(f"slot {s}: capacity {self._cap_tokens[s]} != {cap} tokens")
-                if self._lengths[s] > cap:
-                    problems.append(f"slot {s}: {self._lengths[s]} live tokens beyond its pages")
-                if not self._used[s] and self._lengths[s]:
-                    problems.append(f"free slot {s} has live tokens")
-            segs = [g for gs in self._segments.values() for g in gs]
-            for g in segs:
-                if any(not self._table.holds(row[0]) for row in g.rows):
-                    problems.append("a prefix segment holds a row the table dropped")
-                if g.users != sum(x is g for x in self._seg_of):
-                    problems.append("a prefix segment's user count is off")
-            for s in range(self.spec.max_slots):
-                g, n = self._seg_of[s], self._seg_pages[s]
-                if (g is None) != (n == 0) or (g is not None and (
-                    n > len(self._pages[s]) or n != len(g.rows)
-                    or [tuple(r) for r in self._pages[s][:n]] != list(g.rows[:n])
-                )):  # fmt: skip
-                    problems.append(f"slot {s}: its prefix segment does not back its first pages")
-            if self._pool.held != sum(len(g.rows) for g in segs) * nbuf:
-                problems.append("the budget held by prefix segments is off")
-            if self._pool.created + self._pool.held > self._pool.budget:
-                problems.append("more pages created or held than the budget")
-            # physical mappings: a segment maps a slot's first pages in one mapping per buffer
-            physical = len(mapped) - sum(
-                (n - 1) * nbuf for n in self._seg_pages if n
-            )  # fmt: skip
-            handles_made = self._pool.created + len(segs) * nbuf
-            backend = self._backend
-            if self._owns_backend and getattr(backend, "num_mappings", physical) != physical:
-                problems.append("backend mappings differ from the cache's")
-            if self._owns_backend and getattr(backend, "num_pages", handles_made) != handles_made:
-                problems.append("backend pages differ from the cache's")
-            if problems:
-                raise RuntimeError("KV cache integrity: " + "; ".join(problems))
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
