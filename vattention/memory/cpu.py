@@ -91,6 +91,7 @@ class CpuBackend(MemoryBackend):
         self._next_index = 0
         self._live: dict[int, int] = {}  # handle (first file page) -> its pages
         self._mapped: dict[int, tuple[int, int]] = {}  # addr -> (handle, pages)
+        self._mappings: dict[int, int] = {}  # handle -> how many addresses map it
         self._covered: set[int] = set()  # every page address some mapping covers
         self._ranges: dict[int, int] = {}  # base -> nbytes
 
@@ -166,7 +167,7 @@ class CpuBackend(MemoryBackend):
         with self._lock:
             if handle not in self._live:
                 raise ValueError(f"page {handle} does not exist (destroyed twice?)")
-            if any(h == handle for h, _ in self._mapped.values()):
+            if self._mappings.get(handle):
                 raise ValueError(f"page {handle} is still mapped")
             pages = self._live[handle]
             rc = _libc.fallocate(
@@ -208,6 +209,7 @@ class CpuBackend(MemoryBackend):
                 "map",
             )
             self._mapped[addr] = (handle, pages)
+            self._mappings[handle] = self._mappings.get(handle, 0) + 1
             self._covered.update(span)
 
     def unmap(self, addr: int) -> None:
@@ -224,7 +226,11 @@ class CpuBackend(MemoryBackend):
                 0,
                 "unmap",
             )
-            del self._mapped[addr]
+            handle = self._mapped.pop(addr)[0]
+            if self._mappings[handle] == 1:
+                del self._mappings[handle]
+            else:
+                self._mappings[handle] -= 1
             self._covered.difference_update(addr + i * self.page_size for i in range(pages))
 
     def set_access(self, addr: int, nbytes: int) -> None:

@@ -107,6 +107,7 @@ class CudaBackend(MemoryBackend):
         self._lock = threading.Lock()
         self._pages: dict[int, tuple[Any, int]] = {}  # int handle -> (driver handle, pages)
         self._mapped: dict[int, tuple[int, int]] = {}  # addr -> (handle, pages)
+        self._mappings: dict[int, int] = {}  # handle -> how many addresses map it
         self._ranges: dict[int, int] = {}  # base -> nbytes
 
     # -- helpers --------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class CudaBackend(MemoryBackend):
         with self._lock:
             if handle not in self._pages:
                 raise ValueError(f"page {handle:#x} does not exist (destroyed twice?)")
-            if any(h == handle for h, _ in self._mapped.values()):
+            if self._mappings.get(handle):
                 raise ValueError(f"page {handle:#x} is still mapped")
             obj, _ = self._pages.pop(handle)
         self._check(self._cu.cuMemRelease(obj)[0], "cuMemRelease")
@@ -205,6 +206,7 @@ class CudaBackend(MemoryBackend):
             size = pages * self.page_size
             self._check(self._cu.cuMemMap(addr, size, 0, obj, 0)[0], "cuMemMap")
             self._mapped[addr] = (handle, pages)
+            self._mappings[handle] = self._mappings.get(handle, 0) + 1
 
     def unmap(self, addr: int) -> None:
         self._make_current()
@@ -213,7 +215,11 @@ class CudaBackend(MemoryBackend):
                 raise ValueError(f"nothing is mapped at {addr:#x}")
             pages = self._mapped[addr][1]
             self._check(self._cu.cuMemUnmap(addr, pages * self.page_size)[0], "cuMemUnmap")
-            del self._mapped[addr]
+            handle = self._mapped.pop(addr)[0]
+            if self._mappings[handle] == 1:
+                del self._mappings[handle]
+            else:
+                self._mappings[handle] -= 1
 
     def set_access(self, addr: int, nbytes: int) -> None:
         self._check_open()
