@@ -18,8 +18,8 @@
 #   sanitize    compute-sanitizer memcheck over engine runs (tiny preset, bf16, CUDA graphs of
 #               mixed steps, uneven prompts): auto, fa2_varlen and the paged cache; SAN_CONFIGS
 #               (';'-separated option sets, later options win) and SAN_MODEL adjust it, e.g.
-#               prefix segments: SAN_MODEL=yi-6b SAN_CONFIGS="--trace shared-prefix --prompt-len 512
-#               --num-requests 12 --output-len 8" (2 MiB pages hold 32 of its tokens)
+#               prefix segments: SAN_MODEL=tiny-wide SAN_CONFIGS="--trace shared-prefix
+#               --prompt-len 512" (a 2 MiB page holds 64 of its tokens)
 #   serving     bench_serving; SERVE_RUNS holds "model:trace[:extra args]" entries separated
 #               by ';' (default: yi-6b:uneven), each written to $OUT/serving_<model>_<trace>
 set -u

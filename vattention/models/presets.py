@@ -1,4 +1,4 @@
-"""Built-in model configs (real shapes of public checkpoints, plus a tiny one for tests).
+"""Built-in model configs (real shapes of public checkpoints, plus two tiny ones for tests).
 
 Presets carry no weights and no tokenizer: load them with `load_format="dummy"` (random weights)
 for benchmarks, and use `ByteTokenizer` (see `tokenizer.py`) where text is needed. Shapes are those
@@ -23,6 +23,23 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=1,
         eos_token_ids=(2,),
         name="tiny",
+    ),
+    # For GPU tests and the sanitizer: tiny compute, but wide K/V (32 KiB of K and V per token
+    # in bf16), so a 2 MiB page holds 64 tokens and short prompts span pages (prefix sharing,
+    # segments, page crossings) without an 8B model's run time.
+    "tiny-wide": ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=2,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="tiny-wide",
     ),
     "yi-6b": ModelConfig(
         vocab_size=64000,
