@@ -6,8 +6,11 @@ range; on the H200 a ranged `cuMemSetAccess` over 128 separately created 2 MiB p
 prompt on Llama-3-8B. Is that cost per handle (so one large handle holding the whole prefix
 would map in one cheap call) or per byte? And do calls from several threads overlap?
 
-Prints one JSON line per case (us per 2 MiB of mapped memory, and per call); needs a CUDA GPU
-and cuda-bindings. `python benchmarks/bench_vmm_handles.py [--total-mib 256] [--out DIR]`.
+Times the calls through the CUDA memory backend (`vattention.memory.cuda.CudaBackend`, the
+one the KV cache uses). Prints one JSON line per case (us per 2 MiB of mapped memory, and per
+call); needs a CUDA GPU and cuda-bindings.
+`python benchmarks/bench_vmm_handles.py [--total-mib 256] [--out DIR]`. (The results of
+2026-12-02 were taken with direct driver calls, before the backend mapped many-page handles.)
 """
 
 from __future__ import annotations
@@ -19,93 +22,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vattention.memory.cuda import CudaBackend
+
 MIB = 1 << 20
 
 
-def _check(result: Any, what: str) -> Any:
-    err = result[0]
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err}")
-    return result[1] if len(result) > 1 else None
-
-
-class Driver:
-    """The few driver calls this benchmark needs, on device 0's primary context."""
-
-    def __init__(self) -> None:
-        import torch
-        from cuda.bindings import driver as cu
-
-        torch.cuda.init()
-        torch.zeros(1, device="cuda")  # the primary context exists and is current
-        self.cu = cu
-        _check(cu.cuInit(0), "cuInit")
-        self.dev = _check(cu.cuDeviceGet(0), "cuDeviceGet")
-        self.ctx = _check(cu.cuDevicePrimaryCtxRetain(self.dev), "cuDevicePrimaryCtxRetain")
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = 0
-        self.prop = prop
-        access = cu.CUmemAccessDesc()
-        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = 0
-        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self.access = [access]
-        self.gran = _check(
-            cu.cuMemGetAllocationGranularity(
-                prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
-            ),
-            "granularity",
-        )
-
-    def current(self) -> None:
-        _check(self.cu.cuCtxSetCurrent(self.ctx), "cuCtxSetCurrent")
-
-    def create(self, size: int) -> Any:
-        return _check(self.cu.cuMemCreate(size, self.prop, 0), "cuMemCreate")
-
-    def release(self, h: Any) -> None:
-        _check(self.cu.cuMemRelease(h), "cuMemRelease")
-
-    def reserve(self, size: int) -> int:
-        return int(_check(self.cu.cuMemAddressReserve(size, 0, 0, 0), "reserve"))
-
-    def free_range(self, base: int, size: int) -> None:
-        _check(self.cu.cuMemAddressFree(base, size), "cuMemAddressFree")
-
-    def map(self, addr: int, size: int, h: Any) -> None:
-        _check(self.cu.cuMemMap(addr, size, 0, h, 0), "cuMemMap")
-
-    def unmap(self, addr: int, size: int) -> None:
-        _check(self.cu.cuMemUnmap(addr, size), "cuMemUnmap")
-
-    def set_access(self, addr: int, size: int) -> None:
-        _check(self.cu.cuMemSetAccess(addr, size, self.access, 1), "cuMemSetAccess")
-
-
-def by_handle_size(d: Driver, total: int, handle: int, repeats: int) -> dict[str, float]:
+def by_handle_size(d: CudaBackend, total: int, handle: int, repeats: int) -> dict[str, float]:
     """Map `total` bytes made of handles of `handle` bytes into a fresh range, grant access in
     one ranged call, unmap; median over `repeats` of each phase."""
-    hs = [d.create(handle) for _ in range(total // handle)]
+    hs = [d.create_page(handle // d.page_size) for _ in range(total // handle)]
     base = d.reserve(total)
     maps, grants, unmaps = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for i, h in enumerate(hs):
-            d.map(base + i * handle, handle, h)
+            d.map(base + i * handle, h)
         t1 = time.perf_counter()
         d.set_access(base, total)
         t2 = time.perf_counter()
         for i in range(len(hs)):
-            d.unmap(base + i * handle, handle)
+            d.unmap(base + i * handle)
         t3 = time.perf_counter()
         maps.append(t1 - t0)
         grants.append(t2 - t1)
         unmaps.append(t3 - t2)
-    d.free_range(base, total)
+    d.release_range(base, total)
     for h in hs:
-        d.release(h)
+        d.destroy_page(h)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1e6  # noqa: E731
     n2 = total / (2 * MIB)
     return {
@@ -119,24 +62,23 @@ def by_handle_size(d: Driver, total: int, handle: int, repeats: int) -> dict[str
     }
 
 
-def threaded_grants(d: Driver, pages: int, threads: int, repeats: int) -> dict[str, float]:
+def threaded_grants(d: CudaBackend, pages: int, threads: int, repeats: int) -> dict[str, float]:
     """`threads` threads each map `pages` 2 MiB pages (the same physical pages, as sharers do)
     into their own range and grant access in one call: wall time, against one thread doing
     all of it."""
-    g = d.gran
-    hs = [d.create(g) for _ in range(pages)]
+    g = d.page_size
+    hs = [d.create_page() for _ in range(pages)]
     bases = [d.reserve(pages * g) for _ in range(threads)]
 
     def work(base: int) -> None:
-        d.current()
         for i, h in enumerate(hs):
-            d.map(base + i * g, g, h)
+            d.map(base + i * g, h)
         d.set_access(base, pages * g)
 
     def undo() -> None:
         for base in bases:
             for i in range(pages):
-                d.unmap(base + i * g, g)
+                d.unmap(base + i * g)
 
     serial, parallel = [], []
     for _ in range(repeats):
@@ -154,9 +96,9 @@ def threaded_grants(d: Driver, pages: int, threads: int, repeats: int) -> dict[s
         parallel.append(time.perf_counter() - t0)
         undo()
     for base in bases:
-        d.free_range(base, pages * g)
+        d.release_range(base, pages * g)
     for h in hs:
-        d.release(h)
+        d.destroy_page(h)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
     return {
         "threads": float(threads),
@@ -167,31 +109,31 @@ def threaded_grants(d: Driver, pages: int, threads: int, repeats: int) -> dict[s
     }
 
 
-def per_page_grants(d: Driver, pages: int, repeats: int) -> dict[str, float]:
+def per_page_grants(d: CudaBackend, pages: int, repeats: int) -> dict[str, float]:
     """One `cuMemSetAccess` per 2 MiB page against one over the whole range (same pages)."""
-    g = d.gran
-    hs = [d.create(g) for _ in range(pages)]
+    g = d.page_size
+    hs = [d.create_page() for _ in range(pages)]
     base = d.reserve(pages * g)
     one, each = [], []
     for _ in range(repeats):
         for i, h in enumerate(hs):
-            d.map(base + i * g, g, h)
+            d.map(base + i * g, h)
         t0 = time.perf_counter()
         d.set_access(base, pages * g)
         one.append(time.perf_counter() - t0)
         for i in range(pages):
-            d.unmap(base + i * g, g)
+            d.unmap(base + i * g)
         for i, h in enumerate(hs):
-            d.map(base + i * g, g, h)
+            d.map(base + i * g, h)
         t0 = time.perf_counter()
         for i in range(pages):
             d.set_access(base + i * g, g)
         each.append(time.perf_counter() - t0)
         for i in range(pages):
-            d.unmap(base + i * g, g)
-    d.free_range(base, pages * g)
+            d.unmap(base + i * g)
+    d.release_range(base, pages * g)
     for h in hs:
-        d.release(h)
+        d.destroy_page(h)
     med = lambda xs: sorted(xs)[len(xs) // 2] * 1e6 / pages  # noqa: E731
     return {"pages": float(pages), "ranged_us_per_page": med(one), "each_us_per_page": med(each)}
 
@@ -202,27 +144,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None, help="write results.json here")
     args = ap.parse_args()
-    d = Driver()
+    d = CudaBackend("cuda")
     total = args.total_mib * MIB
-    results: dict[str, Any] = {"config": vars(args), "granularity": d.gran}
-    print(json.dumps(results["config"]), "granularity", d.gran, flush=True)
+    results: dict[str, Any] = {"config": vars(args), "granularity": d.page_size}
+    print(json.dumps(results["config"]), "granularity", d.page_size, flush=True)
     create = []
     for _ in range(3):
         t0 = time.perf_counter()
-        h = d.create(total)
+        h = d.create_page(total // d.page_size)
         create.append(time.perf_counter() - t0)
-        d.release(h)
+        d.destroy_page(h)
     results["create_one_handle_of_total_ms"] = sorted(create)[1] * 1e3
     print("cuMemCreate of one", args.total_mib, "MiB handle:",
           round(results["create_one_handle_of_total_ms"], 3), "ms", flush=True)  # fmt: skip
     results["by_handle_size"] = []
     for mib in (2, 8, 32, 128, args.total_mib):
-        if total % (mib * MIB) or mib * MIB < d.gran:
+        if total % (mib * MIB) or mib * MIB < d.page_size:
             continue
         r = by_handle_size(d, total, mib * MIB, args.repeats)
         results["by_handle_size"].append(r)
         print("handle size:", json.dumps({k: round(v, 2) for k, v in r.items()}), flush=True)
-    r = per_page_grants(d, total // d.gran, args.repeats)
+    r = per_page_grants(d, total // d.page_size, args.repeats)
     results["per_page_grants"] = r
     print("grant per page:", json.dumps({k: round(v, 2) for k, v in r.items()}), flush=True)
     results["threads"] = []
@@ -233,6 +175,7 @@ def main() -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+    d.close()
 
 
 if __name__ == "__main__":

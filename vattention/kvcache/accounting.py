@@ -5,48 +5,12 @@ mapped, and `check_integrity()`, which checks every invariant stated in `virtual
 
 from __future__ import annotations
 
-import threading
-
-from vattention.kvcache.layout import CacheLayout
-from vattention.kvcache.pool import PagePool
-from vattention.kvcache.prefix import PrefixTable
-from vattention.kvcache.segments import Segment
-from vattention.kvcache.spec import KVCacheSpec
+from vattention.kvcache.state import CacheState
 from vattention.kvcache.stats import KVCacheStats
-from vattention.memory.backend import MemoryBackend
 
 
-class CacheAccounting:
-    """Stats and integrity checks (`VirtualKVCache` provides every attribute declared here)."""
-
-    spec: KVCacheSpec
-    layout: CacheLayout
-    page_size: int
-    _backend: MemoryBackend
-    _owns_backend: bool
-    _lock: threading.RLock
-    _pool: PagePool
-    _pages: list[list[list[int]]]
-    _lengths: list[int]
-    _cap_tokens: list[int]
-    _used: list[bool]
-    _prepared: list[bool]
-    _table: PrefixTable
-    _refs: dict[int, int]
-    _idle_table_handles: int
-    _segments: dict[tuple[int, ...], list[Segment]]
-    _seg_of: list[Segment | None]
-    _seg_pages: list[int]
-    _map_calls: int
-    _unmap_calls: int
-    _access_calls: int
-    _blocking_map_calls: int
-
-    def _free_mapped(self) -> int:
-        raise NotImplementedError
-
-    def _shared_in_used(self, used: list[int]) -> int:
-        raise NotImplementedError
+class CacheAccounting(CacheState):
+    """Stats and integrity checks (state: `state.CacheState`)."""
 
     def stats(self) -> KVCacheStats:
         with self._lock:

@@ -17,15 +17,9 @@ reference counts and eviction are unchanged); only the physical mapping differs:
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
-from vattention.kvcache.layout import CacheLayout
-from vattention.kvcache.pool import PagePool
-from vattention.memory.backend import MemoryBackend
+from vattention.kvcache.state import CacheState
 from vattention.memory.errors import MemoryBackendError, OutOfKVMemory
 
 
@@ -37,38 +31,9 @@ class Segment:
     handles: tuple[int, ...]  # one per buffer, len(rows) pages each
     users: int = 0  # slots mapping it
 
-    def match(self, rows: Sequence[tuple[int, ...]]) -> int:
-        """How many leading `rows` it holds."""
-        n = 0
-        for a, b in zip(self.rows, rows, strict=False):
-            if a != b:
-                break
-            n += 1
-        return n
 
-
-class PrefixSegments:
-    """The segment half of prefix sharing (`VirtualKVCache` provides every attribute here)."""
-
-    layout: CacheLayout
-    page_size: int
-    _backend: MemoryBackend
-    _base: int
-    _lock: threading.RLock
-    _pool: PagePool
-    _pages: list[list[list[int]]]
-    _used: list[bool]
-    _refs: dict[int, int]
-    _freed_at: list[object]
-    _raw: torch.Tensor
-    _segments: dict[tuple[int, ...], list[Segment]]  # first row -> segments starting with it
-    _seg_of: list[Segment | None]
-    _seg_pages: list[int]
-    segment_min_pages: int
-    _unmap_calls: int
-
-    def _release(self, handle: int) -> bool:
-        raise NotImplementedError
+class PrefixSegments(CacheState):
+    """The segment half of prefix sharing (state: `state.CacheState`)."""
 
     def _segment_for(
         self, slot: int, rows: list[tuple[int, ...]]
@@ -86,7 +51,7 @@ class PrefixSegments:
         best, most = None, 0
         for seg in self._segments.get(rows[0], ()):
             m = len(seg.rows)
-            if m > most and seg.match(rows) == m:
+            if m > most and seg.rows == tuple(rows[:m]):
                 best, most = seg, m
         if most == len(rows):
             return best, most, None
@@ -179,12 +144,11 @@ class PrefixSegments:
                 del self._segments[first]
         return back
 
-    def _segment_pages(self, only_reclaimable: bool = False) -> int:
-        """Budget pages segments hold (with `only_reclaimable`: those only free slots map)."""
-        nbuf = self.layout.num_buffers
-        if not only_reclaimable:
-            return sum(len(g.rows) for segs in self._segments.values() for g in segs) * nbuf
+    def _reclaimable_segment_pages(self) -> int:
+        """Budget pages of the segments no used slot maps (free slots' go whole, and the
+        segment with them)."""
         busy = {id(g) for s, g in enumerate(self._seg_of) if g is not None and self._used[s]}
-        return sum(
+        pages = sum(
             len(g.rows) for segs in self._segments.values() for g in segs if id(g) not in busy
-        ) * nbuf  # fmt: skip
+        )  # fmt: skip
+        return pages * self.layout.num_buffers

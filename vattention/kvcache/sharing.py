@@ -13,45 +13,13 @@ Hot prefixes are also copied into one allocation per buffer and mapped whole: `s
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Hashable, Sequence
 
-from vattention.kvcache.layout import CacheLayout
-from vattention.kvcache.pool import PagePool
-from vattention.kvcache.prefix import PrefixTable
-from vattention.kvcache.segments import PrefixSegments, Segment
-from vattention.kvcache.spec import KVCacheSpec
-from vattention.memory.backend import MemoryBackend
+from vattention.kvcache.segments import PrefixSegments
 
 
 class PrefixSharing(PrefixSegments):
-    """The sharing half of `VirtualKVCache` (which provides every attribute declared here)."""
-
-    spec: KVCacheSpec
-    layout: CacheLayout
-    page_size: int
-    _backend: MemoryBackend
-    _base: int
-    _lock: threading.RLock
-    _pool: PagePool
-    _pages: list[list[list[int]]]
-    _lengths: list[int]
-    _cap_tokens: list[int]
-    _freed_at: list[object]
-    _freed_seq: list[int]
-    _table: PrefixTable
-    _refs: dict[int, int]
-    _idle_table_handles: int
-    _used: list[bool]
-    _epoch: list[int]
-    _seg_of: list[Segment | None]
-    _seg_pages: list[int]
-    _map_calls: int
-    _unmap_calls: int
-    _access_calls: int
-
-    def _check_slot(self, slot: int) -> None:
-        raise NotImplementedError
+    """The sharing half of `VirtualKVCache` (state: `state.CacheState`)."""
 
     @property
     def tokens_per_page(self) -> int:

@@ -472,7 +472,7 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         # a page mapped only in free slots comes back once all of them are unmapped, however
         # many they are (counting only pages of refcount 1 missed those two free slots share)
         # (and segments only free slots map: theirs go whole, so the segment goes too)
-        n += self._segment_pages(only_reclaimable=True)
+        n += self._reclaimable_segment_pages()
         return n + sum(c == self._refs[h] for h, c in in_free.items())
 
     def _spare(self, slot: int, targets: dict[int, int]) -> int:
