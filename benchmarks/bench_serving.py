@@ -20,7 +20,8 @@ Traces (seeded, token-id prompts, greedy, ignore EOS, every request submitted at
 
 Per system it prints output and total tok/s, steps, preemptions, host seconds per engine phase
 and, on CUDA, the GPU-busy share: kernel time from `torch.profiler` (CUDA activity only) on a
-second run of the first `--busy-fraction` of the trace (default all of it), over that run's wall
+second run of the first `--busy-fraction` of the trace (default all of it; for multi-turn, of
+fresh conversations of the same shape, since the timed run's are cached), over that run's wall
 time and, for the whole trace, over the timed (unprofiled) run's wall time too. Each system first runs a warm-up trace (excluded) that compiles
 every kernel shape class. Ratios vattention/paged come from the same process.
 """
@@ -198,28 +199,36 @@ def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def gpu_busy(llm: LLM, trace: list[tuple[list[int], int]]) -> dict[str, Any]:
-    """Kernel seconds over wall seconds of one profiled run (CUDA activity only), and kernel
-    seconds by category (`profile_engine.CATEGORIES`: attention, matmul, ...)."""
+def gpu_busy(run: Any, requests: int) -> dict[str, Any]:
+    """Kernel seconds over wall seconds of one profiled `run()` (CUDA activity only; it returns
+    (seconds, output tokens, steps, ...)), kernel seconds by category
+    (`profile_engine.CATEGORIES`: attention, matmul, ...) and the top kernels."""
     from profile_engine import CATEGORIES
 
-    acts = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        wall, _, steps = run_trace(llm, trace)
+    kind = "CUDA" if torch.cuda.is_available() else "CPU"  # CPU: the code path, no kernels
+    with torch.profiler.profile(
+        activities=[getattr(torch.profiler.ProfilerActivity, kind)]
+    ) as prof:
+        wall, _, steps = run()[:3]
     kernel_us = 0.0
     by_cat: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernel_us += e.self_device_time_total
-            cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
-            by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in kernels:
+        kernel_us += e.self_device_time_total
+        cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
     return {
         "busy_share": kernel_us / 1e6 / wall,
         "kernel_s": kernel_us / 1e6,
         "wall_s": wall,
         "steps": steps,
-        "requests": len(trace),
+        "requests": requests,
         "kernel_s_by_category": {k: round(v, 3) for k, v in sorted(by_cat.items())},
+        "top_kernels": [
+            {"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 4)}
+            for e in top
+        ],
     }
 
 
@@ -346,10 +355,16 @@ def run_system(
         steps_by_kind = getattr(engine.runner, "graph_steps", None)
         if steps_by_kind is not None:
             result["steps_by_kind"] = dict(steps_by_kind)  # warm-up and timed run together
-        if args.device == "cuda" and args.busy_fraction > 0:
+        if args.busy_fraction > 0:  # on the CPU only the code path: no CUDA kernels
             part = trace[: max(1, int(len(trace) * args.busy_fraction))]
-            gpu = gpu_busy(llm, part)
-            if len(part) == len(trace):  # the same work as the timed (unprofiled) run
+            if args.trace == "multi-turn":  # fresh conversations: the timed run's are cached
+                fresh = argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
+                part = make_trace(fresh, engine.model_config.vocab_size, max_len)[: len(part)]
+                run = functools.partial(run_turns, llm, part, args.turns, args.seed + 1)
+            else:
+                run = functools.partial(run_trace, llm, part)
+            gpu = gpu_busy(run, len(part))
+            if args.trace != "multi-turn" and len(part) == len(trace):  # the timed run's work
                 gpu["busy_share_timed"] = gpu["kernel_s"] / seconds
             result["gpu"] = gpu
         return result
@@ -454,7 +469,9 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
     ap.add_argument("--opt", action="append", default=[], help="extra LLM option key=json")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
-    ap.add_argument("--busy-fraction", type=float, default=1.0)
+    ap.add_argument(
+        "--busy-fraction", type=float, default=None, help="default 1 on CUDA, 0 elsewhere"
+    )
     ap.add_argument(
         "--host-profile",
         type=int,
@@ -479,7 +496,8 @@ def main() -> None:
         args.model, args.dtype, args.device = "tiny", "float32", "cpu"
         args.num_requests, args.max_num_seqs = min(args.num_requests, 12), 8
         args.max_batched_tokens, args.prompt_len, args.output_len = 64, 16, 4
-        args.busy_fraction = 0.0
+    if args.busy_fraction is None:
+        args.busy_fraction = 1.0 if args.device == "cuda" else 0.0
     preset = get_preset(args.model)
     max_len = args.max_model_len or preset.max_position_embeddings
     if args.quick:

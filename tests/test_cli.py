@@ -114,6 +114,8 @@ def test_bench_shared_prefix_trace_hits_the_prefix_cache(
     result = json.loads(capsys.readouterr().out)
     assert result["requests"] == 6 and result["prompt_tokens"] == 6 * (64 + 8)
     assert result["prefix_hit_tokens"] >= 4 * 64  # the warm-up published them already
+    # the prefix's 8 pages (>= the default 4) are mapped by two slots: a segment is built
+    assert result["prefix_segments_built"] >= 1
 
 
 def test_make_trace_shapes() -> None:

@@ -127,6 +127,7 @@ def run_bench(
             "total_tok_per_s": (generated + prompt_tokens) / seconds,
             "preemptions": engine.scheduler.num_preemptions - preempt0,
             "prefix_hit_tokens": (prefix.hit_tokens - hits0) if prefix is not None else 0,
+            "prefix_segments_built": getattr(engine.cache.stats(), "segments_built", None),
         }
     finally:
         engine.close()
@@ -137,6 +138,8 @@ def run_bench(
         f"tok/s, {steps} steps, {result['preemptions']} preemptions, "
         f"{result['prefix_hit_tokens']} prompt tokens from the prefix cache"
     )
+    if result["prefix_segments_built"] is not None:
+        result["summary"] += f", {result['prefix_segments_built']} prefix segments built"
     del progress  # the run is a single timed loop; nothing to report while it runs
     return result
 

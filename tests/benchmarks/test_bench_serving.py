@@ -26,6 +26,20 @@ def test_bench_serving_quick_writes_both_systems(tmp_path: Path) -> None:
     assert "vattention / paged" in (tmp_path / "results.md").read_text()
 
 
+def test_bench_serving_multi_turn_profiles_fresh_conversations(tmp_path: Path) -> None:
+    """The GPU-busy profile's code path (on the CPU it records no kernels): for multi-turn it
+    runs fresh conversations, so its work is not the timed run's and no timed share is given."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--quick",
+           "--trace", "multi-turn", "--turns", "2", "--num-requests", "4",
+           "--systems", "vattention+prefix", "--busy-fraction", "0.5", "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (r,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert "error" not in r, r
+    gpu = r["gpu"]
+    assert gpu["requests"] == 2 and gpu["steps"] > 0 and gpu["wall_s"] > 0
+    assert "busy_share_timed" not in gpu and gpu["kernel_s"] == 0.0
+
+
 def test_bench_online_quick_serves_both_caches(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_online.py"), "--quick",
            "--out", str(tmp_path)]  # fmt: skip

@@ -423,14 +423,16 @@ def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
         c = cache.alloc_slot(keys)  # hot now: a segment, one mapping per buffer
         st_ = cache.stats()
         assert st_.map_calls - maps == nbuf
-        assert st_.segment_bytes == 4 * nbuf * PAGE
+        assert st_.segment_bytes == 4 * nbuf * PAGE and st_.segments_built == 1
         maps = st_.map_calls
         d = cache.alloc_slot(keys)  # reuses it
         assert cache.stats().map_calls - maps == nbuf
         assert cache.stats().segment_bytes == 4 * nbuf * PAGE
+        assert cache.stats().segments_built == 1
         # a shorter hot prefix: a segment is mapped whole, so it gets one of its own
         e = cache.alloc_slot(keys[:3])
         assert cache.stats().segment_bytes == 7 * nbuf * PAGE
+        assert cache.stats().segments_built == 2
         maps = cache.stats().map_calls
         f = cache.alloc_slot(keys[:3])
         assert cache.stats().map_calls - maps == nbuf

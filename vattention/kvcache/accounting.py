@@ -48,6 +48,7 @@ class CacheAccounting(CacheState):
                 shared_saved_bytes=self._shared_in_used(used) * ps,
                 prefix_hit_pages=self._table.hits,
                 segment_bytes=self._pool.held * ps,
+                segments_built=self._segments_built,
             )
 
     def check_integrity(self) -> None:

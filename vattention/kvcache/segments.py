@@ -94,6 +94,7 @@ class PrefixSegments(CacheState):
             return None
         seg = Segment(tuple(rows), tuple(handles))
         self._segments.setdefault(rows[0], []).append(seg)
+        self._segments_built += 1
         return seg, source
 
     def _fill_segment(self, seg: Segment, slot: int, source: int) -> None:

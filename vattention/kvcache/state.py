@@ -48,6 +48,7 @@ class CacheState:
     _segments: dict[tuple[int, ...], list[Segment]]  # first row -> segments starting with it
     _seg_of: list[Segment | None]
     _seg_pages: list[int]
+    _segments_built: int
     _map_calls: int
     _unmap_calls: int
     _access_calls: int

@@ -47,6 +47,7 @@ class KVCacheStats:
     # Prefix segments (`segments.py`): copies of hot prefixes in one allocation per buffer,
     # physical memory beyond `created_bytes` (within the budget)
     segment_bytes: int = 0
+    segments_built: int = 0  # since the cache was made
 
     @property
     def internal_fragmentation(self) -> float:

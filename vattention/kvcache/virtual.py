@@ -151,6 +151,7 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
         self._segments: dict[tuple[int, ...], list[Segment]] = {}  # see segments.py
+        self._segments_built = 0
         self._seg_of: list[Segment | None] = [None] * n  # the segment a slot maps, if any
         self._seg_pages = [0] * n  # its leading pages mapped through that segment
         self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
