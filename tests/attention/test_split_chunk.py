@@ -55,6 +55,43 @@ def test_merge_of_any_key_partition_is_full_attention(cut: int, seed: int) -> No
     torch.testing.assert_close(torch.logaddexp(l1, l2), lse, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 130),
+    d=st.sampled_from([8, 24, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_one_pass_merge_writes_a_token_major_view(
+    n: int, d: int, dtype: torch.dtype, seed: int
+) -> None:
+    """The Triton merge (interpreted here) equals the torch algebra, rounded once, written
+    straight into the request's rows of a `[tokens, H, D]` output buffer, nothing else."""
+    from vattention.attention.lse_merge import merge_into
+
+    gen = torch.Generator().manual_seed(seed)
+    heads = 3
+    o1, o2 = (torch.randn(1, heads, n, d, generator=gen).to(dtype) for _ in range(2))
+    l1, l2 = (torch.randn(1, heads, n, generator=gen) * 4 for _ in range(2))
+    buf = torch.full((n + 5, heads, d), 7.0, dtype=dtype)
+    view = buf[2 : 2 + n].transpose(0, 1).unsqueeze(0)
+    assert merge_into(o1, l1, o2, l2, view) is view
+    w1 = torch.sigmoid(l1 - l2).unsqueeze(-1)
+    want = (o2.float() + (o1.float() - o2.float()) * w1).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(view, want, rtol=tol, atol=tol)
+    assert (buf[:2] == 7).all() and (buf[2 + n :] == 7).all()
+    torch.testing.assert_close(merge_lse(o1, l1, o2, l2), want, rtol=tol, atol=tol)  # torch
+
+
+def test_merge_rejects_a_view_without_unit_stride_rows() -> None:
+    from vattention.attention.lse_merge import merge_into
+
+    o = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="unit-stride D"):
+        merge_into(o, torch.zeros(1, 2, 4), o, torch.zeros(1, 2, 4), torch.zeros(1, 2, 8, 4).mT)
+
+
 def test_bad_shapes_are_rejected() -> None:
     q, k, v = _qkv(2, 1, 4, 4, 8, torch.float32, "cpu", 0)
     with pytest.raises(ValueError, match="0 < new tokens < keys"):

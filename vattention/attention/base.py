@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -224,6 +224,23 @@ class AttentionBackend(ABC):
         `max_seq_len`), never from its host lists, which a captured step fills with padding
         (`cuda_graphs.DecodeGraphs`). False unless a backend says otherwise."""
         return False
+
+    # `kv_write.write_rows` where it applies to this backend's tensors, else False (see
+    # `row_writer`); None until the first write
+    _row_writer: Callable[..., None] | bool | None = None
+
+    def row_writer(self, *tensors: torch.Tensor) -> Callable[..., None] | None:
+        """The one-launch K and V row writer (`kv_write`) if Triton runs on these tensors'
+        device and their rows are unit-stride, else None (the caller keeps torch's index ops).
+        Decided at the first write: a backend's K/V inputs and cache views keep their layout."""
+        if self._row_writer is None:
+            try:
+                from vattention.attention.kv_write import writer_for
+            except ImportError:  # no Triton
+                self._row_writer = False
+            else:
+                self._row_writer = writer_for(*tensors) or False
+        return self._row_writer or None
 
     def __init__(
         self,

@@ -137,7 +137,8 @@ class ContiguousBackend(AttentionBackend):
     def write_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> None:
-        """One vectorised index_put per tensor: `cache[token_slots, token_positions] = k`."""
+        """`cache[token_slots, token_positions] = k` (and v): one Triton launch for both
+        (`kv_write`) where it runs, else one vectorised index_put per tensor."""
         expected = (meta.num_tokens, self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(
@@ -145,6 +146,10 @@ class ContiguousBackend(AttentionBackend):
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
         k_cache, v_cache = self.layer_kv(layer)
+        write = self.row_writer(k, v, k_cache, v_cache)
+        if write:
+            write(k, v, k_cache, v_cache, meta.token_slots, meta.token_positions)
+            return
         index = (meta.token_slots, meta.token_positions)
         k_cache.index_put_(index, k.to(k_cache.dtype))
         v_cache.index_put_(index, v.to(v_cache.dtype))

@@ -125,7 +125,12 @@ class PagedBackend(AttentionBackend):
         mapping = meta.slot_mapping
         if mapping is None:
             raise ValueError(f"{self.name} needs metadata built with block_tables (slot_mapping)")
-        for pool, new in zip(self.layer_kv(layer), (k, v), strict=True):
+        k_pool, v_pool = self.layer_kv(layer)
+        write = self.row_writer(k, v, k_pool, v_pool)
+        if write:  # one launch for both (the kernel the contiguous side uses)
+            write(k, v, k_pool, v_pool, mapping, block_size=self.block_size)
+            return
+        for pool, new in zip((k_pool, v_pool), (k, v), strict=True):
             new = new.to(pool.dtype)
             if pool.is_contiguous():
                 pool.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, mapping, new)

@@ -82,11 +82,12 @@ def sdpa_requests(
     requests: Iterable[int],
     scale: float,
     out: torch.Tensor,
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+    attend: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """Fill `out`'s rows of each request in `requests`: one call over its slot view
     (`[1, H, n, D]` queries, `[1, Hkv, seq_len, D]` keys and values): `sdpa_causal`, or
-    `attend(q, k, v, scale)` when given."""
+    `attend(q, k, v, scale, o)` when given, which writes `o` (the request's rows of `out` as a
+    `[1, H, n, D]` view)."""
     for i in requests:
         slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
         a, b = starts[i], starts[i + 1]
@@ -95,9 +96,9 @@ def sdpa_requests(
         vi = v_cache[slot : slot + 1, :seq_len].transpose(1, 2)
         if attend is None:
             o = sdpa_causal(qi, ki, vi, scale, seq_len - (b - a))
+            out[a:b] = o.squeeze(0).transpose(0, 1)
         else:
-            o = attend(qi, ki, vi, scale)
-        out[a:b] = o.squeeze(0).transpose(0, 1)
+            attend(qi, ki, vi, scale, out[a:b].transpose(0, 1).unsqueeze(0))
 
 
 @register_backend

@@ -54,28 +54,53 @@ def attend_lse(
     return _attend_lse_reference(q, k, v, scale, causal)
 
 
+def _fused_merge_usable(t: torch.Tensor) -> bool:
+    """On CUDA with Triton (tests call `lse_merge` directly under the CPU interpreter)."""
+    if not t.is_cuda or t.stride(-1) != 1:
+        return False
+    from vattention.attention.triton_decode import triton_usable
+
+    return triton_usable(t.device) is None
+
+
 def merge_lse(
-    o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
+    o1: torch.Tensor,
+    l1: torch.Tensor,
+    o2: torch.Tensor,
+    l2: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax-exact merge of two partial attentions over disjoint key sets (`[B, H, n, D]`
-    outputs, `[B, H, n]` log-sum-exps), in the outputs' dtype."""
+    outputs, `[B, H, n]` log-sum-exps), in the outputs' dtype, written into `out` when given
+    (any `[B, H, n, D]` view). On CUDA one Triton pass (`lse_merge`); else in torch."""
+    if out is None:
+        out = torch.empty_like(o1)
+    if all(_fused_merge_usable(t) for t in (o1, o2, out)):
+        from vattention.attention.lse_merge import merge_into
+
+        return merge_into(o1, l1.float(), o2, l2.float(), out)
     # w1 + w2 = 1, so out = o2 + (o1 - o2) * w1: one float32 buffer of the output's size.
     w1 = torch.exp(l1 - torch.logaddexp(l1, l2)).unsqueeze(-1)
-    return o1.float().sub_(o2).mul_(w1).add_(o2).to(o1.dtype)
+    return out.copy_(o1.float().sub_(o2).mul_(w1).add_(o2))
 
 
 def split_chunk_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`q [B, H, n, D]` at positions `[S - n, S)` over `k, v [B, Hkv, S, D]`, bottom-right
-    causal, as a context call plus a causal call merged by LSE. Needs `0 < n < S`."""
+    causal, as a context call plus a causal call merged by LSE (into `out` when given: a
+    `[B, H, n, D]` view, e.g. of the step's output rows). Needs `0 < n < S`."""
     n, s = q.shape[2], k.shape[2]
     if not 0 < n < s:
         raise ValueError(f"a chunk needs 0 < new tokens < keys, got {n} and {s}")
     c = s - n
     o1, l1 = attend_lse(q, k[:, :, :c], v[:, :, :c], scale, causal=False)
     o2, l2 = attend_lse(q, k[:, :, c:], v[:, :, c:], scale, causal=True)
-    return merge_lse(o1, l1, o2, l2)
+    return merge_lse(o1, l1, o2, l2, out)
 
 
 @functools.lru_cache(maxsize=8)
