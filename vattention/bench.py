@@ -131,7 +131,7 @@ def run_bench(
         }
     finally:
         engine.close()
-    result["summary"] = (
+    summary = (
         f"{config.model} ({config.kv_cache}), {trace_kind} trace: {len(trace)} requests, "
         f"{prompt_tokens} prompt + {generated} output tokens in {seconds:.2f} s: "
         f"{result['output_tok_per_s']:.1f} output tok/s, {result['total_tok_per_s']:.1f} total "
@@ -139,7 +139,8 @@ def run_bench(
         f"{result['prefix_hit_tokens']} prompt tokens from the prefix cache"
     )
     if result["prefix_segments_built"] is not None:
-        result["summary"] += f", {result['prefix_segments_built']} prefix segments built"
+        summary += f", {result['prefix_segments_built']} prefix segments built"
+    result["summary"] = summary
     del progress  # the run is a single timed loop; nothing to report while it runs
     return result
 

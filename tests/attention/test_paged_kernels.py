@@ -8,7 +8,7 @@ import torch
 from reference import DenseKVCache, random_requests, reference_attention
 
 from vattention.attention import AttentionMetadata, create_backend
-from vattention.attention.paged_decode_kernels import default_partition_size
+from vattention.attention.decode_kernels import default_partition_size
 from vattention.attention.prefill_kernels import prefill_tiles
 from vattention.kvcache.paged import PagedKVCache
 from vattention.kvcache.spec import KVCacheSpec

@@ -120,15 +120,15 @@ class AutoBackend(ContiguousBackend):
         if meta.is_decode_only:
             return self._decode.attend(layer, q, meta)
         if self._tiles_config is None or self.prefill != "triton":
-            plan = self._plan(meta, "mixed", lambda: plan_mixed(meta, None))
+            plan = self.plan(meta, "mixed", lambda: plan_mixed(meta, None))
             return self._attend_planned(layer, q, meta, plan, triton_prefill=False)
         block_m = self._tiles_config[0]
 
         def tiled_plan() -> MixedPlan:  # the prefill rows cuDNN does not take, as tiles
-            _, _, rest = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
+            _, _, rest = self.plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
             return plan_mixed(meta, block_m, tiled=rest)
 
-        plan = self._plan(meta, "mixed", tiled_plan)
+        plan = self.plan(meta, "mixed", tiled_plan)
         return self._attend_planned(layer, q, meta, plan, triton_prefill=True)
 
     def _attend_planned(
@@ -143,7 +143,7 @@ class AutoBackend(ContiguousBackend):
         out = torch.empty_like(q)
         if triton_prefill:
             if meta.mixed is None:  # eager: long prompts and chunks through cuDNN
-                fresh, chunks, _ = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
+                fresh, chunks, _ = self.plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
                 self._cudnn_prefill(q, k_cache, v_cache, meta, fresh, chunks, out)
             if plan.tile_req is not None and plan.tile_row is not None:
                 self._triton_prefill(q, k_cache, v_cache, meta, plan, out)
@@ -192,7 +192,7 @@ class AutoBackend(ContiguousBackend):
     ) -> None:
         """Long fresh prompts: one cuDNN call each; long chunks: two (`split_chunk`); all other
         prefill rows: one FA2 launch (`prefill="sdpa"`: one SDPA call each)."""
-        fresh, chunks, rest = self._plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
+        fresh, chunks, rest = self.plan(meta, "cudnn_split", lambda: self._cudnn_split(meta))
         self._cudnn_prefill(q, k_cache, v_cache, meta, fresh, chunks, out)
         if not rest:
             return
@@ -236,7 +236,7 @@ class AutoBackend(ContiguousBackend):
                 sdpa_requests(q, k_cache, v_cache, meta, self.starts(meta), varlen, self.scale, out)
             return
         rows_per_slot, total = k_flat[1], k_flat[0].shape[0]
-        sub = self._plan(meta, ("varlen", rows_per_slot), lambda: self._varlen_subset(
+        sub = self.plan(meta, ("varlen", rows_per_slot), lambda: self._varlen_subset(
             meta, varlen, rows_per_slot, total))  # fmt: skip
         rows, cu_q, seq_used, cu_k, max_q, max_k = sub
         out[rows] = flash_varlen(

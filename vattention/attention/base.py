@@ -18,10 +18,12 @@ import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
+
+T = TypeVar("T")
 
 
 class KVCacheView(Protocol):
@@ -240,7 +242,7 @@ class AttentionBackend(ABC):
                 self._row_writer = False
             else:
                 self._row_writer = writer_for(*tensors) or False
-        return self._row_writer or None
+        return self._row_writer if callable(self._row_writer) else None
 
     def __init__(
         self,
@@ -259,6 +261,62 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
+        self.device = torch.device("cpu")  # subclasses set the cache's device and dtype
+        self.dtype = torch.float32
+        self._plan_meta: AttentionMetadata | None = None
+        self._plan_capturing = False
+        self._plans: dict[Any, Any] = {}
+
+    # -- helpers shared by the contiguous and paged sides ------------------------------------
+    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k_cache(layer), self.cache.v_cache(layer)
+
+    def plan(self, meta: AttentionMetadata, key: Any, build: Callable[[], T]) -> T:
+        """`build()` once per (step metadata object, key); later layers reuse the value.
+
+        A CUDA-graph capture rebuilds it once even for a metadata object seen in the warm-up,
+        so that device work done by `build` (e.g. offsets from `meta.slots`) is recorded in
+        the graph and redone at every replay, not frozen at the warm-up's values."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if meta is not self._plan_meta or capturing != self._plan_capturing:
+            self._plan_meta = meta
+            self._plan_capturing = capturing
+            self._plans = {}
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]  # type: ignore[no-any-return]
+
+    def query_starts(self, meta: AttentionMetadata) -> list[int]:
+        """Host copy of `meta.query_start_loc` (built once per step)."""
+
+        def build() -> list[int]:
+            starts = [0]
+            for n in meta.query_lens_host:
+                starts.append(starts[-1] + n)
+            return starts
+
+        return self.plan(meta, "query_starts", build)
+
+    def check_q_common(self, q: torch.Tensor, meta: AttentionMetadata) -> None:
+        """q's shape `[tokens, heads, head_dim]`, dtype and device against this backend."""
+        expected = (meta.num_tokens, self.num_heads, self.head_dim)
+        if tuple(q.shape) != expected:
+            raise ValueError(
+                f"q must be [tokens, heads, head_dim] = {expected}, got {tuple(q.shape)}"
+            )
+        if q.dtype != self.dtype:
+            raise TypeError(f"q dtype {q.dtype} differs from the cache dtype {self.dtype}")
+        if q.device != self.device:
+            raise ValueError(f"q is on {q.device} but the cache is on {self.device}")
+
+    def check_new_kv(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The new K and V rows must be `[tokens, kv_heads, head_dim]`."""
+        expected = (meta.num_tokens, self.num_kv_heads, self.head_dim)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(
+                f"k and v must be [tokens, kv_heads, head_dim] = {expected}, "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
 
     @abstractmethod
     def write_kv(

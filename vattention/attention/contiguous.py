@@ -11,7 +11,6 @@ new tokens' rows are written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -47,14 +46,6 @@ def uniform_batch(meta: AttentionMetadata) -> Uniform | None:
     return Uniform(first, len(slots), s_lens[0] - q_lens[0], q_lens[0])
 
 
-def query_starts(meta: AttentionMetadata) -> list[int]:
-    """Host copy of `meta.query_start_loc`."""
-    starts = [0]
-    for n in meta.query_lens_host:
-        starts.append(starts[-1] + n)
-    return starts
-
-
 def check_cache_tensor(t: torch.Tensor, what: str) -> None:
     """A per-layer cache view must be 4-D with a contiguous last dimension."""
     if t.dim() != 4:
@@ -68,7 +59,7 @@ def check_cache_tensor(t: torch.Tensor, what: str) -> None:
 class ContiguousBackend(AttentionBackend):
     """Base of the contiguous backends: in-place K/V writes and per-step plan caching.
 
-    `_plan(meta, key, build)` memoises values derived from one step's metadata (device index
+    `plan(meta, key, build)` (`AttentionBackend`) memoises values derived from one step's metadata (device index
     tensors, block masks) so that they are built once per step, not once per layer.
     """
 
@@ -91,24 +82,10 @@ class ContiguousBackend(AttentionBackend):
         self.device = k.device
         self.dtype = k.dtype
         self.max_seq_len = k.shape[1]
-        self._plan_meta: AttentionMetadata | None = None
-        self._plan_capturing = False
-        self._plans: dict[Any, Any] = {}
 
     # -- shared helpers -----------------------------------------------------------------------
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.k_cache(layer), self.cache.v_cache(layer)
-
     def check_q(self, q: torch.Tensor, meta: AttentionMetadata) -> None:
-        expected = (meta.num_tokens, self.num_heads, self.head_dim)
-        if tuple(q.shape) != expected:
-            raise ValueError(
-                f"q must be [tokens, heads, head_dim] = {expected}, got {tuple(q.shape)}"
-            )
-        if q.dtype != self.dtype:
-            raise TypeError(f"q dtype {q.dtype} differs from the cache dtype {self.dtype}")
-        if q.device != self.device:
-            raise ValueError(f"q is on {q.device} but the cache is on {self.device}")
+        self.check_q_common(q, meta)
         if meta.max_seq_len > self.max_seq_len:
             raise ValueError(
                 f"a request needs {meta.max_seq_len} tokens > max_seq_len {self.max_seq_len}"
@@ -116,22 +93,7 @@ class ContiguousBackend(AttentionBackend):
 
     def starts(self, meta: AttentionMetadata) -> list[int]:
         """Host copy of `meta.query_start_loc` (built once per step)."""
-        return self._plan(meta, "query_starts", lambda: query_starts(meta))  # type: ignore[no-any-return]
-
-    def _plan(self, meta: AttentionMetadata, key: Any, build: Any) -> Any:
-        """`build()` once per (step metadata object, key); later layers get the cached value.
-
-        A CUDA-graph capture rebuilds it once even for a metadata object seen in the warm-up,
-        so that device work done by `build` (e.g. offsets from `meta.slots`) is recorded in
-        the graph and redone at every replay, not frozen at the warm-up's values."""
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if meta is not self._plan_meta or capturing != self._plan_capturing:
-            self._plan_meta = meta
-            self._plan_capturing = capturing
-            self._plans = {}
-        if key not in self._plans:
-            self._plans[key] = build()
-        return self._plans[key]
+        return self.query_starts(meta)
 
     # -- AttentionBackend ---------------------------------------------------------------------
     def write_kv(
@@ -139,12 +101,7 @@ class ContiguousBackend(AttentionBackend):
     ) -> None:
         """`cache[token_slots, token_positions] = k` (and v): one Triton launch for both
         (`kv_write`) where it runs, else one vectorised index_put per tensor."""
-        expected = (meta.num_tokens, self.num_kv_heads, self.head_dim)
-        if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise ValueError(
-                f"k and v must be [tokens, kv_heads, head_dim] = {expected}, "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
+        self.check_new_kv(k, v, meta)
         k_cache, v_cache = self.layer_kv(layer)
         write = self.row_writer(k, v, k_cache, v_cache)
         if write:

@@ -116,7 +116,7 @@ class FlashVarlenBackend(ContiguousBackend):
         if k_flat is None or v_flat is None or k_flat[1] != v_flat[1]:
             return self._attend_per_request(q, k_cache, v_cache, meta)
         rows_per_slot, total = k_flat[1], k_flat[0].shape[0]
-        cum_seq_k = self._plan(
+        cum_seq_k = self.plan(
             meta,
             ("cum_seq_k", rows_per_slot),
             lambda: slot_offsets(meta.slots, rows_per_slot, total),
@@ -138,7 +138,7 @@ class FlashVarlenBackend(ContiguousBackend):
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         starts = self.starts(meta)
-        offsets = self._plan(meta, "per_request_offsets", lambda: per_request_offsets(meta))
+        offsets = self.plan(meta, "per_request_offsets", lambda: per_request_offsets(meta))
         for i in range(meta.num_seqs):
             slot, seq_len = meta.slots_host[i], meta.seq_lens_host[i]
             a, b = starts[i], starts[i + 1]

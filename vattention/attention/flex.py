@@ -122,7 +122,7 @@ class FlexBackend(ContiguousBackend):
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.check_q(q, meta)
         k_cache, v_cache = self.layer_kv(layer)
-        u = self._plan(meta, "uniform", lambda: uniform_batch(meta))
+        u = self.plan(meta, "uniform", lambda: uniform_batch(meta))
         if u is not None:
             rows = slice(u.first_slot, u.first_slot + u.num_seqs)
             qb = q.view(u.num_seqs, u.query_len, self.num_heads, self.head_dim)
@@ -149,7 +149,7 @@ class FlexBackend(ContiguousBackend):
         n, seq_len = q.shape[1], k.shape[1]
         mask = None
         if n > 1:
-            mask = self._plan(
+            mask = self.plan(
                 meta,
                 ("mask", n, seq_len),
                 lambda: causal_block_mask(n, seq_len, self._mask_mod, q.device),

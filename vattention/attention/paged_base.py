@@ -12,14 +12,9 @@ reads as context), because its compiled kernel multiplies them by zero weights (
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
-
 import torch
 
 from vattention.attention.base import AttentionBackend, AttentionMetadata, KVCacheView
-
-T = TypeVar("T")
 
 
 def check_pool(pool: torch.Tensor, num_kv_heads: int, head_dim: int, what: str) -> None:
@@ -53,39 +48,11 @@ class PagedBackend(AttentionBackend):
         self.num_blocks = int(pool.shape[0])
         self.device = pool.device
         self.dtype = pool.dtype
-        self._plan_meta: AttentionMetadata | None = None
-        self._plan_capturing = False
-        self._plans: dict[Any, Any] = {}
 
     # -- shared helpers -----------------------------------------------------------------------
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.k_cache(layer), self.cache.v_cache(layer)
-
-    def plan(self, meta: AttentionMetadata, key: Any, build: Callable[[], T]) -> T:
-        """`build()` once per (step metadata object, key); later layers reuse the value.
-
-        A CUDA-graph capture rebuilds it once even for a metadata object seen in the warm-up,
-        so that device work done by `build` is recorded in the graph and redone at replay."""
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if meta is not self._plan_meta or capturing != self._plan_capturing:
-            self._plan_meta = meta
-            self._plan_capturing = capturing
-            self._plans = {}
-        if key not in self._plans:
-            self._plans[key] = build()
-        return self._plans[key]  # type: ignore[no-any-return]
-
     def check_step(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Validate q and the paged metadata; returns `meta.block_tables`."""
-        expected = (meta.num_tokens, self.num_heads, self.head_dim)
-        if tuple(q.shape) != expected:
-            raise ValueError(
-                f"q must be [tokens, heads, head_dim] = {expected}, got {tuple(q.shape)}"
-            )
-        if q.dtype != self.dtype:
-            raise TypeError(f"q dtype {q.dtype} differs from the cache dtype {self.dtype}")
-        if q.device != self.device:
-            raise ValueError(f"q is on {q.device} but the cache is on {self.device}")
+        self.check_q_common(q, meta)
         tables = meta.block_tables
         if tables is None or meta.block_size != self.block_size:
             raise ValueError(
@@ -100,28 +67,12 @@ class PagedBackend(AttentionBackend):
             )
         return tables
 
-    def query_starts(self, meta: AttentionMetadata) -> list[int]:
-        """Host copy of `meta.query_start_loc` (built once per step)."""
-
-        def build() -> list[int]:
-            starts = [0]
-            for n in meta.query_lens_host:
-                starts.append(starts[-1] + n)
-            return starts
-
-        return self.plan(meta, "query_starts", build)
-
     # -- AttentionBackend ---------------------------------------------------------------------
     def write_kv(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> None:
         """Scatter the new tokens to `pool[slot_mapping // bs, slot_mapping % bs]`."""
-        expected = (meta.num_tokens, self.num_kv_heads, self.head_dim)
-        if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise ValueError(
-                f"k and v must be [tokens, kv_heads, head_dim] = {expected}, "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
+        self.check_new_kv(k, v, meta)
         mapping = meta.slot_mapping
         if mapping is None:
             raise ValueError(f"{self.name} needs metadata built with block_tables (slot_mapping)")

@@ -1,6 +1,7 @@
 """`paged_triton`: the PagedAttention baseline's Triton kernels as an attention backend.
 
-- decode rows (one new token) go to `paged_decode_kernels.paged_decode` in one launch;
+- decode rows (one new token) go to the split-K decode kernel written for both caches
+  (`decode_kernels.decode_attention`) in its block-table mode, in one launch;
 - prefill rows (fresh prompts and chunks continuing a cached context) go to the causal prefill
   kernel written for both caches (`prefill_kernels.prefill_attention`) in its block-table mode,
   in one launch, reading every key through the tables;
@@ -104,12 +105,13 @@ class PagedTritonBackend(PagedBackend):
         seq_lens: torch.Tensor,
         max_len: int,
     ) -> torch.Tensor:
-        from vattention.attention.paged_decode_kernels import paged_decode
+        from vattention.attention.decode_kernels import decode_attention
 
-        return paged_decode(
-            q, k_pool, v_pool, tables, seq_lens, self.scale, max_len,
-            partition_size=self.partition_size, block_n=self.decode_block_n,
-            num_warps=self.decode_num_warps, num_stages=self.decode_num_stages,
+        return decode_attention(
+            q, k_pool, v_pool, seq_lens, seq_lens, self.scale, max_len,
+            block_n=self.decode_block_n, num_warps=self.decode_num_warps,
+            num_stages=self.decode_num_stages, block_tables=tables,
+            partition_size=self.partition_size,
         )  # fmt: skip
 
     def _mixed_plan(self, meta: AttentionMetadata, tables: torch.Tensor) -> _MixedPlan:

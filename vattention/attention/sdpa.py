@@ -110,7 +110,7 @@ class SDPABackend(ContiguousBackend):
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.check_q(q, meta)
         k_cache, v_cache = self.layer_kv(layer)
-        uniform = self._plan(meta, "uniform", lambda: uniform_batch(meta))
+        uniform = self.plan(meta, "uniform", lambda: uniform_batch(meta))
         with prefer_cudnn(q.is_cuda and meta.max_query_len > 1):
             if uniform is not None:
                 return self._attend_uniform(q, k_cache, v_cache, uniform)

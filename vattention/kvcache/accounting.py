@@ -89,10 +89,10 @@ class CacheAccounting(CacheState):
                 if not self._used[s] and self._lengths[s]:
                     problems.append(f"free slot {s} has live tokens")
             segs = [g for gs in self._segments.values() for g in gs]
-            for g in segs:
-                if any(not self._table.holds(row[0]) for row in g.rows):
+            for seg in segs:
+                if any(not self._table.holds(row[0]) for row in seg.rows):
                     problems.append("a prefix segment holds a row the table dropped")
-                if g.users != sum(x is g for x in self._seg_of):
+                if seg.users != sum(x is seg for x in self._seg_of):
                     problems.append("a prefix segment's user count is off")
             for s in range(self.spec.max_slots):
                 g, n = self._seg_of[s], self._seg_pages[s]
