@@ -12,6 +12,7 @@ of the timed steps (each step ends in a device synchronize, as an engine's sampl
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -206,6 +207,13 @@ class Workload:
         ]
         self.x = torch.randn(self.batch, h, generator=g, device=self.device, dtype=self.dtype)
 
+    def with_rows(self, rows: int) -> Workload:
+        """The same weights over `rows` new tokens (a prefill-shaped step)."""
+        other = copy.copy(self)
+        other.batch = rows
+        other.x = torch.randn(rows, self.hidden, device=self.device, dtype=self.dtype)
+        return other
+
     def run(self, cache: VirtualKVCache, slots: torch.Tensor, positions: torch.Tensor) -> None:
         x = self.x
         spec = cache.spec
@@ -231,11 +239,15 @@ def step_times(
     graph: bool = False,
     churn_pages: int = 0,
     churn_kind: str = "all",
+    slots_n: int | None = None,
 ) -> dict[str, float]:
     """Mean step time for one mapping mode over `steps` timed steps.
 
     With `graph`, the step's kernels are one CUDA-graph replay (as the engine's decode runs),
-    which is valid across steps because the cache's addresses never move."""
+    which is valid across steps because the cache's addresses never move. By default each of
+    `work.batch` slots gets one row a step (its newest token: a decode step); with `slots_n`,
+    `slots_n` slots get `tokens_per_step` rows each (all their new tokens: a prefill chunk),
+    so `work.batch` must be `slots_n * tokens_per_step`."""
     gen = torch.Generator().manual_seed(1)
     # "async_bursts": the look-ahead tops up only once some slot has < 64 tokens of it left,
     # in larger, rarer bursts, instead of whenever any slot lacks it (the default, "async").
@@ -253,9 +265,12 @@ def step_times(
         **bursts,  # type: ignore[arg-type]
     ) as cache:
         tpp = int(cache.layout.tokens_per_page)
-        slots = [cache.alloc_slot() for _ in range(work.batch)]
+        per_slot = 1 if slots_n is None else tokens_per_step  # rows a slot writes a step
+        if (slots_n or work.batch) * per_slot != work.batch:
+            raise ValueError(f"{work.batch} rows are not {slots_n} slots x {per_slot} tokens")
+        slots = [cache.alloc_slot() for _ in range(slots_n or work.batch)]
         # Stagger lengths so slots cross page boundaries on different steps.
-        start = [int(x) for x in torch.randint(tpp, 4 * tpp, (work.batch,), generator=gen)]
+        start = [int(x) for x in torch.randint(tpp, 4 * tpp, (len(slots),), generator=gen)]
         total = warmup + steps + 1
         if mode in ("premapped", "churn"):
             cache.step(
@@ -266,8 +281,12 @@ def step_times(
             )
         else:
             cache.step({s: start[i] for i, s in enumerate(slots)})
-        slot_t = torch.tensor(slots, device=device)
-        pos_t = torch.tensor([n + tokens_per_step - 1 for n in start], device=device)
+
+        def rows_at(lengths: list[int]) -> list[int]:  # positions of a step's rows
+            return [n + tokens_per_step - per_slot + j for n in lengths for j in range(per_slot)]
+
+        slot_t = torch.tensor([s for s in slots for _ in range(per_slot)], device=device)
+        pos_t = torch.tensor(rows_at(start), device=device)
         replay = None
         if graph:
             cache.step({s: start[i] + tokens_per_step for i, s in enumerate(slots)})
@@ -280,7 +299,7 @@ def step_times(
             with torch.cuda.graph(g):
                 work.run(cache, slot_t, pos_t)
             replay = g.replay
-            pos_host = torch.empty(len(slots), dtype=torch.int64, pin_memory=True)
+            pos_host = torch.empty(len(slot_t), dtype=torch.int64, pin_memory=True)
         sync = cache._backend.synchronize
         churn = None
         if mode == "churn":  # pre-mapped, plus unrelated map/grant/unmap work on a thread
@@ -324,7 +343,7 @@ def step_times(
                 cache.step({s: nxt[i] for i, s in enumerate(slots)})
             elif mode == "async":
                 cache.wait()  # pages for this step were mapped during the previous one
-            new_pos = [n + tokens_per_step - 1 for n in lengths]
+            new_pos = rows_at(lengths)
             if replay is not None:
                 pos_host.copy_(torch.tensor(new_pos))
                 pos_t.copy_(pos_host, non_blocking=True)
@@ -472,6 +491,43 @@ def main() -> None:
                     f"{r['inline']['mean_ms']:7.3f} ms ({row['inline_overhead']:+.2%}) | "
                     f"{row['map_calls_per_step']:.1f} map calls/step"
                 )
+    # The engine runs steps eagerly only above its mixed-graph token bucket (or when graphs are
+    # off): prefill-shaped steps, where the GPU, not the launching thread, sets the pace.
+    chunk, nslots = (16, 2) if quick else (128, 16)
+    pre_steps = min(steps, 60)
+    spec = KVCacheSpec(
+        num_layers=layers, num_kv_heads=heads, head_dim=dim, max_slots=nslots,
+        max_seq_len=(4096 if quick else 16384), dtype=dtype, page_size=page,
+        layout="cross_layer_kv",
+    )  # fmt: skip
+    pre_work = work.with_rows(nslots * chunk)
+    r = {
+        m: step_times(
+            spec, dev, m, pre_steps, 3 if quick else 10, chunk, pre_work, slots_n=nslots
+        )  # fmt: skip
+        for m in ("premapped", "sync", "async", "async_bursts", "inline")
+    }
+    base = r["premapped"]["mean_ms"]
+    row = {
+        "launch": f"eager, {nslots} x {chunk}-token chunks",
+        "layout": "cross_layer_kv",
+        "tokens_per_step": chunk,
+        **{f"{m}_ms": r[m]["mean_ms"] for m in r},
+        "sync_overhead": r["sync"]["mean_ms"] / base - 1,
+        "async_overhead": r["async"]["mean_ms"] / base - 1,
+        "async_bursts_overhead": r["async_bursts"]["mean_ms"] / base - 1,
+        "inline_overhead": r["inline"]["mean_ms"] / base - 1,
+        "map_calls_per_step": r["sync"]["map_calls_per_step"],
+        "detail": r,
+    }
+    rows.append(row)
+    print(
+        f"step time {row['launch']}: premapped {base:7.3f} ms | sync "
+        f"{r['sync']['mean_ms']:7.3f} ms ({row['sync_overhead']:+.2%}) | async "
+        f"{r['async']['mean_ms']:7.3f} ms ({row['async_overhead']:+.2%}) | inline after launch "
+        f"{r['inline']['mean_ms']:7.3f} ms ({row['inline_overhead']:+.2%}) | "
+        f"{row['map_calls_per_step']:.1f} map calls/step"
+    )
     results["step"] = rows
     if dev == "cuda":
         spec = KVCacheSpec(

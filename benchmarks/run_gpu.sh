@@ -48,7 +48,7 @@ for part in "$@"; do
     grep -E "copy|^decode [a-z0-9-]+ B=(1|64|256) |prefill" "$OUT/attention_$tag.log" | cut -c1-200
     ;;
   memory)
-    timeout ${MEM_TIMEOUT:-180} python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference|same pages"
+    timeout ${MEM_TIMEOUT:-240} python3 benchmarks/bench_memory.py --steps 100 --out "$OUT/memory" 2>&1 | grep -E "step time|interference|same pages"
     ;;
   throughput)
     timeout 230 python3 benchmarks/bench_throughput.py --out "$OUT/throughput" 2>&1 | tail -12

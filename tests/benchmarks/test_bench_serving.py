@@ -1,4 +1,4 @@
-"""The serving benchmarks run end to end on the CPU (`--quick`) and write their results."""
+"""The benchmarks run end to end on the CPU (`--quick`) and write their results."""
 
 from __future__ import annotations
 
@@ -83,3 +83,19 @@ def test_system_names_pick_cache_sharing_and_layout() -> None:
     for bad in ("vatt", "paged@cross_layer", "vattention+share", "paged+prefix-noseg"):
         with pytest.raises(ValueError, match="system"):
             parse_system(bad)
+
+
+def test_bench_memory_quick_times_decode_and_prefill_shaped_steps(tmp_path: Path) -> None:
+    """Every mapping mode is timed for decode steps and for prefill-shaped eager steps (the
+    steps the engine runs without a graph), each of which maps new pages."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--quick",
+           "--out", str(tmp_path)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads((tmp_path / "results.json").read_text())["step"]
+    prefill = [r for r in rows if "chunks" in r["launch"]]
+    assert len(prefill) == 1 and len(rows) > 1
+    for r in rows:
+        for mode in ("premapped", "sync", "async", "async_bursts", "inline"):
+            assert r[f"{mode}_ms"] > 0
+        assert r["map_calls_per_step"] > 0
+    assert "chunks" in (tmp_path / "results.md").read_text()
