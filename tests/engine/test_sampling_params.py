@@ -54,6 +54,11 @@ def test_lists_become_tuples_and_params_are_frozen() -> None:
         ({"logprobs": -1}, ValueError, "logprobs must be >= 0"),
         ({"logprobs": 1.0}, TypeError, "logprobs must be an int"),
         ({"skip_special_tokens": None}, TypeError, "skip_special_tokens must be a bool"),
+        ({"presence_penalty": 2.5}, ValueError, r"presence_penalty must be in \[-2, 2\]"),
+        ({"frequency_penalty": -3}, ValueError, r"frequency_penalty must be in \[-2, 2\]"),
+        ({"frequency_penalty": "1"}, TypeError, "frequency_penalty must be a number"),
+        ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": float("inf")}, ValueError, "repetition_penalty must be finite"),
     ],
 )
 def test_bad_values_name_the_problem(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -64,3 +69,6 @@ def test_bad_values_name_the_problem(kwargs: dict, error: type[Exception], match
 def test_edge_values_are_accepted() -> None:
     SamplingParams(temperature=0, top_k=0, top_p=1.0, min_p=1.0, max_tokens=None, logprobs=0)
     SamplingParams(top_k=1, top_p=1e-6, seed=0, stop_token_ids=None, stop=None)
+    p = SamplingParams(presence_penalty=-2, frequency_penalty=2, repetition_penalty=0.5)
+    assert p.needs_penalties and p.penalty_factors == (0.5, 2.0, -2.0)
+    assert not SamplingParams().needs_penalties

@@ -99,6 +99,22 @@ def test_completions_equal_llm_generate(client: openai.OpenAI, llm: LLM) -> None
     assert one.choices[0].text == want[0].text
 
 
+def test_penalties_reach_the_sampler(client: openai.OpenAI, llm: LLM) -> None:
+    """OpenAI's presence/frequency penalties and vLLM's repetition_penalty give what
+    `LLM.generate` gives with the same SamplingParams."""
+    pen = dict(presence_penalty=0.5, frequency_penalty=1.5)
+    (ref,) = reference(llm, [PROMPTS[0]], **pen, repetition_penalty=1.2)
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
+                                  **pen, extra_body={"repetition_penalty": 1.2})  # fmt: skip
+    assert r.choices[0].text == ref.text
+    assert ref.token_ids != reference(llm, [PROMPTS[0]])[0].token_ids  # the penalties mattered
+    chat = [{"role": "user", "content": PROMPTS[1]}]
+    (cref,) = reference(llm, [chat_ids(llm, chat)], **pen)
+    c = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=NEW,  # type: ignore[arg-type]
+                                       temperature=0, **pen)  # fmt: skip
+    assert c.choices[0].message.content == cref.text
+
+
 def test_completions_stream(client: openai.OpenAI, llm: LLM) -> None:
     want = reference(llm, PROMPTS)
     for prompt, ref in zip(PROMPTS, want, strict=True):

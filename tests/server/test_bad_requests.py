@@ -115,9 +115,9 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
         400,
         "stream_options",
     ),  # fmt: skip
-    ("presence-penalty", "POST", C, cmpl(presence_penalty=0.5), None, 400, "presence_penalty"),
-    ("frequency-penalty", "POST", C, cmpl(frequency_penalty=1), None, 400, "frequency_penalty"),
     ("penalty-out-of-range", "POST", C, cmpl(presence_penalty=3), None, 400, "presence_penalty"),
+    ("frequency-below", "POST", C, cmpl(frequency_penalty=-2.5), None, 400, "frequency_penalty"),
+    ("repetition-zero", "POST", C, cmpl(repetition_penalty=0), None, 400, "repetition_penalty"),
     ("logit-bias", "POST", C, cmpl(logit_bias={"5": 10}), None, 400, "logit_bias"),
     ("echo", "POST", C, cmpl(echo=True), None, 400, "echo"),
     ("ignore-eos-string", "POST", C, cmpl(ignore_eos="no"), None, 400, "ignore_eos"),

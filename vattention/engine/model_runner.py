@@ -130,6 +130,7 @@ class ModelRunner:
         emulate_graphs: bool = False,
     ) -> None:
         self.model = model
+        self.vocab_size = int(model.config.vocab_size)  # the logits' width (penalties)
         self.cache = cache
         self.attn = attn
         self.sampler = sampler
@@ -237,7 +238,7 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             result = StepResult(out, SamplerOutput(empty, None))
         else:
-            smeta = SamplingMetadata.for_requests(requests, self.device)
+            smeta = SamplingMetadata.for_requests(requests, self.device, self.vocab_size)
             result = StepResult(out, self.sampler(logits, smeta))
         # The step's kernels are queued: map the next step's pages while they run (inline, or
         # on the cache's thread). Started after the launch so that it never delays it.

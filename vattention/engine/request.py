@@ -35,6 +35,7 @@ import torch
 
 from vattention.engine.detokenizer import IncrementalDetokenizer
 from vattention.engine.logprobs import TokenLogprobs
+from vattention.engine.penalties import PenaltyState
 from vattention.engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # the id of a token not sampled yet (never fed to a model: see ModelRunner)
@@ -117,6 +118,7 @@ class Request:
             (self.eos_token_ids and not params.ignore_eos) or params.stop_token_ids or params.stop
         )
         self._generator: torch.Generator | None = None
+        self._penalties: PenaltyState | None = None  # made at its first sampling
         # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash
         # chain, built as needed) and how many of its slot's leading pages are published.
         self.block_keys: list[int] = []
@@ -210,6 +212,15 @@ class Request:
                 f"asked for {device}"
             )
         return self._generator
+
+    def penalty_state(self, vocab: int, device: torch.device | str) -> PenaltyState:
+        """This request's token counts for penalties (made on first use from its prompt and
+        the outputs the host knows then; from then on kept up to date on the device)."""
+        if self._penalties is None:
+            self._penalties = PenaltyState(
+                self.prompt_token_ids, self.output_token_ids, vocab, device
+            )
+        return self._penalties
 
 
 def _id_set(ids: int | Sequence[int] | None) -> frozenset[int]:

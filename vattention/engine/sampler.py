@@ -1,12 +1,13 @@
 """The sampler: batched token choice from float32 logits `[B, vocab]`, on the logits' device.
 
 Pipeline per row (vectorised over the batch; only seeded rows cost a Python step each):
-temperature -> top-k -> top-p -> min-p -> sample by exponential race
-(`argmax(probs / q)` with `q ~ Exp(1)`, which draws from `probs` exactly).
+penalties (only rows asking for them, `penalties.py`) -> temperature -> top-k -> top-p ->
+min-p -> sample by exponential race (`argmax(probs / q)` with `q ~ Exp(1)`, which draws from
+`probs` exactly).
 
 Invariants:
-- greedy rows (temperature 0) get the exact `argmax` of their raw logits, whatever the rest of
-  the batch is doing;
+- greedy rows (temperature 0) get the exact `argmax` of their raw logits (penalised, if they
+  ask for penalties), whatever the rest of the batch is doing;
 - a seeded row draws its noise from its own `torch.Generator` (one `[vocab]` draw per step), so
   its tokens depend only on its seed, its logits and how many tokens it has drawn before: not on
   batch size, row position or neighbours; unseeded rows share one generator;
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vattention.engine.logprobs import Logprobs
+from vattention.engine.penalties import PenaltyBatch, PenaltyState
 from vattention.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ class SamplingMetadata:
     min_p: torch.Tensor | None  # [B] float32; 0.0 = off
     generators: dict[int, torch.Generator]  # row -> its own generator (seeded, non-greedy rows)
     num_logprobs: int | None  # most top log-probabilities any row asked for; None = no row
+    penalties: PenaltyBatch | None = None  # rows with penalties; None = no row
 
     @classmethod
     def build(
@@ -59,14 +62,30 @@ class SamplingMetadata:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
         device: torch.device | str = "cpu",
+        penalty_states: Sequence[PenaltyState | None] | None = None,
     ) -> SamplingMetadata:
-        """Tensors for `params` (one per row); `generators[i]` is row i's own generator or None."""
+        """Tensors for `params` (one per row); `generators[i]` is row i's own generator or None;
+        `penalty_states[i]` row i's token counts, needed where its params ask for penalties."""
         if generators is not None and len(generators) != len(params):
             raise ValueError(f"got {len(generators)} generators for {len(params)} rows")
+        if penalty_states is not None and len(penalty_states) != len(params):
+            raise ValueError(f"got {len(penalty_states)} penalty states for {len(params)} rows")
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"params must be SamplingParams, got {type(p).__name__}")
         device = torch.device(device)
+        pen_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+        penalties = None
+        if pen_rows:
+            states = [None if penalty_states is None else penalty_states[i] for i in pen_rows]
+            if any(s is None for s in states):
+                raise ValueError("rows asking for penalties need their penalty states")
+            penalties = PenaltyBatch.build(
+                pen_rows,
+                [s for s in states if s is not None],
+                [params[i].penalty_factors for i in pen_rows],
+                device,
+            )
         greedy = [p.greedy for p in params]
         all_greedy = all(greedy)
         temps = [1.0 if p.greedy else float(p.temperature) for p in params]
@@ -98,13 +117,15 @@ class SamplingMetadata:
             min_p=to_dev([float(p.min_p) for p in params], torch.float32) if any_min_p else None,
             generators=gens,
             num_logprobs=max(wanted) if wanted else None,
+            penalties=penalties,
         )
 
     @classmethod
     def for_requests(
-        cls, requests: Sequence[Request], device: torch.device | str
+        cls, requests: Sequence[Request], device: torch.device | str, vocab_size: int = 0
     ) -> SamplingMetadata:
-        """Metadata for a step's sampling rows: each request's params and its own generator.
+        """Metadata for a step's sampling rows: each request's params, its own generator and
+        (for requests with penalties; `vocab_size` is the logits' width) its token counts.
 
         Runs every step: a batch of unseeded greedy rows (the common serving case) is detected
         in one pass and gets its (constant) tensors from a cache, with no per-row tensors built
@@ -113,7 +134,7 @@ class SamplingMetadata:
         wanted = -1  # most top log-probabilities asked for; -1: none
         for r in requests:
             p = r.params
-            if p.temperature >= GREEDY_TEMPERATURE or p.seed is not None:
+            if p.temperature >= GREEDY_TEMPERATURE or p.seed is not None or p.needs_penalties:
                 break
             if p.logprobs is not None and p.logprobs > wanted:
                 wanted = p.logprobs
@@ -133,7 +154,13 @@ class SamplingMetadata:
                     num_logprobs=None if wanted < 0 else wanted,
                 )
         gens = [r.generator(device) for r in requests]
-        return cls.build([r.params for r in requests], gens, device)
+        states: list[PenaltyState | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            if r.params.needs_penalties:
+                if vocab_size <= 0:
+                    raise ValueError("penalties need the vocabulary size (vocab_size)")
+                states[i] = r.penalty_state(vocab_size, device)
+        return cls.build([r.params for r in requests], gens, device, states)
 
 
 @functools.lru_cache(maxsize=256)
@@ -174,7 +201,8 @@ class Sampler:
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
         if meta.greedy.device != logits.device:
             raise ValueError(f"metadata is on {meta.greedy.device} but logits on {logits.device}")
-        logits = logits.float()
+        raw = logits.float()
+        logits = raw if meta.penalties is None else meta.penalties.apply(raw)
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             token_ids = greedy_ids
@@ -182,7 +210,9 @@ class Sampler:
             probs = self.probs(logits, meta)
             sampled = self._race(probs, meta)
             token_ids = torch.where(meta.greedy, greedy_ids, sampled)
-        logprobs = None if meta.num_logprobs is None else _logprobs(logits, token_ids, meta)
+        if meta.penalties is not None:
+            meta.penalties.record(token_ids)
+        logprobs = None if meta.num_logprobs is None else _logprobs(raw, token_ids, meta)
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
 
     def probs(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

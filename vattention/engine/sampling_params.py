@@ -6,7 +6,9 @@ Invariants: a `SamplingParams` is frozen and validated at construction, so every
 `max_tokens` is None (until the model's length limit) or positive; `stop_token_ids` and `stop`
 are tuples (lists are accepted and converted); `logprobs` is None (off) or the number of top
 alternatives returned with each sampled token's own log-probability (0 = the sampled one only);
-`stop` strings need `detokenize` (they are matched in the output text).
+`stop` strings need `detokenize` (they are matched in the output text);
+`-2 <= presence_penalty, frequency_penalty <= 2` (0 = off) and `repetition_penalty > 0`
+(1 = off).
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class SamplingParams:
     top_k: keep the k most likely tokens; -1 or 0 keeps all.
     top_p: keep the smallest set of most likely tokens whose probability reaches top_p.
     min_p: drop tokens whose probability is below min_p times the most likely one's.
+    presence_penalty: subtracted from the logit of every token already generated (OpenAI's).
+    frequency_penalty: subtracted once per time a token was already generated (OpenAI's).
+    repetition_penalty: divides positive (multiplies negative) logits of tokens in the prompt
+        or the output (vLLM's and HF's); > 1 discourages repeats. Penalties apply to greedy
+        requests too (see `engine.penalties`).
     seed: per-request seed; the request's tokens then do not depend on the rest of the batch.
     max_tokens: most tokens to generate; None stops only at the model's length limit.
     stop_token_ids: tokens that end generation (kept in the output token ids).
@@ -54,6 +61,9 @@ class SamplingParams:
     top_k: int = -1
     top_p: float = 1.0
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = 16
     stop_token_ids: tuple[int, ...] = field(default=())
@@ -81,6 +91,13 @@ class SamplingParams:
         self._check_real("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._check_real(name, getattr(self, name))
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        self._check_real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
         if self.max_tokens is not None:
@@ -162,3 +179,18 @@ class SamplingParams:
     @property
     def needs_min_p(self) -> bool:
         return self.min_p > 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
+
+    @property
+    def penalty_factors(self) -> tuple[float, float, float]:
+        """(repetition, frequency, presence) as floats."""
+        return (
+            float(self.repetition_penalty),
+            float(self.frequency_penalty),
+            float(self.presence_penalty),
+        )

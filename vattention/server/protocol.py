@@ -7,8 +7,8 @@ Invariants:
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
 - parameters this server does not implement are accepted at their neutral value only (`n` 1,
-  penalties 0, no `logit_bias`, no tools, `echo` false, ...); anything else is a 400 naming
-  the parameter (`code: "unsupported_parameter"`);
+  no `logit_bias`, no tools, `echo` false, ...); anything else is a 400 naming the parameter
+  (`code: "unsupported_parameter"`);
 - after validation a completion's `prompt` is a `str` or a non-empty `list[int]` of
   non-negative ids, and a chat message's `content` is a `str` (text parts joined);
 - `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
@@ -82,12 +82,6 @@ class _Common(BaseModel):
         """400 for the parameters set to values this server does not implement."""
         if self.n != 1:
             raise unsupported("n", f"only one completion per request (n=1), got n={self.n}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value:
-                raise unsupported(name, f"the sampler has no penalties (got {value}); use 0")
-        if self.repetition_penalty not in (None, 1.0):
-            raise unsupported("repetition_penalty", "only 1.0 (no penalty)")
         if self.logit_bias:
             raise unsupported("logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -101,6 +95,11 @@ class _Common(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=(
+                1.0 if self.repetition_penalty is None else self.repetition_penalty
+            ),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids or (),
