@@ -72,10 +72,16 @@ def test_generate_from_arguments_file_and_stdin(
     save_tiny("llama", tmp_path / "m", vocab_size=300)
     model = str(tmp_path / "m")
     params = SamplingParams(temperature=0, max_tokens=6)
+    penal = SamplingParams(temperature=0, max_tokens=6, repetition_penalty=1.5,
+                           frequency_penalty=0.5)  # fmt: skip
     with LLM(model, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=4,
              kv_page_size=65536) as llm:  # fmt: skip
         want = [o.text for o in llm.generate(["hello", "abc"], params, use_tqdm=False)]
+        want_pen = [o.text for o in llm.generate(["hello"], penal, use_tqdm=False)]
     common = ["--model", model, "--no-chat-template", "--max-tokens", "6", *SMALL]
+    pen = ["--repetition-penalty", "1.5", "--frequency-penalty", "0.5"]
+    assert main(["generate", "hello", "--output", "jsonl", *pen, *common]) == 0
+    assert [json.loads(x)["text"] for x in capsys.readouterr().out.splitlines()] == want_pen
     assert main(["generate", "hello", "abc", "--output", "jsonl", *common]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["text"] for x in lines] == want and [x["prompt"] for x in lines] == ["hello", "abc"]

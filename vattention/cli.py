@@ -36,6 +36,11 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="1 = off; > 1 discourages repeats"
+    )
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = off, in [-2, 2]")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off, in [-2, 2]")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of this sampling")
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
 
@@ -46,6 +51,8 @@ def _params(args: argparse.Namespace) -> Any:
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.sampling_seed, stop=args.stop or None,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
     )  # fmt: skip
 
 
