@@ -272,3 +272,28 @@ def test_engine_create_close_cycles_leak_nothing(tmp_path: Path) -> None:
     after = counts()
     assert after[1] <= before[1], (before, after)  # no memfd or other file left open
     assert after[0] <= before[0] + 8, (before, after)  # no reserved range left mapped
+
+
+def test_n_choices_run_as_seeded_requests_over_one_prompt(tmp_path: Path) -> None:
+    """`n` completions of one prompt: choice i equals a single request seeded seed + i; greedy
+    choices are all the same; the prompt's pages are shared (prefix cache hits)."""
+    save_tiny("llama", tmp_path / "m")
+    prompt = prompts(1, seed=11, low=40, high=41)[0]
+    many = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        (out,) = llm.generate([prompt], many, use_tqdm=False)
+        singles = [
+            llm.generate([prompt], SamplingParams(temperature=1.0, seed=5 + i, max_tokens=10,
+                                                  ignore_eos=True), use_tqdm=False)[0]
+            for i in range(3)
+        ]  # fmt: skip
+        greedy = llm.generate([prompt], SamplingParams(n=2, temperature=0, max_tokens=6),
+                              use_tqdm=False)[0]  # fmt: skip
+        assert llm.engine.scheduler.prefix is not None
+        assert llm.engine.scheduler.prefix.hit_tokens > 0
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert [c.token_ids for c in out.outputs] == [s.token_ids for s in singles]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds, different draws
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    with pytest.raises(ValueError, match="n must be in"):
+        SamplingParams(n=0)

@@ -207,6 +207,37 @@ def test_chat_equals_llm_generate(client: openai.OpenAI, llm: LLM) -> None:
     assert again.choices[0].message.content == ref.text
 
 
+def test_n_choices_whole_and_streamed(client: openai.OpenAI, llm: LLM) -> None:
+    """`n` choices: each equals `LLM.generate` seeded seed + i; streamed chunks carry their
+    choice's index and add up to the same texts; usage counts the prompt once."""
+    want = [reference(llm, [PROMPTS[2]], temperature=1.0, seed=9 + i)[0] for i in range(3)]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=NEW,
+                                  temperature=1.0, seed=9, n=3)  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [w.text for w in want]
+    assert r.usage is not None and r.usage.prompt_tokens == len(want[0].prompt_token_ids)
+    assert r.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=NEW, temperature=1.0, seed=3, n=2,  # type: ignore[arg-type]
+            stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    texts, reasons, roles = ["", ""], [None, None], [0, 0]
+    for c in chunks[:-1]:
+        for ch in c.choices:
+            roles[ch.index] += ch.delta.role == "assistant"
+            texts[ch.index] += ch.delta.content or ""
+            reasons[ch.index] = ch.finish_reason or reasons[ch.index]
+    ids = chat_ids(llm, MESSAGES)
+    chat_want = [reference(llm, [ids], temperature=1.0, seed=3 + i)[0] for i in range(2)]
+    assert texts == [w.text for w in chat_want] and roles == [1, 1]
+    assert all(reason is not None for reason in reasons)
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    assert usage.completion_tokens == sum(len(w.token_ids) for w in chat_want)
+
+
 def test_chat_stream_and_logprobs(client: openai.OpenAI, llm: LLM) -> None:
     (ref,) = reference(llm, [chat_ids(llm, MESSAGES)], logprobs=1)
     chunks = list(

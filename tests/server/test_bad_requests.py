@@ -98,7 +98,8 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
     ("top-k-float", "POST", C, cmpl(top_k=1.5), None, 400, "top_k"),
     ("min-p-above-one", "POST", C, cmpl(min_p=2), None, 400, "min_p"),
     ("seed-string", "POST", C, cmpl(seed="42"), None, 400, "seed"),
-    ("n-two", "POST", C, cmpl(n=2), None, 400, "n"),
+    ("n-zero", "POST", C, cmpl(n=0), None, 400, "n"),
+    ("n-too-many", "POST", C, cmpl(n=1000), None, 400, "n"),
     ("logprobs-negative", "POST", C, cmpl(logprobs=-1), None, 400, "logprobs"),
     ("logprobs-too-many", "POST", C, cmpl(logprobs=50), None, 400, "logprobs"),
     ("logprobs-bool", "POST", C, cmpl(logprobs=True), None, 400, "logprobs"),
@@ -240,7 +241,7 @@ def test_nothing_is_left_behind(served: Running, http: httpx.Client) -> None:
 def test_the_openai_client_sees_typed_errors(served: Running) -> None:
     client = openai.OpenAI(base_url=served.base_url, api_key=KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="x", n=2)
+        client.completions.create(model=MODEL, prompt="x", n=0)
     assert e.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=served.base_url, api_key="bad", max_retries=0).models.list()

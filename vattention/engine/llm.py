@@ -43,7 +43,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate a completion for every prompt; returns them in the prompts' order."""
+        """Generate completions for every prompt (`n` per prompt: `outputs[i]` of its
+        `RequestOutput`, run as n requests that share the prompt); returns them in the
+        prompts' order."""
         items = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
@@ -55,9 +57,15 @@ class LLM:
         if engine.has_unfinished_requests():
             raise RuntimeError("the engine still has requests from an interrupted generate()")
         ids: list[str] = []
+        groups: list[list[str]] = []  # each prompt's requests, one per choice
         try:
             for item, p in zip(items, params, strict=False):
-                ids.append(engine.add_request(item, p))
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling params must be SamplingParams, got {p!r}")
+                groups.append([])
+                for choice in p.choices():
+                    ids.append(engine.add_request(item, choice))
+                    groups[-1].append(ids[-1])
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)
@@ -77,7 +85,7 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [done[rid] for rid in ids]
+        return [_merge([done[rid] for rid in group]) for group in groups]
 
     def close(self) -> None:
         self.engine.close()
@@ -87,6 +95,21 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _merge(outs: list[RequestOutput]) -> RequestOutput:
+    """One prompt's choices as one output (the first request's id, `outputs[i]` = choice i)."""
+    first = outs[0]
+    if len(outs) == 1:
+        return first
+    completions = []
+    for i, out in enumerate(outs):
+        c = out.outputs[0]
+        c.index = i
+        completions.append(c)
+    first.outputs = completions
+    first.num_preemptions = sum(o.num_preemptions for o in outs)
+    return first
 
 
 def _as_prompt_list(prompts: PromptLike | Sequence[PromptLike]) -> list[str | list[int]]:

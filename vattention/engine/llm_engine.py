@@ -305,8 +305,16 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
+        """Queue a prompt (text or token ids); returns its request id. One completion per
+        request: `LLM.generate` and the server fan `n > 1` out into n requests."""
         params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError(
+                f"an engine request makes one completion, got n={params.n}: add n requests "
+                "with params.choices() (LLM.generate and the server do)"
+            )
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass prompts as token ids")

@@ -1,7 +1,7 @@
 """`SamplingParams`: how one request's tokens are chosen and when its generation stops.
 
 Invariants: a `SamplingParams` is frozen and validated at construction, so everything downstream
-(sampler, scheduler, stop checks) trusts it: `n == 1`; `temperature >= 0` (0 means greedy);
+(sampler, scheduler, stop checks) trusts it: `1 <= n <= MAX_N`; `temperature >= 0` (0 means greedy);
 `top_k` is -1 or 0 (off) or a positive count; `0 < top_p <= 1`; `0 <= min_p <= 1`;
 `max_tokens` is None (until the model's length limit) or positive; `stop_token_ids` and `stop`
 are tuples (lists are accepted and converted); `logprobs` is None (off) or the number of top
@@ -13,6 +13,7 @@ alternatives returned with each sampled token's own log-probability (0 = the sam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 # Temperatures below this are treated as greedy (dividing by them would overflow float32).
 GREEDY_TEMPERATURE = 1e-5
+MAX_N = 128  # most completions per prompt
 
 
 def _is_int(value: Any) -> bool:
@@ -34,7 +36,8 @@ def _is_real(value: Any) -> bool:
 class SamplingParams:
     """Per-request sampling and stopping options (a subset of vLLM's, same meanings).
 
-    n: completions per prompt; only 1 is supported.
+    n: completions per prompt (`LLM.generate` and the server run n requests over the same
+        prompt, which the prefix cache shares; a seeded request's choice i uses seed + i).
     temperature: 0 picks the most likely token (greedy, exact argmax); > 0 samples
         (values below 1e-5 count as 0).
     top_k: keep the k most likely tokens; -1 or 0 keeps all.
@@ -76,8 +79,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.n):
             raise TypeError(f"n must be an int, got {type(self.n).__name__}")
-        if self.n != 1:
-            raise ValueError(f"n={self.n} is not supported: only one completion per request (n=1)")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         self._check_real("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -162,6 +165,15 @@ class SamplingParams:
             if not s:
                 raise ValueError("stop strings must not be empty")
         return out
+
+    def choices(self) -> list[SamplingParams]:
+        """One `n == 1` copy per completion; choice i of a seeded request gets seed + i."""
+        if self.n == 1:
+            return [self]
+        return [
+            dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+            for i in range(self.n)
+        ]
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,9 @@ Invariants:
 - a request that reached the engine is aborted (slot and pages freed) whenever its client goes
   away first: a streaming response that is cancelled or fails to send, a non-streaming one
   whose connection closes while it waits (watched with `receive()`), a handler that raises;
+- a request for `n` choices runs as n engine requests over the same prompt (the prefix cache
+  shares its pages); all of them are aborted together, and the response (or stream) carries
+  every choice under its index, with usage counting the prompt once;
 - the tokenizer is only read here (encode, chat template, one-token decodes for logprobs);
   the engine itself is touched only through the `AsyncEngine`;
 - with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
@@ -24,7 +27,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -49,7 +52,7 @@ from vattention.server.protocol import (
     parse_json,
     validate,
 )
-from vattention.server.render import DONE, ChatRenderer, CompletionRenderer, sse
+from vattention.server.render import DONE, ChatRenderer, CompletionRenderer, merge_responses, sse
 
 logger = logging.getLogger("vattention.server")
 
@@ -149,9 +152,12 @@ def create_app(
         ids = server.prompt_ids(req.prompt)
         server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        renderer = CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs)
+        renderers = [
+            CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs, i)
+            for i in range(params.n)
+        ]
         return await server.serve(
-            request, ids, params, rid, renderer, req.stream, req.include_usage
+            request, ids, params, rid, renderers, req.stream, req.include_usage
         )
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -165,9 +171,12 @@ def create_app(
         server.check_length(len(ids), params.max_tokens, "messages", which)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         top = (req.top_logprobs or 0) if req.logprobs else None
-        renderer = ChatRenderer(rid, served_model_name, async_engine.tokenizer, top)
+        renderers = [
+            ChatRenderer(rid, served_model_name, async_engine.tokenizer, top, i)
+            for i in range(params.n)
+        ]
         return await server.serve(
-            request, ids, params, rid, renderer, req.stream, req.include_usage
+            request, ids, params, rid, renderers, req.stream, req.include_usage
         )
 
     return app
@@ -251,25 +260,38 @@ class _Server:
     # -- generation -------------------------------------------------------------------------
     async def serve(
         self, request: Request, ids: list[int], params: SamplingParams, rid: str,
-        renderer: CompletionRenderer | ChatRenderer, stream: bool, include_usage: bool,
+        renderers: Sequence[CompletionRenderer | ChatRenderer], stream: bool,
+        include_usage: bool,
     ) -> Response:  # fmt: skip
-        tracker = self.metrics.tracker()
+        """Run the prompt's `params.n` choices as engine requests (`rid`, or `rid-i` for n > 1:
+        they share the prompt's pages through the prefix cache) and answer with all of them."""
+        choices = params.choices()
+        streams: list[RequestStream] = []
+        trackers: list[RequestTracker] = []
         try:
-            out_stream = await self.engine.add_request(ids, params, rid)
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), "prompt") from None
-        except (EngineShutdownError, EngineDeadError) as e:
-            raise APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
+            for i, p in enumerate(choices):
+                trackers.append(self.metrics.tracker())
+                sub_id = rid if len(choices) == 1 else f"{rid}-{i}"
+                streams.append(await self.engine.add_request(ids, p, sub_id))
+        except BaseException as e:
+            self._ended(streams, trackers[: len(streams)])
+            if isinstance(e, (ValueError, TypeError)):
+                raise bad_request(str(e), "prompt") from None
+            if isinstance(e, (EngineShutdownError, EngineDeadError)):
+                raise APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
+            raise
         if stream:
-            events = self._events(out_stream, renderer, tracker, include_usage)
-            return _SSEResponse(events, on_close=lambda: self._ended(out_stream, tracker))
+            events = self._events(streams, renderers, trackers, include_usage)
+            return _SSEResponse(events, on_close=lambda: self._ended(streams, trackers))
+        work = asyncio.gather(*(self._final(s, t) for s, t in zip(streams, trackers, strict=True)))
         try:
-            final = await _until_disconnect(request, self._final(out_stream, tracker))
+            finals = await _until_disconnect(request, work)
         finally:
-            self._ended(out_stream, tracker)
-        if final is None:  # the client went away: nobody reads this
+            self._ended(streams, trackers)
+        if finals is None:  # the client went away: nobody reads this
             return Response(status_code=499)
-        return JSONResponse(renderer.response(final))
+        bodies = [r.response(f) for r, f in zip(renderers, finals, strict=True)]
+        return JSONResponse(merge_responses(bodies, list(finals)))
 
     async def _final(self, stream: RequestStream, tracker: RequestTracker) -> RequestOutput:
         last: RequestOutput | None = None
@@ -283,29 +305,59 @@ class _Server:
         return last
 
     async def _events(
-        self, stream: RequestStream, renderer: CompletionRenderer | ChatRenderer,
-        tracker: RequestTracker, include_usage: bool,
+        self, streams: list[RequestStream],
+        renderers: Sequence[CompletionRenderer | ChatRenderer],
+        trackers: list[RequestTracker], include_usage: bool,
     ) -> AsyncIterator[bytes]:  # fmt: skip
+        """SSE chunks of every choice as its outputs come (choices interleave; each chunk
+        names its choice's index), then usage over all of them, then [DONE]."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in streams[i]:
+                    await queue.put((i, out))
+                await queue.put((i, None))
+            except BaseException as e:  # an engine error ends the response
+                await queue.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
         try:
-            if isinstance(renderer, ChatRenderer):
-                yield sse(renderer.role_chunk(include_usage))
-            last = None
-            async for out in stream:
-                _observe(tracker, out)
-                last = out
-                for chunk in renderer.chunks(out, include_usage):
+            for r in renderers:
+                if isinstance(r, ChatRenderer):
+                    yield sse(r.role_chunk(include_usage))
+            last: list[RequestOutput | None] = [None] * len(streams)
+            running = len(streams)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    if isinstance(item, (EngineStepError, EngineDeadError, EngineShutdownError)):
+                        yield sse(_engine_error(item).body())
+                        break
+                    raise item
+                _observe(trackers[i], item)
+                last[i] = item
+                for chunk in renderers[i].chunks(item, include_usage):
                     yield sse(chunk)
-            if include_usage and last is not None:
-                yield sse(renderer.usage_chunk(last))
-        except (EngineStepError, EngineDeadError, EngineShutdownError) as e:
-            yield sse(_engine_error(e).body())
+            else:
+                finals = [x for x in last if x is not None]
+                if include_usage and len(finals) == len(last):
+                    yield sse(renderers[0].usage_chunk(*finals))
+        finally:
+            for t in tasks:
+                t.cancel()
         yield DONE
 
-    def _ended(self, stream: RequestStream, tracker: RequestTracker) -> None:
-        """The response is over (sent, failed or abandoned): abort the request if it runs."""
-        stream.abort()  # a no-op once it finished
-        if not tracker.done:
-            tracker.observe(0, 0, "abort")
+    def _ended(self, streams: list[RequestStream], trackers: list[RequestTracker]) -> None:
+        """The response is over (sent, failed or abandoned): abort the requests still running."""
+        for stream in streams:
+            stream.abort()  # a no-op once it finished
+        for tracker in trackers:
+            if not tracker.done:
+                tracker.observe(0, 0, "abort")
 
 
 class _SSEResponse(StreamingResponse):

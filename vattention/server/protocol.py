@@ -6,9 +6,9 @@ Invariants:
   number, NaN and infinities are refused) and every failure becomes an `APIError` (400) whose
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
-- parameters this server does not implement are accepted at their neutral value only (`n` 1,
-  no `logit_bias`, no tools, `echo` false, ...); anything else is a 400 naming the parameter
-  (`code: "unsupported_parameter"`);
+- parameters this server does not implement are accepted at their neutral value only (no
+  `logit_bias`, no tools, `echo` false, `best_of` 1, ...); anything else is a 400 naming the
+  parameter (`code: "unsupported_parameter"`);
 - after validation a completion's `prompt` is a `str` or a non-empty `list[int]` of
   non-negative ids, and a chat message's `content` is a `str` (text parts joined);
 - `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.sampling_params import MAX_N, SamplingParams
 from vattention.server.errors import APIError, bad_request, unsupported
 
 MAX_LOGPROBS = 20  # most top alternatives per token (OpenAI's chat limit; vLLM's default)
@@ -80,8 +80,8 @@ class _Common(BaseModel):
 
     def check_common(self) -> None:
         """400 for the parameters set to values this server does not implement."""
-        if self.n != 1:
-            raise unsupported("n", f"only one completion per request (n=1), got n={self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise bad_request(f"n must be in [1, {MAX_N}], got {self.n}", "n")
         if self.logit_bias:
             raise unsupported("logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -91,6 +91,7 @@ class _Common(BaseModel):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         return dict(
+            n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,

@@ -31,13 +31,23 @@ def finish_reason(out: RequestOutput) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
-    prompt, completion = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+def usage(*outs: RequestOutput) -> dict[str, int]:
+    """Token counts of one prompt's choices (the prompt counted once)."""
+    prompt = len(outs[0].prompt_token_ids)
+    completion = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def merge_responses(bodies: list[dict[str, Any]], outs: list[RequestOutput]) -> dict[str, Any]:
+    """One response of a prompt's choices (each body holds its own choice)."""
+    merged = dict(bodies[0])
+    merged["choices"] = [c for b in bodies for c in b["choices"]]
+    merged["usage"] = usage(*outs)
+    return merged
 
 
 class _Renderer:
@@ -46,7 +56,10 @@ class _Renderer:
     object_name = ""
     chunk_object_name = ""
 
-    def __init__(self, request_id: str, model: str, tokenizer: Any, logprobs: int | None) -> None:
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Any, logprobs: int | None, index: int = 0
+    ) -> None:
+        self.index = index  # the choice this renderer writes (n > 1: one renderer per choice)
         self.request_id = request_id
         self.model = model
         self.created = int(time.time())
@@ -75,8 +88,8 @@ class _Renderer:
             return f"token_id:{token_id}"
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    def usage_chunk(self, out: RequestOutput) -> dict[str, Any]:
-        return {**self._header(self.chunk_object_name), "choices": [], "usage": usage(out)}
+    def usage_chunk(self, *outs: RequestOutput) -> dict[str, Any]:
+        return {**self._header(self.chunk_object_name), "choices": [], "usage": usage(*outs)}
 
 
 class CompletionRenderer(_Renderer):
@@ -107,7 +120,7 @@ class CompletionRenderer(_Renderer):
         self, text: str, entries: list[TokenLogprobs], reason: str | None
     ) -> dict[str, Any]:
         return {
-            "index": 0,
+            "index": self.index,
             "text": text,
             "logprobs": None if self.logprobs is None else self._logprobs(entries),
             "finish_reason": reason,
@@ -140,7 +153,7 @@ class ChatRenderer(_Renderer):
     def response(self, out: RequestOutput) -> dict[str, Any]:
         text, entries = self._delta(out)
         choice = {
-            "index": 0,
+            "index": self.index,
             "message": {"role": "assistant", "content": text},
             "logprobs": self._logprobs(entries),
             "finish_reason": finish_reason(out),
@@ -162,7 +175,7 @@ class ChatRenderer(_Renderer):
         include_usage: bool,
     ) -> dict[str, Any]:  # fmt: skip
         choice = {
-            "index": 0,
+            "index": self.index,
             "delta": delta,
             "logprobs": self._logprobs(entries),
             "finish_reason": reason,
