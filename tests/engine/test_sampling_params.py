@@ -32,7 +32,8 @@ def test_lists_become_tuples_and_params_are_frozen() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"n": 2}, ValueError, "n=2 is not supported"),
+        ({"n": 0}, ValueError, r"n must be in \[1, 128\]"),
+        ({"n": 129}, ValueError, r"n must be in \[1, 128\]"),
         ({"n": 1.0}, TypeError, "n must be an int"),
         ({"temperature": -0.1}, ValueError, "temperature must be >= 0"),
         ({"temperature": float("nan")}, ValueError, "temperature must be finite"),
