@@ -81,6 +81,21 @@ def test_sampler_counts_each_chosen_token_and_keeps_raw_logprobs() -> None:
     assert state.counts.tolist() == [0, 2, 1, 0, 0, 0]
 
 
+def test_logit_bias_moves_only_its_rows_tokens() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.5], [0.0, 3.0, 1.0, 0.5], [0.0, 3.0, 1.0, 0.5]])
+    rows = [
+        SamplingParams(temperature=0, logit_bias={2: 2.5}, logprobs=0),  # 1 + 2.5 > 3
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, seed=1, logit_bias={0: 100, 1: -100}),  # forced
+    ]
+    gens = [None, None, torch.Generator().manual_seed(1)]
+    meta = SamplingMetadata.build(rows, gens, device="cpu")
+    out = Sampler()(logits, meta)
+    assert out.token_ids.tolist() == [2, 1, 0]
+    assert out.logprobs is not None  # the model's own log-probabilities, not the biased ones
+    torch.testing.assert_close(out.logprobs.sampled[0], torch.log_softmax(logits[0], -1)[2])
+
+
 def test_rows_with_penalties_need_their_state() -> None:
     with pytest.raises(ValueError, match="penalty states"):
         SamplingMetadata.build([SamplingParams(presence_penalty=0.5)], device="cpu")

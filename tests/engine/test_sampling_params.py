@@ -59,6 +59,11 @@ def test_lists_become_tuples_and_params_are_frozen() -> None:
         ({"frequency_penalty": -3}, ValueError, r"frequency_penalty must be in \[-2, 2\]"),
         ({"frequency_penalty": "1"}, TypeError, "frequency_penalty must be a number"),
         ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+        ({"logit_bias": {-1: 1.0}}, ValueError, "logit_bias keys must be non-negative"),
+        ({"logit_bias": {"5": 1.0}}, ValueError, "logit_bias keys must be non-negative"),
+        ({"logit_bias": {5: 101}}, ValueError, r"logit_bias values must be in \[-100, 100\]"),
+        ({"logit_bias": {5: "1"}}, TypeError, "logit_bias value must be a number"),
+        ({"logit_bias": [5]}, TypeError, "logit_bias must map token ids"),
         ({"repetition_penalty": float("inf")}, ValueError, "repetition_penalty must be finite"),
     ],
 )
@@ -73,3 +78,9 @@ def test_edge_values_are_accepted() -> None:
     p = SamplingParams(presence_penalty=-2, frequency_penalty=2, repetition_penalty=0.5)
     assert p.needs_penalties and p.penalty_factors == (0.5, 2.0, -2.0)
     assert not SamplingParams().needs_penalties
+    b = SamplingParams(logit_bias={3: -100, 7: 2.5})
+    assert dict(b.logit_bias or {}) == {3: -100.0, 7: 2.5}
+    with pytest.raises(TypeError):
+        b.logit_bias[3] = 0  # type: ignore[index]  # read-only
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert hash(b) == hash(SamplingParams(logit_bias={3: -100, 7: 2.5}))

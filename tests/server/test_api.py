@@ -100,8 +100,8 @@ def test_completions_equal_llm_generate(client: openai.OpenAI, llm: LLM) -> None
 
 
 def test_penalties_reach_the_sampler(client: openai.OpenAI, llm: LLM) -> None:
-    """OpenAI's presence/frequency penalties and vLLM's repetition_penalty give what
-    `LLM.generate` gives with the same SamplingParams."""
+    """OpenAI's presence/frequency penalties and logit_bias, and vLLM's repetition_penalty,
+    give what `LLM.generate` gives with the same SamplingParams."""
     pen = dict(presence_penalty=0.5, frequency_penalty=1.5)
     (ref,) = reference(llm, [PROMPTS[0]], **pen, repetition_penalty=1.2)
     r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
@@ -113,6 +113,12 @@ def test_penalties_reach_the_sampler(client: openai.OpenAI, llm: LLM) -> None:
     c = client.chat.completions.create(model=MODEL, messages=chat, max_tokens=NEW,  # type: ignore[arg-type]
                                        temperature=0, **pen)  # fmt: skip
     assert c.choices[0].message.content == cref.text
+    # logit_bias: +100 on one token makes every greedy choice that token
+    (bref,) = reference(llm, [PROMPTS[0]], logit_bias={65: 100.0})
+    assert set(bref.token_ids) == {65}
+    b = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
+                                  logit_bias={"65": 100})  # fmt: skip
+    assert b.choices[0].text == bref.text
 
 
 def test_completions_stream(client: openai.OpenAI, llm: LLM) -> None:

@@ -325,6 +325,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if ids and (max(ids) >= vocab):
             raise ValueError(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(
+                f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary ({vocab})"
+            )
         rid = request_id if request_id is not None else str(next(self._ids))
         request = Request(
             rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer

@@ -1,7 +1,7 @@
 """The sampler: batched token choice from float32 logits `[B, vocab]`, on the logits' device.
 
 Pipeline per row (vectorised over the batch; only seeded rows cost a Python step each):
-penalties (only rows asking for them, `penalties.py`) -> temperature -> top-k -> top-p ->
+penalties (only rows asking for them, `penalties.py`) -> logit bias -> temperature -> top-k -> top-p ->
 min-p -> sample by exponential race (`argmax(probs / q)` with `q ~ Exp(1)`, which draws from
 `probs` exactly).
 
@@ -55,6 +55,8 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # row -> its own generator (seeded, non-greedy rows)
     num_logprobs: int | None  # most top log-probabilities any row asked for; None = no row
     penalties: PenaltyBatch | None = None  # rows with penalties; None = no row
+    # (rows, token ids, values) of every row's logit bias, flattened; None = no row
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -85,6 +87,15 @@ class SamplingMetadata:
                 [s for s in states if s is not None],
                 [params[i].penalty_factors for i in pen_rows],
                 device,
+            )
+        bias = None
+        entries = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+        if entries:
+            rows, toks, vals = zip(*entries, strict=True)
+            bias = (
+                torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+                torch.tensor(toks, dtype=torch.int64).to(device, non_blocking=True),
+                torch.tensor(vals, dtype=torch.float32).to(device, non_blocking=True),
             )
         greedy = [p.greedy for p in params]
         all_greedy = all(greedy)
@@ -118,6 +129,7 @@ class SamplingMetadata:
             generators=gens,
             num_logprobs=max(wanted) if wanted else None,
             penalties=penalties,
+            bias=bias,
         )
 
     @classmethod
@@ -134,7 +146,12 @@ class SamplingMetadata:
         wanted = -1  # most top log-probabilities asked for; -1: none
         for r in requests:
             p = r.params
-            if p.temperature >= GREEDY_TEMPERATURE or p.seed is not None or p.needs_penalties:
+            if (
+                p.temperature >= GREEDY_TEMPERATURE
+                or p.seed is not None
+                or p.needs_penalties
+                or p.logit_bias
+            ):
                 break
             if p.logprobs is not None and p.logprobs > wanted:
                 wanted = p.logprobs
@@ -203,6 +220,8 @@ class Sampler:
             raise ValueError(f"metadata is on {meta.greedy.device} but logits on {logits.device}")
         raw = logits.float()
         logits = raw if meta.penalties is None else meta.penalties.apply(raw)
+        if meta.bias is not None:
+            logits = logits.index_put(meta.bias[:2], meta.bias[2], accumulate=True)
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             token_ids = greedy_ids

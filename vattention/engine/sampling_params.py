@@ -8,15 +8,17 @@ are tuples (lists are accepted and converted); `logprobs` is None (off) or the n
 alternatives returned with each sampled token's own log-probability (0 = the sampled one only);
 `stop` strings need `detokenize` (they are matched in the output text);
 `-2 <= presence_penalty, frequency_penalty <= 2` (0 = off) and `repetition_penalty > 0`
-(1 = off).
+(1 = off); `logit_bias` is None or a read-only mapping of non-negative token ids to biases in
+[-100, 100] (the engine checks the ids against its vocabulary).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 # Temperatures below this are treated as greedy (dividing by them would overflow float32).
@@ -48,6 +50,8 @@ class SamplingParams:
     repetition_penalty: divides positive (multiplies negative) logits of tokens in the prompt
         or the output (vLLM's and HF's); > 1 discourages repeats. Penalties apply to greedy
         requests too (see `engine.penalties`).
+    logit_bias: token id -> value added to its logit before sampling (OpenAI's; -100 all but
+        bans a token, 100 all but forces it); applies to greedy requests too.
     seed: per-request seed; the request's tokens then do not depend on the rest of the batch.
     max_tokens: most tokens to generate; None stops only at the model's length limit.
     stop_token_ids: tokens that end generation (kept in the output token ids).
@@ -67,6 +71,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
     seed: int | None = None
     max_tokens: int | None = 16
     stop_token_ids: tuple[int, ...] = field(default=())
@@ -101,6 +106,7 @@ class SamplingParams:
         self._check_real("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        object.__setattr__(self, "logit_bias", self._bias(self.logit_bias))
         if self.seed is not None and not _is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
         if self.max_tokens is not None:
@@ -137,6 +143,22 @@ class SamplingParams:
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
+
+    @staticmethod
+    def _bias(bias: Mapping[int, float] | None) -> Mapping[int, float] | None:
+        if not bias:
+            return None
+        if not isinstance(bias, Mapping):
+            raise TypeError(f"logit_bias must map token ids to numbers, got {bias!r}")
+        out: dict[int, float] = {}
+        for t, v in bias.items():
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {t!r}")
+            SamplingParams._check_real("logit_bias value", v)
+            if not -100.0 <= v <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {v}")
+            out[t] = float(v)
+        return MappingProxyType(out)
 
     @staticmethod
     def _token_ids(ids: Iterable[int] | None) -> tuple[int, ...]:

@@ -149,6 +149,7 @@ def create_app(
         req: CompletionRequest = validate(CompletionRequest, body)
         server.check_model(req.model)
         params = req.to_sampling_params()
+        server.check_bias(params)
         ids = server.prompt_ids(req.prompt)
         server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -166,6 +167,7 @@ def create_app(
         req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
         server.check_model(req.model)
         params = req.to_sampling_params()
+        server.check_bias(params)
         ids = server.chat_prompt_ids(req)
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         server.check_length(len(ids), params.max_tokens, "messages", which)
@@ -200,6 +202,15 @@ class _Server:
                 HTTPStatus.NOT_FOUND,
                 param="model",
                 code="model_not_found",
+            )
+
+    def check_bias(self, params: SamplingParams) -> None:
+        vocab = self.engine.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise bad_request(
+                f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary "
+                f"(size {vocab})",
+                "logit_bias",
             )
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:

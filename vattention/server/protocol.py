@@ -7,8 +7,8 @@ Invariants:
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
 - parameters this server does not implement are accepted at their neutral value only (no
-  `logit_bias`, no tools, `echo` false, `best_of` 1, ...); anything else is a 400 naming the
-  parameter (`code: "unsupported_parameter"`);
+  tools, `echo` false, `best_of` 1, ...); anything else is a 400 naming the parameter
+  (`code: "unsupported_parameter"`);
 - after validation a completion's `prompt` is a `str` or a non-empty `list[int]` of
   non-negative ids, and a chat message's `content` is a `str` (text parts joined);
 - `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
@@ -82,8 +82,6 @@ class _Common(BaseModel):
         """400 for the parameters set to values this server does not implement."""
         if not 1 <= self.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}], got {self.n}", "n")
-        if self.logit_bias:
-            raise unsupported("logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request(
                 "stream_options is only allowed when stream is true", "stream_options"
@@ -101,6 +99,7 @@ class _Common(BaseModel):
             repetition_penalty=(
                 1.0 if self.repetition_penalty is None else self.repetition_penalty
             ),
+            logit_bias=_token_bias(self.logit_bias),
             seed=self.seed,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids or (),
@@ -259,6 +258,18 @@ def make_sampling_params(**kwargs: Any) -> SamplingParams:
     except (ValueError, TypeError) as e:
         word = str(e).split(" ", 1)[0]
         raise bad_request(str(e), word if word in kwargs else None) from None
+
+
+def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` (token ids as JSON object keys) with int keys; 400 otherwise."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def _one_prompt(v: Any) -> Any:
