@@ -161,3 +161,27 @@ def test_frequency_and_presence_match_a_greedy_loop_under_preemption(
         outs = llm.generate(batch, params, use_tqdm=False)
         assert llm.engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == want
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_min_tokens_holds_back_stop_tokens_and_strings(
+    tmp_path: Path, async_scheduling: bool
+) -> None:
+    """Below `min_tokens` neither a stop token nor EOS can be sampled (the sampler bans them,
+    counting the tokens of steps still in flight) and nothing stops the request; from then on
+    they stop it as usual."""
+    save_tiny("llama", tmp_path / "m")
+    prompt = prompts(1, seed=2)[0]
+    with _llm(tmp_path / "m", "vattention", async_scheduling=async_scheduling) as llm:
+        free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12,
+                                                     ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+        stop = free.token_ids[0]  # the first greedy token, made a stop token
+        plain = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop])
+        held = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop], min_tokens=5)
+        a, b = llm.generate([prompt, prompt], [plain, held], use_tqdm=False)
+    assert a.token_ids == [stop] and a.outputs[0].finish_reason == "stop"
+    assert len(b.token_ids) >= 5 and stop not in b.token_ids[:5]
+    if stop in b.token_ids:  # allowed again from the sixth token on: it ends the request there
+        assert b.token_ids[-1] == stop and b.outputs[0].finish_reason == "stop"
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)

@@ -119,6 +119,11 @@ def test_penalties_reach_the_sampler(client: openai.OpenAI, llm: LLM) -> None:
     b = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=NEW, temperature=0,
                                   logit_bias={"65": 100})  # fmt: skip
     assert b.choices[0].text == bref.text
+    # min_tokens (vLLM's) reaches the sampler too
+    (mref,) = reference(llm, [PROMPTS[1]], min_tokens=NEW)
+    m = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
+                                  extra_body={"min_tokens": NEW})  # fmt: skip
+    assert m.choices[0].text == mref.text and len(mref.token_ids) == NEW
 
 
 def test_completions_stream(client: openai.OpenAI, llm: LLM) -> None:

@@ -119,6 +119,8 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
     ("penalty-out-of-range", "POST", C, cmpl(presence_penalty=3), None, 400, "presence_penalty"),
     ("frequency-below", "POST", C, cmpl(frequency_penalty=-2.5), None, 400, "frequency_penalty"),
     ("repetition-zero", "POST", C, cmpl(repetition_penalty=0), None, 400, "repetition_penalty"),
+    ("min-tokens-negative", "POST", C, cmpl(min_tokens=-1), None, 400, "min_tokens"),
+    ("min-over-max", "POST", C, cmpl(min_tokens=9, max_tokens=3), None, 400, "min_tokens"),
     ("logit-bias-key", "POST", C, cmpl(logit_bias={"x": 10}), None, 400, "logit_bias"),
     ("logit-bias-range", "POST", C, cmpl(logit_bias={"5": 101}), None, 400, "logit_bias"),
     ("logit-bias-vocab", "POST", C, cmpl(logit_bias={"99999": 1}), None, 400, "logit_bias"),

@@ -1,7 +1,8 @@
 """The sampler: batched token choice from float32 logits `[B, vocab]`, on the logits' device.
 
 Pipeline per row (vectorised over the batch; only seeded rows cost a Python step each):
-penalties (only rows asking for them, `penalties.py`) -> logit bias -> temperature -> top-k -> top-p ->
+penalties (only rows asking for them, `penalties.py`) -> logit bias (and, below `min_tokens`,
+the stop tokens banned) -> temperature -> top-k -> top-p ->
 min-p -> sample by exponential race (`argmax(probs / q)` with `q ~ Exp(1)`, which draws from
 `probs` exactly).
 
@@ -65,9 +66,11 @@ class SamplingMetadata:
         generators: Sequence[torch.Generator | None] | None = None,
         device: torch.device | str = "cpu",
         penalty_states: Sequence[PenaltyState | None] | None = None,
+        banned: Sequence[Sequence[int]] | None = None,
     ) -> SamplingMetadata:
         """Tensors for `params` (one per row); `generators[i]` is row i's own generator or None;
-        `penalty_states[i]` row i's token counts, needed where its params ask for penalties."""
+        `penalty_states[i]` row i's token counts, needed where its params ask for penalties;
+        `banned[i]` tokens row i may not sample now (a request below its `min_tokens`)."""
         if generators is not None and len(generators) != len(params):
             raise ValueError(f"got {len(generators)} generators for {len(params)} rows")
         if penalty_states is not None and len(penalty_states) != len(params):
@@ -90,6 +93,8 @@ class SamplingMetadata:
             )
         bias = None
         entries = [(i, t, v) for i, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+        if banned is not None:
+            entries += [(i, t, float("-inf")) for i, ts in enumerate(banned) for t in ts]
         if entries:
             rows, toks, vals = zip(*entries, strict=True)
             bias = (
@@ -151,6 +156,7 @@ class SamplingMetadata:
                 or p.seed is not None
                 or p.needs_penalties
                 or p.logit_bias
+                or p.min_tokens
             ):
                 break
             if p.logprobs is not None and p.logprobs > wanted:
@@ -177,7 +183,21 @@ class SamplingMetadata:
                 if vocab_size <= 0:
                     raise ValueError("penalties need the vocabulary size (vocab_size)")
                 states[i] = r.penalty_state(vocab_size, device)
-        return cls.build([r.params for r in requests], gens, device, states)
+        banned = [_banned_now(r) for r in requests]
+        return cls.build(
+            [r.params for r in requests], gens, device, states, banned if any(banned) else None
+        )
+
+
+def _banned_now(r: Request) -> list[int]:
+    """The stop tokens `r` may not sample in this step: its end-of-sequence tokens (unless
+    `ignore_eos`) and stop token ids, while fewer than `min_tokens` precede this one (the
+    outputs the host has plus the other launched steps' tokens)."""
+    p = r.params
+    if not p.min_tokens or len(r.output_token_ids) + r.num_inflight - 1 >= p.min_tokens:
+        return []
+    eos = [] if p.ignore_eos else sorted(r.eos_token_ids)
+    return sorted(set(eos) | set(p.stop_token_ids))
 
 
 @functools.lru_cache(maxsize=256)

@@ -9,7 +9,8 @@ alternatives returned with each sampled token's own log-probability (0 = the sam
 `stop` strings need `detokenize` (they are matched in the output text);
 `-2 <= presence_penalty, frequency_penalty <= 2` (0 = off) and `repetition_penalty > 0`
 (1 = off); `logit_bias` is None or a read-only mapping of non-negative token ids to biases in
-[-100, 100] (the engine checks the ids against its vocabulary).
+[-100, 100] (the engine checks the ids against its vocabulary); `0 <= min_tokens <=
+max_tokens`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ class SamplingParams:
         bans a token, 100 all but forces it); applies to greedy requests too.
     seed: per-request seed; the request's tokens then do not depend on the rest of the batch.
     max_tokens: most tokens to generate; None stops only at the model's length limit.
+    min_tokens: fewest tokens to generate before the end-of-sequence token, a stop token or a
+        stop string may end the request (vLLM's): those tokens cannot be sampled before.
     stop_token_ids: tokens that end generation (kept in the output token ids).
     stop: strings that end generation (trimmed from the output text); needs a tokenizer.
     ignore_eos: keep generating past the end-of-sequence token.
@@ -74,6 +77,7 @@ class SamplingParams:
     logit_bias: Mapping[int, float] | None = field(default=None, hash=False)
     seed: int | None = None
     max_tokens: int | None = 16
+    min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = field(default=())
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
@@ -116,6 +120,14 @@ class SamplingParams:
                 )
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not _is_int(self.min_tokens):
+            raise TypeError(f"min_tokens must be an int, got {type(self.min_tokens).__name__}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
         object.__setattr__(self, "stop_token_ids", self._token_ids(self.stop_token_ids))
         object.__setattr__(self, "stop", self._stop_strings(self.stop))
         if not isinstance(self.ignore_eos, bool):

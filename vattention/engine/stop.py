@@ -1,7 +1,7 @@
 """Stop conditions, checked after each sampled token is appended to a request.
 
 Order (the first that holds decides): end-of-sequence token (unless `ignore_eos`), a stop token
-id, a stop string (searched only where the new text could complete one; the output text is cut
+id, a stop string (none of these three before `min_tokens` tokens) (searched only where the new text could complete one; the output text is cut
 just before it), `max_tokens` generated, the model's length limit reached. The matching stop
 token or string is recorded in `request.stop_reason`.
 """
@@ -37,8 +37,8 @@ def check_stop(
     """Why `request` must stop after `token_id` (just appended, adding `new_text`), or None.
 
     Cheap when only the length limits can apply (`request.length_stops_only`)."""
-    if not request.length_stops_only:
-        params = request.params
+    params = request.params
+    if not request.length_stops_only and len(request.output_token_ids) >= params.min_tokens:
         if not params.ignore_eos and token_id in request.eos_token_ids:
             request.stop_reason = None
             return FinishReason.STOP

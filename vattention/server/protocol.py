@@ -39,7 +39,7 @@ class StreamOptions(BaseModel):
 
 class _Common(BaseModel):
     """Fields shared by both endpoints (OpenAI's, plus vLLM's `top_k`, `min_p`, `ignore_eos`,
-    `stop_token_ids`, `skip_special_tokens`, `repetition_penalty`)."""
+    `stop_token_ids`, `skip_special_tokens`, `repetition_penalty`, `min_tokens`)."""
 
     model_config = _STRICT
 
@@ -61,6 +61,7 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,6 +106,7 @@ class _Common(BaseModel):
             stop_token_ids=self.stop_token_ids or (),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            min_tokens=self.min_tokens,
         )
 
     @property
