@@ -249,6 +249,25 @@ def test_n_choices_whole_and_streamed(client: openai.OpenAI, llm: LLM) -> None:
     assert usage.completion_tokens == sum(len(w.token_ids) for w in chat_want)
 
 
+def test_a_batch_of_prompts(client: openai.OpenAI, llm: LLM) -> None:
+    """A list of prompts (strings or token ids) with n choices each: choice p * n + j is
+    prompt p's choice j, as `LLM.generate` makes it; usage counts each prompt once."""
+    batch: list[Any] = [PROMPTS[0], [5, 17, 42, 99], PROMPTS[3]]
+    want = reference(llm, batch)
+    r = client.completions.create(model=MODEL, prompt=batch, max_tokens=NEW, temperature=0, n=2)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert [c.text for c in r.choices] == [w.text for w in want for _ in range(2)]
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want)
+    assert r.usage.completion_tokens == 2 * sum(len(w.token_ids) for w in want)
+    texts = [""] * 3
+    for c in client.completions.create(model=MODEL, prompt=batch, max_tokens=NEW,
+                                       temperature=0, stream=True):  # fmt: skip
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == [w.text for w in want]
+
+
 def test_chat_stream_and_logprobs(client: openai.OpenAI, llm: LLM) -> None:
     (ref,) = reference(llm, [chat_ids(llm, MESSAGES)], logprobs=1)
     chunks = list(

@@ -10,9 +10,10 @@ Invariants:
 - a request that reached the engine is aborted (slot and pages freed) whenever its client goes
   away first: a streaming response that is cancelled or fails to send, a non-streaming one
   whose connection closes while it waits (watched with `receive()`), a handler that raises;
-- a request for `n` choices runs as n engine requests over the same prompt (the prefix cache
-  shares its pages); all of them are aborted together, and the response (or stream) carries
-  every choice under its index, with usage counting the prompt once;
+- a request for `n` choices (of each prompt of a completion batch) runs as one engine request
+  per choice (the prefix cache shares a prompt's pages); all of them are aborted together,
+  and the response (or stream) carries every choice under its index (prompt * n + choice),
+  with usage counting each prompt once;
 - the tokenizer is only read here (encode, chat template, one-token decodes for logprobs);
   the engine itself is touched only through the `AsyncEngine`;
 - with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
@@ -150,16 +151,20 @@ def create_app(
         server.check_model(req.model)
         params = req.to_sampling_params()
         server.check_bias(params)
-        ids = server.prompt_ids(req.prompt)
-        server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
+        prompts = [server.prompt_ids(p) for p in req.prompt]
+        for ids in prompts:
+            server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
+        # choice index = prompt * n + choice (OpenAI's order for a batch of prompts)
+        jobs = [(ids, p) for ids in prompts for p in params.choices()]
         renderers = [
             CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs, i)
-            for i in range(params.n)
+            for i in range(len(jobs))
         ]
         return await server.serve(
-            request, ids, params, rid, renderers, req.stream, req.include_usage
-        )
+            request, jobs, rid, renderers, req.stream, req.include_usage,
+            sum(len(ids) for ids in prompts),
+        )  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
@@ -177,8 +182,9 @@ def create_app(
             ChatRenderer(rid, served_model_name, async_engine.tokenizer, top, i)
             for i in range(params.n)
         ]
+        jobs = [(ids, p) for p in params.choices()]
         return await server.serve(
-            request, ids, params, rid, renderers, req.stream, req.include_usage
+            request, jobs, rid, renderers, req.stream, req.include_usage, len(ids)
         )
 
     return app
@@ -270,19 +276,19 @@ class _Server:
 
     # -- generation -------------------------------------------------------------------------
     async def serve(
-        self, request: Request, ids: list[int], params: SamplingParams, rid: str,
+        self, request: Request, jobs: list[tuple[list[int], SamplingParams]], rid: str,
         renderers: Sequence[CompletionRenderer | ChatRenderer], stream: bool,
-        include_usage: bool,
+        include_usage: bool, prompt_tokens: int,
     ) -> Response:  # fmt: skip
-        """Run the prompt's `params.n` choices as engine requests (`rid`, or `rid-i` for n > 1:
-        they share the prompt's pages through the prefix cache) and answer with all of them."""
-        choices = params.choices()
+        """Run every choice (a prompt and its `n == 1` params) as an engine request (`rid`, or
+        `rid-i` for several: choices of one prompt share its pages through the prefix cache)
+        and answer with all of them; `prompt_tokens` is the usage's prompt count."""
         streams: list[RequestStream] = []
         trackers: list[RequestTracker] = []
         try:
-            for i, p in enumerate(choices):
+            for i, (ids, p) in enumerate(jobs):
                 trackers.append(self.metrics.tracker())
-                sub_id = rid if len(choices) == 1 else f"{rid}-{i}"
+                sub_id = rid if len(jobs) == 1 else f"{rid}-{i}"
                 streams.append(await self.engine.add_request(ids, p, sub_id))
         except BaseException as e:
             self._ended(streams, trackers[: len(streams)])
@@ -292,7 +298,7 @@ class _Server:
                 raise APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
             raise
         if stream:
-            events = self._events(streams, renderers, trackers, include_usage)
+            events = self._events(streams, renderers, trackers, include_usage, prompt_tokens)
             return _SSEResponse(events, on_close=lambda: self._ended(streams, trackers))
         work = asyncio.gather(*(self._final(s, t) for s, t in zip(streams, trackers, strict=True)))
         try:
@@ -302,7 +308,7 @@ class _Server:
         if finals is None:  # the client went away: nobody reads this
             return Response(status_code=499)
         bodies = [r.response(f) for r, f in zip(renderers, finals, strict=True)]
-        return JSONResponse(merge_responses(bodies, list(finals)))
+        return JSONResponse(merge_responses(bodies, list(finals), prompt_tokens))
 
     async def _final(self, stream: RequestStream, tracker: RequestTracker) -> RequestOutput:
         last: RequestOutput | None = None
@@ -318,7 +324,7 @@ class _Server:
     async def _events(
         self, streams: list[RequestStream],
         renderers: Sequence[CompletionRenderer | ChatRenderer],
-        trackers: list[RequestTracker], include_usage: bool,
+        trackers: list[RequestTracker], include_usage: bool, prompt_tokens: int,
     ) -> AsyncIterator[bytes]:  # fmt: skip
         """SSE chunks of every choice as its outputs come (choices interleave; each chunk
         names its choice's index), then usage over all of them, then [DONE]."""
@@ -356,7 +362,7 @@ class _Server:
             else:
                 finals = [x for x in last if x is not None]
                 if include_usage and len(finals) == len(last):
-                    yield sse(renderers[0].usage_chunk(*finals))
+                    yield sse(renderers[0].usage_chunk(*finals, prompt_tokens=prompt_tokens))
         finally:
             for t in tasks:
                 t.cancel()

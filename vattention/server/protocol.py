@@ -9,8 +9,10 @@ Invariants:
 - parameters this server does not implement are accepted at their neutral value only (no
   tools, `echo` false, `best_of` 1, ...); anything else is a 400 naming the parameter
   (`code: "unsupported_parameter"`);
-- after validation a completion's `prompt` is a `str` or a non-empty `list[int]` of
-  non-negative ids, and a chat message's `content` is a `str` (text parts joined);
+- after validation a completion's `prompt` is a non-empty list of prompts (a batch: OpenAI's
+  list of strings or of token-id lists; a single prompt is a batch of one), each a `str` or a
+  non-empty `list[int]` of non-negative ids; a chat message's `content` is a `str` (text
+  parts joined);
 - `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
   turned into 400s as well. Context-length checks need the token count and live in the app.
 """
@@ -115,9 +117,10 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    """`POST /v1/completions`; `prompt` becomes a `str` or a `list[int]` of token ids."""
+    """`POST /v1/completions`; `prompt` becomes a batch: a list of prompts, each a `str` or a
+    `list[int]` of token ids."""
 
-    prompt: str | list[int]
+    prompt: list[str | list[int]]
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -127,7 +130,7 @@ class CompletionRequest(_Common):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        return _one_prompt(v)
+        return _prompt_batch(v)
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_common()
@@ -274,29 +277,33 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
-def _one_prompt(v: Any) -> Any:
+MAX_PROMPTS = 256  # most prompts in one /v1/completions request
+
+
+def _prompt_batch(v: Any) -> list[str | list[int]]:
+    """A batch of prompts from a string, a list of token ids, or a list of either."""
+    if isinstance(v, list) and v and all(isinstance(p, (str, list)) for p in v):
+        if len(v) > MAX_PROMPTS:
+            raise PydanticCustomError(
+                "prompt_batch", "at most {most} prompts per request ({n} given)",
+                {"most": MAX_PROMPTS, "n": len(v)},
+            )  # fmt: skip
+        return [_one_prompt(p) for p in v]
+    return [_one_prompt(v)]
+
+
+def _one_prompt(v: Any) -> str | list[int]:
     if isinstance(v, str):
         return v
-    if isinstance(v, list) and v:
-        batch = all(isinstance(p, str) for p in v) or all(isinstance(p, list) for p in v)
-        if batch and len(v) != 1:
-            raise PydanticCustomError(
-                "prompt_batch",
-                "only one prompt per request is supported ({n} given)",
-                {"n": len(v)},
-            )
-        if batch:
-            v = v[0]
-        if isinstance(v, str):
-            return v
-        if v and all(_is_int(t) for t in v):
-            if any(t < 0 for t in v):
-                raise PydanticCustomError("prompt_ids", "token ids must be non-negative")
-            return v
+    if isinstance(v, list) and v and all(_is_int(t) for t in v):
+        if any(t < 0 for t in v):
+            raise PydanticCustomError("prompt_ids", "token ids must be non-negative")
+        return v
     if isinstance(v, list) and not v:
         raise PydanticCustomError("prompt_empty", "must not be empty")
     raise PydanticCustomError(
-        "prompt_type", "must be a string, a list of one string, or a list of token ids"
+        "prompt_type",
+        "must be a string, a list of token ids, or a list of strings or of token-id lists",
     )
 
 

@@ -31,9 +31,10 @@ def finish_reason(out: RequestOutput) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def usage(*outs: RequestOutput) -> dict[str, int]:
-    """Token counts of one prompt's choices (the prompt counted once)."""
-    prompt = len(outs[0].prompt_token_ids)
+def usage(*outs: RequestOutput, prompt_tokens: int | None = None) -> dict[str, int]:
+    """Token counts of a response's choices: `prompt_tokens` (each prompt counted once; by
+    default the first output's prompt) and every choice's completion."""
+    prompt = len(outs[0].prompt_token_ids) if prompt_tokens is None else prompt_tokens
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
         "prompt_tokens": prompt,
@@ -42,11 +43,13 @@ def usage(*outs: RequestOutput) -> dict[str, int]:
     }
 
 
-def merge_responses(bodies: list[dict[str, Any]], outs: list[RequestOutput]) -> dict[str, Any]:
-    """One response of a prompt's choices (each body holds its own choice)."""
+def merge_responses(
+    bodies: list[dict[str, Any]], outs: list[RequestOutput], prompt_tokens: int
+) -> dict[str, Any]:
+    """One response of several choices (each body holds its own choice)."""
     merged = dict(bodies[0])
     merged["choices"] = [c for b in bodies for c in b["choices"]]
-    merged["usage"] = usage(*outs)
+    merged["usage"] = usage(*outs, prompt_tokens=prompt_tokens)
     return merged
 
 
@@ -88,8 +91,9 @@ class _Renderer:
             return f"token_id:{token_id}"
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    def usage_chunk(self, *outs: RequestOutput) -> dict[str, Any]:
-        return {**self._header(self.chunk_object_name), "choices": [], "usage": usage(*outs)}
+    def usage_chunk(self, *outs: RequestOutput, prompt_tokens: int) -> dict[str, Any]:
+        body = {**self._header(self.chunk_object_name), "choices": []}
+        return {**body, "usage": usage(*outs, prompt_tokens=prompt_tokens)}
 
 
 class CompletionRenderer(_Renderer):
