@@ -266,6 +266,18 @@ def test_a_batch_of_prompts(client: openai.OpenAI, llm: LLM) -> None:
         for ch in c.choices:
             texts[ch.index] += ch.text
     assert texts == [w.text for w in want]
+    # echo: each prompt's text (token ids decoded) before its completion, whole or streamed
+    shown = [PROMPTS[0], llm.tokenizer.decode([5, 17, 42, 99], skip_special_tokens=False),
+             PROMPTS[3]]  # fmt: skip
+    e = client.completions.create(model=MODEL, prompt=batch, max_tokens=NEW, temperature=0,
+                                  echo=True)  # fmt: skip
+    assert [c.text for c in e.choices] == [s + w.text for s, w in zip(shown, want, strict=True)]
+    texts = [""] * 3
+    for c in client.completions.create(model=MODEL, prompt=batch, max_tokens=NEW,
+                                       temperature=0, stream=True, echo=True):  # fmt: skip
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert texts == [c.text for c in e.choices]
 
 
 def test_chat_stream_and_logprobs(client: openai.OpenAI, llm: LLM) -> None:

@@ -126,7 +126,7 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
     ("logit-bias-key", "POST", C, cmpl(logit_bias={"x": 10}), None, 400, "logit_bias"),
     ("logit-bias-range", "POST", C, cmpl(logit_bias={"5": 101}), None, 400, "logit_bias"),
     ("logit-bias-vocab", "POST", C, cmpl(logit_bias={"99999": 1}), None, 400, "logit_bias"),
-    ("echo", "POST", C, cmpl(echo=True), None, 400, "echo"),
+    ("echo-logprobs", "POST", C, cmpl(echo=True, logprobs=1), None, 400, "echo"),
     ("ignore-eos-string", "POST", C, cmpl(ignore_eos="no"), None, 400, "ignore_eos"),
     ("oversized-body", "POST", C, cmpl(prompt="x" * (MAX_BODY + 1)), None, 413, "larger"),
     ("wrong-method", "GET", C, None, None, 405, "GET"),

@@ -161,6 +161,10 @@ def create_app(
             CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs, i)
             for i in range(len(jobs))
         ]
+        if req.echo:  # the prompt's text before each of its choices
+            texts = [server.prompt_text(p, ids) for p, ids in zip(req.prompt, prompts, strict=True)]
+            for i, r in enumerate(renderers):
+                r.echo = texts[i // params.n]
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage,
             sum(len(ids) for ids in prompts),
@@ -218,6 +222,15 @@ class _Server:
                 f"(size {vocab})",
                 "logit_bias",
             )
+
+    def prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """A prompt as text (`echo`): the string sent, or its token ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise bad_request("this model has no tokenizer: echo cannot show token ids", "echo")
+        return str(tokenizer.decode(ids, skip_special_tokens=False))
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -7,7 +7,7 @@ Invariants:
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
 - parameters this server does not implement are accepted at their neutral value only (no
-  tools, `echo` false, `best_of` 1, ...); anything else is a 400 naming the parameter
+  tools, no `echo` with `logprobs`, `best_of` 1, ...); anything else is a 400 naming the parameter
   (`code: "unsupported_parameter"`);
 - after validation a completion's `prompt` is a non-empty list of prompts (a batch: OpenAI's
   list of strings or of token-id lists; a single prompt is a batch of one), each a `str` or a
@@ -136,8 +136,8 @@ class CompletionRequest(_Common):
         self.check_common()
         if self.suffix:
             raise unsupported("suffix")
-        if self.echo:
-            raise unsupported("echo")
+        if self.echo and self.logprobs is not None:
+            raise unsupported("echo", "echo with logprobs (the prompt's log-probabilities)")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", f"only 1, got {self.best_of}")
         return make_sampling_params(

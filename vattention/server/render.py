@@ -97,10 +97,14 @@ class _Renderer:
 
 
 class CompletionRenderer(_Renderer):
+    """`echo`: the prompt's text, put before the completion's (whole, or as the first chunk)."""
+
     object_name = chunk_object_name = "text_completion"
+    echo: str = ""
 
     def response(self, out: RequestOutput) -> dict[str, Any]:
         text, entries = self._delta(out)
+        text, self.echo = self.echo + text, ""
         return {
             **self._header(self.object_name),
             "choices": [self._choice(text, entries, finish_reason(out))],
@@ -109,6 +113,7 @@ class CompletionRenderer(_Renderer):
 
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[dict[str, Any]]:
         text, entries = self._delta(out)
+        text, self.echo = self.echo + text, ""
         reason = finish_reason(out)
         if not text and not entries and reason is None:
             return []
