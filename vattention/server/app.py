@@ -313,13 +313,19 @@ class _Server:
         if stream:
             events = self._events(streams, renderers, trackers, include_usage, prompt_tokens)
             return _SSEResponse(events, on_close=lambda: self._ended(streams, trackers))
-        work = asyncio.gather(*(self._final(s, t) for s, t in zip(streams, trackers, strict=True)))
+        work = asyncio.gather(
+            *(self._final(s, t) for s, t in zip(streams, trackers, strict=True)),
+            return_exceptions=True,  # every choice runs to its end; the first error is raised
+        )
         try:
             finals = await _until_disconnect(request, work)
         finally:
             self._ended(streams, trackers)
         if finals is None:  # the client went away: nobody reads this
             return Response(status_code=499)
+        for f in finals:
+            if isinstance(f, BaseException):
+                raise f
         bodies = [r.response(f) for r, f in zip(renderers, finals, strict=True)]
         return JSONResponse(merge_responses(bodies, list(finals), prompt_tokens))
 
