@@ -379,6 +379,32 @@ def step_times(
         }
 
 
+MODES = ("premapped", "sync", "async", "async_bursts", "inline")
+
+
+def _step_row(launch: str, layout: str, tps: int, r: dict[str, dict[str, float]]) -> dict:  # type: ignore[type-arg]
+    """One row of the step-time table from each mode's timings (`step_times`), printed."""
+    base = r["premapped"]["mean_ms"]
+    row = {
+        "launch": launch,
+        "layout": layout,
+        "tokens_per_step": tps,
+        **{f"{m}_ms": r[m]["mean_ms"] for m in r},
+        **{f"{m}_overhead": r[m]["mean_ms"] / base - 1 for m in MODES[1:]},
+        "map_calls_per_step": r["sync"]["map_calls_per_step"],
+        "detail": r,
+    }
+    print(
+        f"step time {launch:10s} {layout:14s} +{tps} tok/step: premapped {base:7.3f} ms | sync "
+        f"{r['sync']['mean_ms']:7.3f} ms ({row['sync_overhead']:+.2%}) | async "
+        f"{r['async']['mean_ms']:7.3f} ms ({row['async_overhead']:+.2%}) | async in bursts "
+        f"{r['async_bursts']['mean_ms']:7.3f} ms ({row['async_bursts_overhead']:+.2%}) | "
+        f"inline after launch {r['inline']['mean_ms']:7.3f} ms ({row['inline_overhead']:+.2%})"
+        f" | {row['map_calls_per_step']:.1f} map calls/step"
+    )
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -465,32 +491,9 @@ def main() -> None:
                 )
                 r = {
                     m: step_times(spec, dev, m, steps, 20 if not quick else 3, tps, work, graph)
-                    for m in ("premapped", "sync", "async", "async_bursts", "inline")
+                    for m in MODES
                 }
-                base = r["premapped"]["mean_ms"]
-                row = {
-                    "launch": "cuda-graph" if graph else "eager",
-                    "layout": layout,
-                    "tokens_per_step": tps,
-                    **{f"{m}_ms": r[m]["mean_ms"] for m in r},
-                    "sync_overhead": r["sync"]["mean_ms"] / base - 1,
-                    "async_overhead": r["async"]["mean_ms"] / base - 1,
-                    "async_bursts_overhead": r["async_bursts"]["mean_ms"] / base - 1,
-                    "inline_overhead": r["inline"]["mean_ms"] / base - 1,
-                    "map_calls_per_step": r["sync"]["map_calls_per_step"],
-                    "detail": r,
-                }
-                rows.append(row)
-                print(
-                    f"step time {row['launch']:10s} {layout:14s} +{tps} tok/step: premapped "
-                    f"{base:7.3f} ms | sync {r['sync']['mean_ms']:7.3f} ms "
-                    f"({row['sync_overhead']:+.2%}) | async {r['async']['mean_ms']:7.3f} ms "
-                    f"({row['async_overhead']:+.2%}) | async in bursts "
-                    f"{r['async_bursts']['mean_ms']:7.3f} ms "
-                    f"({row['async_bursts_overhead']:+.2%}) | inline after launch "
-                    f"{r['inline']['mean_ms']:7.3f} ms ({row['inline_overhead']:+.2%}) | "
-                    f"{row['map_calls_per_step']:.1f} map calls/step"
-                )
+                rows.append(_step_row("cuda-graph" if graph else "eager", layout, tps, r))
     # The engine runs steps eagerly only above its mixed-graph token bucket (or when graphs are
     # off): prefill-shaped steps, where the GPU, not the launching thread, sets the pace.
     chunk, nslots = (16, 2) if quick else (128, 16)
@@ -505,29 +508,9 @@ def main() -> None:
         m: step_times(
             spec, dev, m, pre_steps, 3 if quick else 10, chunk, pre_work, slots_n=nslots
         )  # fmt: skip
-        for m in ("premapped", "sync", "async", "async_bursts", "inline")
+        for m in MODES
     }
-    base = r["premapped"]["mean_ms"]
-    row = {
-        "launch": f"eager, {nslots} x {chunk}-token chunks",
-        "layout": "cross_layer_kv",
-        "tokens_per_step": chunk,
-        **{f"{m}_ms": r[m]["mean_ms"] for m in r},
-        "sync_overhead": r["sync"]["mean_ms"] / base - 1,
-        "async_overhead": r["async"]["mean_ms"] / base - 1,
-        "async_bursts_overhead": r["async_bursts"]["mean_ms"] / base - 1,
-        "inline_overhead": r["inline"]["mean_ms"] / base - 1,
-        "map_calls_per_step": r["sync"]["map_calls_per_step"],
-        "detail": r,
-    }
-    rows.append(row)
-    print(
-        f"step time {row['launch']}: premapped {base:7.3f} ms | sync "
-        f"{r['sync']['mean_ms']:7.3f} ms ({row['sync_overhead']:+.2%}) | async "
-        f"{r['async']['mean_ms']:7.3f} ms ({row['async_overhead']:+.2%}) | inline after launch "
-        f"{r['inline']['mean_ms']:7.3f} ms ({row['inline_overhead']:+.2%}) | "
-        f"{row['map_calls_per_step']:.1f} map calls/step"
-    )
+    rows.append(_step_row(f"eager, {nslots} x {chunk}-token chunks", "cross_layer_kv", chunk, r))
     results["step"] = rows
     if dev == "cuda":
         spec = KVCacheSpec(
