@@ -369,6 +369,21 @@ def _disconnect_mid_stream(served: Running) -> tuple[int, int, int]:
     return state
 
 
+def test_a_closed_stream_of_several_choices_aborts_them_all(served: Running) -> None:
+    body = {"model": MODEL, "prompt": ["Go on and on", "Keep"], "max_tokens": 200, "n": 2,
+            "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    with (
+        slowed(served.engine),
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", served.base_url + "/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        assert next(response.iter_lines()).startswith("data: ")
+    wait_for(lambda: idle(served.engine), what="all four requests to be aborted")
+    stats = served.engine.call_sync(lambda e: e.cache.stats())
+    assert stats.slots_used == 0 and stats.live_bytes == 0
+
+
 def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
     # A request seen in flight at its first chunk must be aborted when its client goes away.
     # (Rarely, under a loaded full test run, the request was no longer in the engine at that
@@ -390,8 +405,10 @@ def test_disconnect_mid_stream_frees_the_slot(served: Running) -> None:
     raise AssertionError(f"the request was never in flight at its first chunk: {states}")
 
 
-def test_disconnect_while_waiting_for_a_whole_response(served: Running) -> None:
-    body = {"model": MODEL, "prompt": "Go on", "max_tokens": 240, "ignore_eos": True}
+@pytest.mark.parametrize("many", [{}, {"n": 3, "prompt": ["Go on", "Keep going"]}])
+def test_disconnect_while_waiting_for_a_whole_response(served: Running, many: dict) -> None:
+    """(With a batch of prompts and n choices each: every one of their requests is aborted.)"""
+    body = {"model": MODEL, "prompt": "Go on", "max_tokens": 240, "ignore_eos": True, **many}
     # Hold the engine thread for a moment, so the client gives up before any reply can come
     # (the tiny model could otherwise finish all 240 tokens within the client's timeout).
     holding = threading.Event()
