@@ -71,3 +71,32 @@ def test_async_scheduling_on_cuda_with_stops_and_seeds(tmp_path: Path) -> None:
     assert runs[0] == runs[1]
     first = probe[0].token_ids.index(stop_on)  # the greedy row stops at its first stop token
     assert runs[1][0] == (probe[0].token_ids[: first + 1], "stop")
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_sampling_options_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -> None:
+    """Penalties (counts on the device, under async scheduling and CUDA graphs), logit bias,
+    min_tokens and n greedy choices give on CUDA the tokens the CPU engine gives (float32)."""
+    save_tiny("llama", tmp_path / "m")
+    batch = prompts(6, seed=8, low=5, high=60)
+    common = dict(temperature=0, max_tokens=NEW, ignore_eos=True)
+    params = [
+        SamplingParams(**common, repetition_penalty=1.3),  # type: ignore[arg-type]
+        SamplingParams(**common, frequency_penalty=0.8, presence_penalty=0.3),  # type: ignore[arg-type]
+        SamplingParams(**common, logit_bias={7: 3.0, 9: -100}),  # type: ignore[arg-type]
+        SamplingParams(temperature=0, max_tokens=NEW, min_tokens=NEW // 2, stop_token_ids=[3]),
+        SamplingParams(**common, n=2),  # type: ignore[arg-type]
+        SamplingParams(**common),  # type: ignore[arg-type]
+    ]
+    with _llm(tmp_path / "m", kv_cache) as llm:
+        gpu = llm.generate(batch, params, use_tqdm=False)
+    cpu_opts = dict(device="cpu", kv_cache_memory=64 << 20)
+    if kv_cache == "paged":
+        cpu_opts["attention_backend"] = "paged_torch"
+    with _llm(tmp_path / "m", kv_cache, **cpu_opts) as llm:
+        cpu = llm.generate(batch, params, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in gpu] == [
+        [c.token_ids for c in o.outputs] for o in cpu
+    ]
+    assert len(gpu[4].outputs) == 2
+    torch.cuda.synchronize()
