@@ -297,3 +297,28 @@ def test_n_choices_run_as_seeded_requests_over_one_prompt(tmp_path: Path) -> Non
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
     with pytest.raises(ValueError, match="n must be in"):
         SamplingParams(n=0)
+
+
+def test_chat_renders_conversations_with_the_template(tmp_path: Path) -> None:
+    """`LLM.chat` replies to one conversation or to several, as `generate` does on the ids the
+    chat template renders; a tokenizer without a template is a clear error."""
+    save_tiny("llama", tmp_path / "m", vocab_size=300)  # the byte tokenizer
+    convs = [
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "what is a page?"}],
+    ]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    with _llm(tmp_path / "m", "vattention") as llm:
+        tok = llm.tokenizer
+        with pytest.raises(ValueError, match="no chat template"):
+            llm.chat(convs[0], params)
+        tok.chat_template = "<|role|> lines"  # it renders `<|role|>\ncontent\n` itself
+        ids = [list(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))
+               for c in convs]  # fmt: skip
+        want = llm.generate(ids, params, use_tqdm=False)
+        both = llm.chat(convs, params, use_tqdm=False)
+        (one,) = llm.chat(convs[1], params, use_tqdm=False)
+        assert [o.token_ids for o in both] == [w.token_ids for w in want]
+        assert one.token_ids == want[1].token_ids and both[0].prompt_token_ids == ids[0]
+        with pytest.raises(TypeError, match="conversation"):
+            llm.chat([convs[0], "hi"], params, use_tqdm=False)  # type: ignore[list-item]

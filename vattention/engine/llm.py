@@ -5,7 +5,8 @@
     print(outputs[0].outputs[0].text)
 
 Prompts may be strings, token-id lists, or dicts with "prompt" or "prompt_token_ids"; outputs come
-back in the order of the prompts.
+back in the order of the prompts. `llm.chat(messages)` renders conversations with the model's
+chat template first (as `vattention chat` and the server's `/v1/chat/completions` do).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from vattention.engine.llm_engine import EngineConfig, LLMEngine
 from vattention.engine.outputs import RequestOutput
 from vattention.engine.sampling_params import SamplingParams
+from vattention.models.tokenizer import template_ids
 
 PromptLike = str | Sequence[int] | dict[str, Any]
 
@@ -86,6 +88,35 @@ class LLM:
         finally:
             bar.close()
         return [_merge([done[rid] for rid in group]) for group in groups]
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of `{"role", "content"}` messages) or to each of
+        a list of them: each is rendered to token ids with the tokenizer's chat template,
+        then generated as `generate` does."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError(
+                f"model {self.engine.config.model!r} has no chat template: use generate()"
+            )
+        if not messages:
+            raise ValueError("chat() needs at least one message")
+        one = isinstance(messages[0], dict)
+        conversations = [messages] if one else list(messages)
+        prompts: list[PromptLike] = []
+        for conv in conversations:
+            if not conv or not all(isinstance(m, dict) for m in conv):
+                raise TypeError("a conversation is a non-empty list of message dicts")
+            rendered = tok.apply_chat_template(
+                list(conv), tokenize=True, add_generation_prompt=add_generation_prompt
+            )
+            prompts.append(template_ids(rendered))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def close(self) -> None:
         self.engine.close()

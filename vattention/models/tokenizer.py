@@ -92,3 +92,13 @@ def _fallback_for(path_or_preset: str | Path) -> ByteTokenizer:
         config = get_preset(str(path_or_preset))
     eos = config.eos_token_ids[0] if config.eos_token_ids else 2
     return ByteTokenizer(config.vocab_size, config.bos_token_id, eos)
+
+
+def template_ids(rendered: Any) -> list[int]:
+    """The token ids `apply_chat_template(tokenize=True)` returned (a list, a list of one list,
+    or a BatchEncoding, depending on the tokenizer and transformers' version)."""
+    if hasattr(rendered, "keys") and "input_ids" in rendered:
+        rendered = rendered["input_ids"]
+    if rendered and isinstance(rendered[0], list):
+        rendered = rendered[0]
+    return [int(t) for t in rendered]

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vattention.engine.outputs import RequestOutput
 from vattention.engine.sampling_params import SamplingParams
+from vattention.models.tokenizer import template_ids
 from vattention.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -268,7 +269,7 @@ class _Server:
             raise bad_request(
                 f"the chat template failed on these messages: {e}", "messages"
             ) from None
-        return self.prompt_ids(_token_ids(rendered))
+        return self.prompt_ids(template_ids(rendered))
 
     def check_length(self, n: int, max_tokens: int | None, what: str, max_name: str) -> None:
         limit = self.engine.max_model_len
@@ -464,12 +465,3 @@ def _engine_error(e: BaseException) -> APIError:
     if isinstance(e, EngineShutdownError):
         return APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE)
     return APIError(str(e), HTTPStatus.INTERNAL_SERVER_ERROR, code="engine_error")
-
-
-def _token_ids(rendered: Any) -> list[int]:
-    """The ids `apply_chat_template(tokenize=True)` returned (a list, or a BatchEncoding)."""
-    if hasattr(rendered, "keys") and "input_ids" in rendered:
-        rendered = rendered["input_ids"]
-    if rendered and isinstance(rendered[0], list):
-        rendered = rendered[0]
-    return [int(t) for t in rendered]
