@@ -29,7 +29,7 @@ import torch
 
 from vattention.engine.logprobs import Logprobs
 from vattention.engine.penalties import PenaltyBatch, PenaltyState
-from vattention.engine.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+from vattention.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from vattention.engine.request import Request
@@ -151,13 +151,7 @@ class SamplingMetadata:
         wanted = -1  # most top log-probabilities asked for; -1: none
         for r in requests:
             p = r.params
-            if (
-                p.temperature >= GREEDY_TEMPERATURE
-                or p.seed is not None
-                or p.needs_penalties
-                or p.logit_bias
-                or p.min_tokens
-            ):
+            if not p.plain_greedy:
                 break
             if p.logprobs is not None and p.logprobs > wanted:
                 wanted = p.logprobs

@@ -16,6 +16,7 @@ max_tokens`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -208,6 +209,19 @@ class SamplingParams:
             dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
             for i in range(self.n)
         ]
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes its rows' logits or draws noise (no seed, no
+        penalties, no logit bias, no min_tokens): the sampler's per-step fast path (derived
+        once: the params are frozen)."""
+        return (
+            self.greedy
+            and self.seed is None
+            and not self.needs_penalties
+            and not self.logit_bias
+            and not self.min_tokens
+        )
 
     @property
     def greedy(self) -> bool:

@@ -382,7 +382,7 @@ class _Server:
             else:
                 finals = [x for x in last if x is not None]
                 if include_usage and len(finals) == len(last):
-                    yield sse(renderers[0].usage_chunk(*finals, prompt_tokens=prompt_tokens))
+                    yield sse(renderers[0].usage_chunk(finals, prompt_tokens))
         finally:
             for t in tasks:
                 t.cancel()

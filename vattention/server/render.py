@@ -31,25 +31,24 @@ def finish_reason(out: RequestOutput) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def usage(*outs: RequestOutput, prompt_tokens: int | None = None) -> dict[str, int]:
-    """Token counts of a response's choices: `prompt_tokens` (each prompt counted once; by
-    default the first output's prompt) and every choice's completion."""
-    prompt = len(outs[0].prompt_token_ids) if prompt_tokens is None else prompt_tokens
+def usage(outs: list[RequestOutput], prompt_tokens: int) -> dict[str, int]:
+    """Token counts of a response's choices: `prompt_tokens` (each prompt counted once) and
+    every choice's completion."""
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
-        "prompt_tokens": prompt,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": prompt_tokens + completion,
     }
 
 
 def merge_responses(
     bodies: list[dict[str, Any]], outs: list[RequestOutput], prompt_tokens: int
 ) -> dict[str, Any]:
-    """One response of several choices (each body holds its own choice)."""
+    """The response: every choice's body (`response()`: one choice each) merged, and usage."""
     merged = dict(bodies[0])
     merged["choices"] = [c for b in bodies for c in b["choices"]]
-    merged["usage"] = usage(*outs, prompt_tokens=prompt_tokens)
+    merged["usage"] = usage(outs, prompt_tokens)
     return merged
 
 
@@ -91,9 +90,9 @@ class _Renderer:
             return f"token_id:{token_id}"
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    def usage_chunk(self, *outs: RequestOutput, prompt_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, outs: list[RequestOutput], prompt_tokens: int) -> dict[str, Any]:
         body = {**self._header(self.chunk_object_name), "choices": []}
-        return {**body, "usage": usage(*outs, prompt_tokens=prompt_tokens)}
+        return {**body, "usage": usage(outs, prompt_tokens)}
 
 
 class CompletionRenderer(_Renderer):
@@ -108,7 +107,6 @@ class CompletionRenderer(_Renderer):
         return {
             **self._header(self.object_name),
             "choices": [self._choice(text, entries, finish_reason(out))],
-            "usage": usage(out),
         }
 
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[dict[str, Any]]:
@@ -167,7 +165,7 @@ class ChatRenderer(_Renderer):
             "logprobs": self._logprobs(entries),
             "finish_reason": finish_reason(out),
         }
-        return {**self._header(self.object_name), "choices": [choice], "usage": usage(out)}
+        return {**self._header(self.object_name), "choices": [choice]}
 
     def role_chunk(self, include_usage: bool) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, [], None, include_usage)
