@@ -186,9 +186,9 @@ def memory_per_live_token(samples: list[dict[str, float]]) -> dict[str, float]:
         "samples": float(len(rows)),
         "running_mean": sum(s.get("running", 0.0) for s in rows) / len(rows),
     }
-    if "shared_saved_bytes" in rows[0]:  # physical: a shared page counts once, and prefix
-        # segments (copies of hot prefixes in one allocation) count on top
-        phys = [s[held_key] - s["shared_saved_bytes"] + s.get("segment_bytes", 0) for s in rows]
+    if "shared_saved_bytes" in rows[0]:  # physical: a shared page counts once (a prefix
+        # segment's pages are shared pages like any other)
+        phys = [s[held_key] - s["shared_saved_bytes"] for s in rows]
         out["physical_over_live_mean"] = sum(phys) / sum(s["live_bytes"] for s in rows)
         out["shared_saved_bytes_max"] = max(s["shared_saved_bytes"] for s in rows)
     for key in ("slack_bytes", "lookahead_bytes", "reclaimable_bytes", "prepared_bytes"):

@@ -39,6 +39,11 @@ class FakeKVCache:
                 return s
         raise OutOfKVMemory("no free slot")
 
+    def length(self, slot: int) -> int:
+        if not self.used[slot]:
+            raise ValueError(f"slot {slot} is not in use")
+        return self.lengths[slot]
+
     def free_slot(self, slot: int) -> None:
         if not self.used[slot]:
             raise ValueError(f"slot {slot} is not in use")

@@ -310,11 +310,14 @@ class SharingMachine(RuleBasedStateMachine):
             return
         if data.draw(st.booleans()):  # the scheduler's way: the slot comes with the rows
             slot = self.cache.alloc_slot(chain[:n])
-            assert self.cache.length(slot) == n * self.t
+            got = self.cache.length(slot)
         else:
             slot = self.cache.alloc_slot()
-            assert self.cache.map_cached(slot, chain[:n]) == n * self.t
-        self.chains[slot] = chain[:n]
+            got = self.cache.map_cached(slot, chain[:n])
+        # all of them, but where they end inside a segment that cannot be split now
+        assert got % self.t == 0 and (got == n * self.t or self.cache.segment_min_pages)
+        assert got <= n * self.t
+        self.chains[slot] = chain[: got // self.t]
 
     @rule(data=st.data())
     @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 0)
@@ -352,6 +355,10 @@ class SharingMachine(RuleBasedStateMachine):
     def trim(self) -> None:
         self.cache.trim()
 
+    def check_saved(self, got: int, by_key: int) -> None:
+        """Used slots' extra mappings of shared pages: one per extra slot mapping a key."""
+        assert got == by_key
+
     @invariant()
     def consistent(self) -> None:
         self.cache.check_integrity()
@@ -360,7 +367,7 @@ class SharingMachine(RuleBasedStateMachine):
             for key in chain:
                 counts[key] = counts.get(key, 0) + 1
         saved = sum(c - 1 for c in counts.values()) * self.cache.layout.num_buffers * PAGE
-        assert self.cache.stats().shared_saved_bytes == saved  # used slots' extra mappings
+        self.check_saved(self.cache.stats().shared_saved_bytes, saved)
         for slot, chain in self.chains.items():
             for i, key in enumerate(chain):
                 page = self.cache.k_cache(0)[slot, i * self.t : (i + 1) * self.t]
@@ -384,6 +391,11 @@ class SegmentMachine(SharingMachine):
         self.cache.close()
         self.cache = _cache(layout="cross_layer", pages=24, slots=5, segment_min_pages=2)
 
+    def check_saved(self, got: int, by_key: int) -> None:
+        """A slot that mapped a key's page before a segment replaced it keeps that page, so
+        the slots mapping a key share it only in part."""
+        assert got <= by_key
+
     @rule(data=st.data(), cut=st.integers(0, 2))
     @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 1)
     def share_hot(self, data: st.DataObject, cut: int) -> None:
@@ -394,7 +406,23 @@ class SegmentMachine(SharingMachine):
         for m in (n, n - cut):
             if m > 0 and self.cache.num_free_slots:
                 slot = self.cache.alloc_slot(chain[:m])
-                self.chains[slot] = chain[:m]
+                got = self.cache.length(slot) // self.t
+                assert got <= m
+                self.chains[slot] = chain[:got]
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.published) and self.cache.num_free_slots > 0)
+    def share_part(self, data: st.DataObject) -> None:
+        """An admission behind any leading part of a published chain (one that ends inside
+        a segment splits it, memory permitting)."""
+        chain = data.draw(st.sampled_from(self.published))
+        n = self.cache.cached_prefix(chain)
+        if n:
+            m = data.draw(st.integers(1, n))
+            slot = self.cache.alloc_slot(chain[:m])
+            got = self.cache.length(slot) // self.t
+            assert got <= m
+            self.chains[slot] = chain[:got]
 
 
 SegmentMachine.TestCase.settings = settings(
@@ -405,10 +433,11 @@ test_segment_state_machine = SegmentMachine.TestCase
 
 
 @pytest.mark.parametrize("layout", ["cross_layer", "per_layer"])
-def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
+def test_hot_prefix_moves_into_one_segment(layout: str) -> None:
     """The third slot behind a prefix mapped by two gets it through a new segment (one
-    mapping per buffer, filled by a copy), later ones reuse it, a shorter hot prefix gets a
-    segment of its own (segments map whole), and every slot reads the published data."""
+    mapping per buffer, filled by a copy) that replaces the table's pages, later ones reuse
+    it, a shorter lookup splits it where it ends (a segment maps only whole), and every slot
+    reads the published data."""
     with _cache(layout, pages=40, slots=6, segment_min_pages=2) as cache:
         t, nbuf = cache.tokens_per_page, cache.layout.num_buffers
         keys = ["s0", "s1", "s2", "s3"]
@@ -424,36 +453,100 @@ def test_hot_prefix_is_mapped_through_one_segment(layout: str) -> None:
         st_ = cache.stats()
         assert st_.map_calls - maps == nbuf
         assert st_.segment_bytes == 4 * nbuf * PAGE and st_.segments_built == 1
+        assert st_.prefix_bytes == 4 * nbuf * PAGE  # the table holds the segment alone
         maps = st_.map_calls
         d = cache.alloc_slot(keys)  # reuses it
         assert cache.stats().map_calls - maps == nbuf
-        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
         assert cache.stats().segments_built == 1
-        # a shorter hot prefix: a segment is mapped whole, so it gets one of its own
+        # a lookup that ends inside it splits it: 3 + 1 pages, the old one goes with c and d
         e = cache.alloc_slot(keys[:3])
-        assert cache.stats().segment_bytes == 7 * nbuf * PAGE
-        assert cache.stats().segments_built == 2
+        st_ = cache.stats()
+        assert st_.segments_split == 1 and st_.segment_bytes == (4 + 3 + 1) * nbuf * PAGE
+        assert cache.length(e) == 3 * t
         maps = cache.stats().map_calls
-        f = cache.alloc_slot(keys[:3])
-        assert cache.stats().map_calls - maps == nbuf
-        for s in (b, c, d):
+        f = cache.alloc_slot(keys)  # both parts: two mappings per buffer
+        assert cache.stats().map_calls - maps == 2 * nbuf
+        for s in (b, c, d, f):
             assert torch.equal(_read(cache, s, 4 * t), want)
-        for s in (e, f):
-            assert torch.equal(_read(cache, s, 3 * t), want[:, : 3 * t])
+        assert torch.equal(_read(cache, e, 3 * t), want[:, : 3 * t])
         cache.ensure(c, 4 * t + 9)  # private pages after the segment
         cache.check_integrity()
-        for s in (a, b, c, d, e, f):
+        for s in (c, d):
             cache.free_slot(s)
+        g = cache.alloc_slot(keys)  # reuses c's or d's slot: the split segment goes with it
+        h = cache.alloc_slot(keys)
+        assert torch.equal(_read(cache, g, 4 * t), want)
+        assert cache.stats().segment_bytes == 4 * nbuf * PAGE
         cache.check_integrity()
+        for s in (a, b, e, f, g, h):
+            cache.free_slot(s)
         assert cache.trim() > 0
         st_ = cache.stats()
-        assert st_.segment_bytes == 0 and st_.mapped_bytes == 0
+        assert st_.segment_bytes == 0 and st_.mapped_bytes == 0 and st_.prefix_bytes == 0
         cache.check_integrity()
 
 
-def test_segments_are_the_first_memory_given_back() -> None:
-    """Under a tight budget a segment no used slot maps is destroyed before any prefix row is
-    evicted, and a request that needs the memory gets it."""
+def test_a_hot_prefix_is_held_once() -> None:
+    """Once the slots that mapped a hot prefix's pages before its segment let go, those pages
+    are back in the pool: the prefix's memory is the segment alone, however many share it."""
+    with _cache(pages=40, slots=3, segment_min_pages=2) as cache:
+        t, nbuf = cache.tokens_per_page, cache.layout.num_buffers
+        keys = ["s0", "s1", "s2", "s3"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 4 * t)
+        _fill(cache, a, 4 * t, 2.0)
+        cache.cache_pages(a, keys)
+        want = _read(cache, a, 4 * t)
+        b = cache.alloc_slot(keys)
+        c = cache.alloc_slot(keys)  # builds the segment
+        cache.free_slot(a)
+        cache.free_slot(b)
+        x = cache.alloc_slot()  # every free slot maps old pages: they are unmapped first
+        y = cache.alloc_slot()
+        cache.ensure(x, t)
+        cache.ensure(y, t)
+        st_ = cache.stats()
+        assert st_.prefix_bytes == st_.segment_bytes == 4 * nbuf * PAGE
+        held = st_.created_bytes - st_.pool_free_bytes  # pages mapped or in the table
+        assert held == 2 * nbuf * PAGE  # x's and y's own page: the old prefix pages are free
+        cache.free_slot(c)
+        z = cache.alloc_slot(keys)
+        assert torch.equal(_read(cache, z, 4 * t), want)
+        cache.check_integrity()
+
+
+def test_a_chain_that_branches_inside_a_segment_splits_it() -> None:
+    """Chain B shares the first two pages of chain A and goes on with its own; once A's four
+    pages move into a segment, a lookup of B (segment rows, then B's own page rows) splits
+    the segment where B branches off instead of mapping A's third page as B's."""
+    with _cache(pages=40, slots=6, segment_min_pages=3) as cache:
+        t = cache.tokens_per_page
+        a_keys, b_keys = ["x0", "x1", "a2", "a3"], ["x0", "x1", "b2", "b3"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 4 * t)
+        _fill(cache, a, 4 * t, 1.0)
+        cache.cache_pages(a, a_keys)
+        b = cache.alloc_slot(b_keys[:2])  # B: A's first two pages, then its own
+        cache.ensure(b, 4 * t)
+        for layer in range(cache.spec.num_layers):
+            cache.k_cache(layer)[b, 2 * t : 4 * t] = 77.0
+        cache.cache_pages(b, b_keys)
+        want_b = _read(cache, b, 4 * t)
+        c = cache.alloc_slot(a_keys)  # only A's first two pages are hot: too few
+        assert cache.stats().segments_built == 0
+        d = cache.alloc_slot(a_keys)  # all four are hot: they move into a segment
+        assert cache.stats().segments_built == 1
+        e = cache.alloc_slot(b_keys)
+        assert cache.length(e) == 4 * t and cache.stats().segments_split == 1
+        assert torch.equal(_read(cache, e, 4 * t), want_b)
+        for s in (c, d):
+            assert torch.equal(_read(cache, s, 4 * t), _read(cache, a, 4 * t))
+        cache.check_integrity()
+
+
+def test_idle_segments_are_evicted_whole_in_lru_order() -> None:
+    """Under a tight budget an idle segment is evicted whole (its keys leave the table) when
+    it is the least recently used, and a request that needs the memory gets it."""
     with _cache(pages=16, slots=5, segment_min_pages=2) as cache:
         t = cache.tokens_per_page
         keys = ["s0", "s1", "s2"]
@@ -464,14 +557,14 @@ def test_segments_are_the_first_memory_given_back() -> None:
         b = cache.alloc_slot(keys)
         c = cache.alloc_slot(keys)
         assert cache.stats().segment_bytes > 0
-        for s in (b, c):
+        for s in (a, b, c):
             cache.free_slot(s)
         x, y = cache.alloc_slot(), cache.alloc_slot()
         cache.ensure(x, 10 * t)
         assert cache.stats().segment_bytes > 0  # memory to spare so far: it stays
-        cache.ensure(y, 2 * t)  # 3 + 10 + 2 of 16 pages: the segment's budget is needed
+        cache.ensure(y, 5 * t)  # 3 + 10 + 5 of 16 pages: the segment's budget is needed
         assert cache.stats().segment_bytes == 0
-        assert cache.cached_prefix(keys) == 3  # the rows themselves stay (a still maps them)
+        assert cache.cached_prefix(keys) == 0
         cache.check_integrity()
 
 

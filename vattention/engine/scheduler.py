@@ -60,7 +60,9 @@ class Scheduler:
         if not isinstance(config, SchedulerConfig):
             raise TypeError(f"config must be a SchedulerConfig, got {type(config).__name__}")
         if not isinstance(kv_cache, KVCacheManager):
-            raise TypeError("kv_cache must have alloc_slot(), free_slot(slot) and ensure(slot, n)")
+            raise TypeError(
+                "kv_cache must have alloc_slot(), free_slot(slot), ensure(slot, n) and length(slot)"
+            )
         cache_len = getattr(getattr(kv_cache, "spec", None), "max_seq_len", None)
         if isinstance(cache_len, int) and config.max_model_len > cache_len:
             raise ValueError(
@@ -299,6 +301,8 @@ class Scheduler:
             slot = self.kv_cache.alloc_slot(keys, tokens=r.num_tokens)
         except OutOfKVMemory:
             return 0
+        if keys:  # fewer where they end inside a prefix segment that cannot be split now
+            keys = keys[: self.kv_cache.length(slot) // self.prefix.per_page]  # type: ignore[union-attr]
         cached = len(keys) * self.prefix.per_page if self.prefix is not None else 0
         n = min(r.num_tokens - cached, budget)
         try:

@@ -26,8 +26,9 @@ class KVCacheManager(Protocol):
     """The part of a KV cache the scheduler uses (`VirtualKVCache` and `PagedKVCache` have it).
 
     `alloc_slot` raises `OutOfKVMemory` when no slot is free; with `prefix` (cached page keys)
-    the slot comes with those pages as its first tokens; `tokens` is how many the request holds
-    now (a hint for choosing among free slots). `ensure(slot, n)` backs tokens `[0, n)` of the
+    the slot comes with those pages as its first tokens (`length(slot)` of them: all, or fewer
+    where the cache cannot map them all now); `tokens` is how many the request holds now (a
+    hint for choosing among free slots). `ensure(slot, n)` backs tokens `[0, n)` of the
     slot all-or-nothing and raises `OutOfKVMemory` when it cannot.
     """
 
@@ -36,6 +37,8 @@ class KVCacheManager(Protocol):
     def free_slot(self, slot: int) -> None: ...
 
     def ensure(self, slot: int, num_tokens: int) -> None: ...
+
+    def length(self, slot: int) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class CacheAccounting(CacheState):
                 prefix_hit_pages=self._table.hits,
                 segment_bytes=self._pool.held * ps,
                 segments_built=self._segments_built,
+                segments_split=self._segments_split,
             )
 
     def check_integrity(self) -> None:
@@ -59,7 +60,9 @@ class CacheAccounting(CacheState):
             mapped = [h for rows in self._pages for row in rows for h in row]
             if any(len(row) != nbuf for rows in self._pages for row in rows):
                 problems.append("a page index is mapped in some buffers only")
-            table = set(self._table.handles())
+            owned = set(self._table.handles())  # current rows (segment row ids included)
+            retired = set(self._table.retired())
+            table = owned | retired
             counts: dict[int, int] = {}
             for h in mapped:
                 counts[h] = counts.get(h, 0) + 1
@@ -67,19 +70,25 @@ class CacheAccounting(CacheState):
                 problems.append("mapping counts differ from the reference counts")
             if any(n > 1 and h not in table for h, n in counts.items()):
                 problems.append("a page outside the prefix table is mapped twice")
-            handles = list(set(counts) | table) + self._pool.free
+            if {h for h in retired if h >= 0} - set(counts):
+                problems.append("a retired prefix page is mapped nowhere (it should be pooled)")
+            pages = {h for h in set(counts) | table if h >= 0}
+            handles = list(pages) + self._pool.free
             if len(set(handles)) != len(handles):
                 problems.append("a pooled page is also mapped or in the prefix table")
             if len(handles) != self._pool.created:
                 problems.append(f"{len(handles)} pages accounted, {self._pool.created} created")
-            if self._idle_table_handles != len(table - set(counts)):
+            if self._idle_table_handles != len(owned - set(counts)):
                 problems.append("the count of prefix pages mapped nowhere is off")
+            if {h for h in table | set(counts) if h < 0} - set(self._seg_ids):
+                problems.append("a segment row outlives its segment")
             for s in range(self.spec.max_slots):
-                shared = [any(h in table for h in row) for row in self._pages[s]]
+                shared = [self._table.holds(row[0]) for row in self._pages[s] if row]
                 if shared != sorted(shared, reverse=True):
                     problems.append(f"slot {s}: prefix rows do not lead its pages")
-            if self._pool.created > self._pool.budget:
-                problems.append("more pages created than the budget")
+            self._check_segments(counts, owned, problems)
+            if self._pool.created + self._pool.held > self._pool.budget:
+                problems.append("more pages created or held than the budget")
             for s in range(self.spec.max_slots):
                 cap = len(self._pages[s]) * self.page_size // self.layout.buffer_token_bytes
                 if self._cap_tokens[s] != cap:
@@ -88,27 +97,10 @@ class CacheAccounting(CacheState):
                     problems.append(f"slot {s}: {self._lengths[s]} live tokens beyond its pages")
                 if not self._used[s] and self._lengths[s]:
                     problems.append(f"free slot {s} has live tokens")
-            segs = [g for gs in self._segments.values() for g in gs]
-            for seg in segs:
-                if any(not self._table.holds(row[0]) for row in seg.rows):
-                    problems.append("a prefix segment holds a row the table dropped")
-                if seg.users != sum(x is seg for x in self._seg_of):
-                    problems.append("a prefix segment's user count is off")
-            for s in range(self.spec.max_slots):
-                g, n = self._seg_of[s], self._seg_pages[s]
-                if (g is None) != (n == 0) or (g is not None and (
-                    n > len(self._pages[s]) or n != len(g.rows)
-                    or [tuple(r) for r in self._pages[s][:n]] != list(g.rows[:n])
-                )):  # fmt: skip
-                    problems.append(f"slot {s}: its prefix segment does not back its first pages")
-            if self._pool.held != sum(len(g.rows) for g in segs) * nbuf:
-                problems.append("the budget held by prefix segments is off")
-            if self._pool.created + self._pool.held > self._pool.budget:
-                problems.append("more pages created or held than the budget")
-            # physical mappings: a segment maps a slot's first pages in one mapping per buffer
-            physical = len(mapped) - sum(
-                (n - 1) * nbuf for n in self._seg_pages if n
-            )  # fmt: skip
+            # physical mappings: a segment piece is one mapping per buffer, plus its home's
+            segs = list(self._segments.values())
+            pieces = sum(g.users for g in segs)
+            physical = sum(h >= 0 for h in mapped) + (pieces + len(segs)) * nbuf
             handles_made = self._pool.created + len(segs) * nbuf
             backend = self._backend
             if self._owns_backend and getattr(backend, "num_mappings", physical) != physical:
@@ -117,3 +109,34 @@ class CacheAccounting(CacheState):
                 problems.append("backend pages differ from the cache's")
             if problems:
                 raise RuntimeError("KV cache integrity: " + "; ".join(problems))
+
+    def _check_segments(self, counts: dict[int, int], owned: set[int], problems: list[str]) -> None:
+        """The invariants of `segments.py`: pieces whole, users and references agree, a live
+        segment's rows all in the table and a retired one's none, the budget held."""
+        nbuf = self.layout.num_buffers
+        segs = list(self._segments.values())
+        users = {id(g): 0 for g in segs}
+        for s in range(self.spec.max_slots):
+            pages, i = self._pages[s], 0
+            while i < len(pages):
+                entry = self._seg_ids.get(pages[i][0]) if pages[i] else None
+                if entry is None:
+                    i += 1
+                    continue
+                g, j = entry
+                got = [tuple(r) for r in pages[i : i + len(g.rows)]]
+                if j or got != list(g.rows):
+                    problems.append(f"slot {s}: a prefix segment is mapped in part")
+                    break
+                users[id(g)] += 1
+                i += len(g.rows)
+        for g in segs:
+            if users[id(g)] != g.users:
+                problems.append("a prefix segment's user count is off")
+            if any(counts.get(rid, 0) != g.users for row in g.rows for rid in row):
+                problems.append("a prefix segment's rows are mapped unevenly")
+            in_table = [row[0] in owned for row in g.rows]
+            if in_table != [not g.retired] * len(g.rows):
+                problems.append("a prefix segment's rows and the table disagree")
+        if self._pool.held != sum(len(g.rows) for g in segs) * nbuf:
+            problems.append("the budget held by prefix segments is off")

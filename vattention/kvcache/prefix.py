@@ -6,10 +6,16 @@ holds a *row* per key: the physical page of that block in every buffer (K and V,
 layer's). The cache maps a row at any slot's page index to share it: the same physical memory
 at several virtual addresses, read in place by unmodified kernels, never copied.
 
+A key's row may be *retired* (`retire`): the key then names another row holding a copy of
+the same tokens (a prefix segment's: `segments.py`), and the old row's handles stay *held*
+(nobody writes into them: slots still map them) but are no longer found by key; the cache
+lets each go once no slot maps it (`drop_retired`). A row's handles may be page handles or
+a segment's row ids: the table does not tell them apart.
+
 Invariants (the cache keeps them; `check_integrity` verifies):
 - a row in the table holds whole, final tokens: nobody writes into a page while it is here;
 - a handle is in at most one row, and a row's handles are pooled only once the row is evicted
-  and no slot maps them;
+  (or retired) and no slot maps them;
 - `order` lists every key, least recently used first (`touch` on every hit or publish).
 """
 
@@ -25,6 +31,7 @@ class PrefixTable:
     def __init__(self) -> None:
         self._rows: OrderedDict[Hashable, tuple[int, ...]] = OrderedDict()
         self._owner: dict[int, Hashable] = {}  # handle -> its row's key
+        self._retired: dict[int, Hashable] = {}  # handle of a retired row -> its old key
         self.hits = 0  # pages served to `match` callers
         self.published = 0  # rows ever added
 
@@ -35,7 +42,42 @@ class PrefixTable:
         return key in self._rows
 
     def holds(self, handle: int) -> bool:
+        """Whether `handle` is in a row, current or retired (nobody may write into it)."""
+        return handle in self._owner or handle in self._retired
+
+    def owns(self, handle: int) -> bool:
+        """Whether `handle` is in a current row (found by key)."""
         return handle in self._owner
+
+    def key_of(self, handle: int) -> Hashable:
+        return self._owner[handle]
+
+    def peek(self, key: Hashable) -> tuple[int, ...]:
+        """`key`'s row, not counted as a hit nor touched."""
+        return self._rows[key]
+
+    def retire(self, key: Hashable, row: Sequence[int]) -> tuple[int, ...]:
+        """Make `key` name `row` (same tokens) instead; its old row's handles stay held
+        (retired) until `drop_retired`. Returns the old row."""
+        old = self._rows[key]
+        if any(h in self._owner or h in self._retired for h in row):
+            raise ValueError("a page handle is already in another row")
+        for h in old:
+            del self._owner[h]
+            self._retired[h] = key
+        self._rows[key] = tuple(row)
+        for h in row:
+            self._owner[h] = key
+        return old
+
+    def is_retired(self, handle: int) -> bool:
+        return handle in self._retired
+
+    def drop_retired(self, handle: int) -> None:
+        del self._retired[handle]
+
+    def retired(self) -> Iterable[int]:
+        return iter(self._retired)
 
     def match(self, keys: Sequence[Hashable]) -> int:
         """How many leading `keys` have rows (no state changes)."""
@@ -76,4 +118,5 @@ class PrefixTable:
         return iter(list(self._rows.items()))
 
     def handles(self) -> Iterable[int]:
+        """Handles of the current rows (not the retired ones)."""
         return self._owner.keys()

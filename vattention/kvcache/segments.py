@@ -1,23 +1,40 @@
 """Prefix segments for `VirtualKVCache` (a mixin under `sharing.PrefixSharing`).
 
-The driver's cost is per mapping, not per byte (H200: granting access to one
-2 MiB page or to one 256 MiB allocation both take ~31 us), so mapping a 4K-token prefix of
-Llama-3-8B page by page (128 pages x K and V) costs ~14 ms an admission, while paged engines
-only copy block ids. Once a prefix is *hot* (mapped by two slots or more), its pages are
-copied (on the device, stream-ordered) into one allocation per buffer, a segment, and later
-admissions whose prefix starts with it map the whole segment in one call per buffer. A slot's
-pages stay rows of the table (`_pages` names the rows whatever backs them, so matching,
-reference counts and eviction are unchanged); only the physical mapping differs:
-- a slot maps at most one segment, whole (the driver maps no part of an allocation), as its
-  first `_seg_pages[slot]` pages, holding references to the rows it copies (so they are not
-  evicted while a slot maps it), and unmaps it whole;
-- a segment's rows are all in the table; its pages count against the budget (`PagePool.hold`)
-  and it is the first memory given back (`_evict`) once no slot maps it: it only duplicates.
+Why: the driver charges per mapping, not per byte (H200: ~25 us to grant access to one 2 MiB
+page or to one 256 MiB allocation), so mapping a 4K-token prefix of Llama-3-8B page by page
+(256 pages) costs milliseconds an admission, while paged engines only copy block ids.
+
+What: once a run of prefix rows is *hot* (mapped by two slots or more), its pages are copied
+(on the device, stream-ordered) into one allocation per buffer, a segment, and the segment
+*replaces* them: the table's keys of those rows name the segment's rows from then on
+(`PrefixTable.retire`), later admissions map it in one call per buffer, and the old pages go
+back to the pool as the slots that still map them let go. A hot prefix is held once.
+
+Invariants (`accounting.check_integrity` verifies them):
+- A segment's rows are ids of its own (negative, never a page handle, never reused; row i of
+  buffer b is page i of that buffer's allocation). `_pages`, `_refs` and the prefix table
+  hold them like page handles, but a slot maps a segment only whole, as consecutive pages (a
+  *piece*, entered at its first row), and unmaps it whole: the driver maps no part of an
+  allocation (CUDA_ERROR_NOT_SUPPORTED on the H200).
+- Every segment is also mapped at a *home* range of its own (virtual addresses only): the
+  source and target of the copies that make segments, whether or not a slot maps it.
+  `copied_at` is an event after the last copy that touched it; its home is unmapped only
+  after that event.
+- A lookup that leaves a segment before its end (it ends there, or its chain branches off
+  there) splits it there (`_whole_rows`): two new segments, copied from its home, take its
+  keys, and it is *retired*: destroyed as soon as no slot maps it (by `_evict` if none did
+  when it was split). Without memory to spare for the split, the hit stops before the
+  segment, so shared rows are never written.
+- A live segment's rows are all in the table, a retired one's none; segments count against
+  the budget (`PagePool.hold`); one no slot maps is evicted whole, in LRU order with the rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from vattention.kvcache.state import CacheState
 from vattention.memory.errors import MemoryBackendError, OutOfKVMemory
@@ -25,131 +42,236 @@ from vattention.memory.errors import MemoryBackendError, OutOfKVMemory
 
 @dataclass(eq=False)
 class Segment:
-    """One allocation per buffer holding copies of the pages of `rows` (table rows), in order."""
+    """One allocation per buffer holding `len(rows)` consecutive prefix pages."""
 
-    rows: tuple[tuple[int, ...], ...]
-    handles: tuple[int, ...]  # one per buffer, len(rows) pages each
-    users: int = 0  # slots mapping it
+    rows: tuple[tuple[int, ...], ...]  # its row ids: rows[i][b] is page i of buffer b
+    handles: tuple[int, ...]  # one allocation per buffer
+    home: int  # where it is mapped for copies (buffer b at home + b * len(rows) pages)
+    view: torch.Tensor  # bytes of the home range
+    users: int = 0  # slots mapping it (a piece each)
+    retired: bool = False  # its keys name other rows now: it goes once no slot maps it
+    copied_at: Any = None  # device event after the last copy that touched its home
 
 
 class PrefixSegments(CacheState):
     """The segment half of prefix sharing (state: `state.CacheState`)."""
 
-    def _segment_for(
-        self, slot: int, rows: list[tuple[int, ...]]
-    ) -> tuple[Segment | None, int, int | None]:
-        """(segment, how many leading `rows` it backs, the slot to fill it from if it is new)
-        for `slot`'s new prefix: an existing segment holding exactly them; else a new one for
-        their hot leading part (the rows two slots or more map: a shared system prompt before a
-        conversation of its own), if longer than any existing one and memory is plentiful;
-        else the longest existing one whose rows all lead `rows` (a segment is mapped whole:
-        the driver maps no part of an allocation); else (None, 0, None). Each part needs at
-        least `segment_min_pages` rows."""
-        low = self.segment_min_pages
-        if not low or len(rows) < low:
-            return None, 0, None
-        best, most = None, 0
-        for seg in self._segments.get(rows[0], ()):
-            m = len(seg.rows)
-            if m > most and seg.rows == tuple(rows[:m]):
-                best, most = seg, m
-        if most == len(rows):
-            return best, most, None
-        hot = 0  # mappings of a chain's rows never grow along it: shared rows lead
-        while hot < len(rows) and self._refs.get(rows[hot][0], 0) >= 2:
-            hot += 1
-        if hot > most and hot >= low:
-            built = self._build_segment(slot, rows[:hot])
-            if built is not None:
-                return built[0], hot, built[1]
-        if most >= low:
-            return best, most, None
-        return None, 0, None
+    def _seg_entry(self, row: tuple[int, ...] | list[int]) -> tuple[Segment, int] | None:
+        """(segment, index) of a segment row; None for a row of page handles."""
+        return self._seg_ids.get(row[0]) if row[0] < 0 else None
 
-    def _build_segment(self, slot: int, rows: list[tuple[int, ...]]) -> tuple[Segment, int] | None:
-        """A new, empty segment for `rows` and a slot (not `slot`) that maps them all, to fill
-        it from once `slot` maps it (`_fill_segment`); None if no slot maps them or memory is
-        not plentiful (it would leave less than a tenth of the budget obtainable)."""
-        n, last = len(rows), len(rows) - 1
-        source = next(
-            (
-                s
-                for s, p in enumerate(self._pages)
-                if s != slot and len(p) > last and tuple(p[last]) == rows[last]
-                and tuple(p[0]) == rows[0]
-            ),
-            None,
-        )  # fmt: skip
-        nbuf = self.layout.num_buffers
-        if source is None or not self._pool.hold(n * nbuf, keep=self._pool.budget // 10):
+    # -- making segments --------------------------------------------------------------------
+    def _new_segment(self, n: int) -> Segment | None:
+        """An empty segment of `n` pages per buffer, mapped at its home, its rows idle (not
+        yet in the table); None, nothing changed, if memory is not plentiful (it would leave
+        less than a tenth of the budget obtainable) or the device refuses."""
+        nbuf, ps = self.layout.num_buffers, self.page_size
+        if not self._pool.hold(n * nbuf, keep=self._pool.budget // 10):
             return None
         handles: list[int] = []
+        home, mapped = None, 0
         try:
             for _ in range(nbuf):
                 handles.append(self._backend.create_page(n))
+            home = self._backend.reserve(n * nbuf * ps)
+            for b, h in enumerate(handles):
+                self._backend.map(home + b * n * ps, h)
+                mapped += 1
+            self._backend.set_access(home, n * nbuf * ps)
+            view = self._backend.tensor(home, n * nbuf * ps)
         except (OutOfKVMemory, MemoryBackendError):
+            for b in range(mapped):
+                self._backend.unmap(home + b * n * ps)  # type: ignore[operator]
+            if home is not None:
+                self._backend.release_range(home, n * nbuf * ps)
             for h in handles:
                 self._backend.destroy_page(h)
             self._pool.unhold(n * nbuf)
             return None
-        seg = Segment(tuple(rows), tuple(handles))
-        self._segments.setdefault(rows[0], []).append(seg)
-        self._segments_built += 1
-        return seg, source
+        first = self._next_row_id
+        self._next_row_id -= n * nbuf
+        rows = tuple(tuple(first - i * nbuf - b for b in range(nbuf)) for i in range(n))
+        seg = Segment(rows, tuple(handles), home, view)
+        self._segments[first] = seg
+        for i, row in enumerate(rows):
+            for rid in row:
+                self._seg_ids[rid] = (seg, i)
+        return seg
 
-    def _fill_segment(self, seg: Segment, slot: int, source: int) -> None:
-        """Copy the segment's pages from its source slot into it, through `slot`'s mapping
-        (a device copy on the current stream: after the writes that made the rows, before
-        any step that reads `slot`). A free source keeps its pages until the copy is done."""
-        nbytes = len(seg.rows) * self.page_size
-        for buf in range(self.layout.num_buffers):
-            dst = self.layout.page_offset(buf, slot, 0)
-            src = self.layout.page_offset(buf, source, 0)
-            self._raw[dst : dst + nbytes].copy_(self._raw[src : src + nbytes])
-        if not self._used[source]:  # unmapping it must now wait for the copy too
-            self._freed_at[source] = self._backend.record_event()
+    def _adopt(self, seg: Segment, old_rows: list[tuple[int, ...]]) -> None:
+        """The table's keys of `old_rows` (in the table) now name `seg`'s rows, in order. Old
+        page handles go back to the pool once no slot maps them (now, if none does); an old
+        segment's rows leave with it."""
+        table = self._table
+        for old, new in zip(old_rows, seg.rows, strict=True):
+            table.retire(table.key_of(old[0]), new)
+            for h in old:
+                if h not in self._refs:  # mapped nowhere: it was idle
+                    self._idle_table_handles -= 1
+                    if h >= 0:
+                        table.drop_retired(h)
+                        self._pool.give([h])
+        self._idle_table_handles += len(seg.rows) * self.layout.num_buffers
 
-    def _unmap_segment(self, slot: int) -> int:
-        """Unmap `slot`'s segment (its first pages, whole) and drop those rows from the slot;
-        returns how many handles went back to the pool (none: rows stay in the table)."""
-        seg, n = self._seg_of[slot], self._seg_pages[slot]
-        assert seg is not None and len(self._pages[slot]) == n
-        for buf in range(len(seg.handles)):
-            self._backend.unmap(self._base + self.layout.page_offset(buf, slot, 0))
-            self._unmap_calls += 1
-        pooled = 0
-        for row in self._pages[slot]:
-            for h in row:
-                pooled += self._release(h)
-        self._pages[slot].clear()
-        seg.users -= 1
-        self._seg_of[slot], self._seg_pages[slot] = None, 0
-        return pooled
-
-    def _drop_idle_segments(self, need: int | None = None) -> int:
-        """Destroy segments no slot maps (all, or until `need` budget pages are back);
-        returns the budget pages given back."""
-        back, nbuf = 0, self.layout.num_buffers
-        for first, segs in list(self._segments.items()):
-            for seg in list(segs):
-                if need is not None and back >= need:
-                    return back
-                if seg.users:
-                    continue
-                for h in seg.handles:
-                    self._backend.destroy_page(h)
-                self._pool.unhold(len(seg.rows) * nbuf)
-                back += len(seg.rows) * nbuf
-                segs.remove(seg)
-            if not segs:
-                del self._segments[first]
-        return back
-
-    def _reclaimable_segment_pages(self) -> int:
-        """Budget pages of the segments no used slot maps (free slots' go whole, and the
-        segment with them)."""
-        busy = {id(g) for s, g in enumerate(self._seg_of) if g is not None and self._used[s]}
-        pages = sum(
-            len(g.rows) for segs in self._segments.values() for g in segs if id(g) not in busy
+    def _build_hot(self, slot: int, rows: list[tuple[int, ...]], start: int) -> None:
+        """Before `slot` maps `rows[start:]`: if at least `segment_min_pages` page rows from
+        the first page row on are hot (two slots or more map them), copy them from a slot that
+        maps them into a new segment that replaces them (`rows` is updated in place)."""
+        low = self.segment_min_pages
+        if not low:
+            return
+        p = start
+        while p < len(rows) and (entry := self._seg_entry(rows[p])) is not None:
+            p += len(entry[0].rows)  # pieces are whole: skip the segment
+        q = p
+        while q < len(rows) and rows[q][0] >= 0 and self._refs.get(rows[q][0], 0) >= 2:
+            q += 1
+        if q - p < low:
+            return
+        source = next(
+            (
+                s for s, pages in enumerate(self._pages)
+                if s != slot and len(pages) >= q and tuple(pages[p]) == rows[p]
+                and tuple(pages[q - 1]) == rows[q - 1]
+            ),
+            None,
         )  # fmt: skip
-        return pages * self.layout.num_buffers
+        if source is None:
+            return
+        seg = self._new_segment(q - p)
+        if seg is None:
+            return
+        n, ps = q - p, self.page_size
+        for buf in range(self.layout.num_buffers):
+            src = self.layout.page_offset(buf, source, p)
+            seg.view[buf * n * ps : (buf + 1) * n * ps].copy_(self._raw[src : src + n * ps])
+        seg.copied_at = self._backend.record_event()
+        if not self._used[source]:  # unmapping it must now wait for the copy too
+            self._freed_at[source] = seg.copied_at
+        self._adopt(seg, rows[p:q])
+        rows[p:q] = seg.rows
+        self._segments_built += 1
+
+    def _whole_rows(self, rows: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """`rows` (a lookup from the first page on) with no segment partly covered: where they
+        leave one before its end (they end there, or branch off: another chain shared its
+        first rows), it is split there (`_split`), its first part's rows in its place;
+        without memory for that, the rows stop before it."""
+        out = list(rows)
+        i = 0
+        while i < len(out):
+            entry = self._seg_entry(out[i])
+            if entry is None:
+                i += 1
+                continue
+            seg, j = entry
+            if j:  # entered past its first row: cannot happen along a chain of keys
+                return out[:i]
+            n, m = len(seg.rows), 0
+            while m < n and i + m < len(out) and tuple(out[i + m]) == seg.rows[m]:
+                m += 1
+            if m < n:
+                head = self._split(seg, m)
+                if head is None:
+                    return out[:i]
+                out[i : i + m] = head.rows
+            i += m
+        return out
+
+    def _split(self, seg: Segment, at: int) -> Segment | None:
+        """Replace live `seg` by two new segments (its first `at` rows and the rest), copied
+        from its home; returns the first, or None (nothing changed) without memory for both.
+        `seg` is retired: it goes once no slot maps it."""
+        n, nbuf, ps = len(seg.rows), self.layout.num_buffers, self.page_size
+        head = self._new_segment(at)
+        if head is None:
+            return None
+        tail = self._new_segment(n - at)
+        if tail is None:
+            head.retired = True  # never in the table
+            self._destroy_segment(head)
+            return None
+        for buf in range(nbuf):
+            src = seg.view[buf * n * ps : (buf + 1) * n * ps]
+            head.view[buf * at * ps : (buf + 1) * at * ps].copy_(src[: at * ps])
+            tail.view[buf * (n - at) * ps : (buf + 1) * (n - at) * ps].copy_(src[at * ps :])
+        seg.copied_at = head.copied_at = tail.copied_at = self._backend.record_event()
+        self._adopt(head, list(seg.rows[:at]))
+        self._adopt(tail, list(seg.rows[at:]))
+        seg.retired = True
+        self._segments_split += 1
+        return head
+
+    # -- mapping, unmapping, destroying -------------------------------------------------------
+    def _map_segment(self, slot: int, page: int, seg: Segment) -> None:
+        """Map `seg` whole as pages `page...` of `slot` (pages already extended with empty
+        rows up to `page` where needed)."""
+        pages = self._pages[slot]
+        for buf, h in enumerate(seg.handles):
+            self._backend.map(self._base + self.layout.page_offset(buf, slot, page), h)
+            self._map_calls += 1
+        seg.users += 1
+        for i, row in enumerate(seg.rows):
+            if page + i == len(pages):
+                pages.append([])
+            for rid in row:
+                self._acquire(rid)
+                pages[page + i].append(rid)
+
+    def _unmap_segment(self, slot: int, seg: Segment) -> int:
+        """Unmap `seg`, the last pages of `slot`, whole; returns the budget pages that came
+        back (a retired segment no slot maps any more is destroyed)."""
+        pages = self._pages[slot]
+        n = len(seg.rows)
+        first = len(pages) - n
+        for buf in range(len(seg.handles)):
+            self._backend.unmap(self._base + self.layout.page_offset(buf, slot, first))
+            self._unmap_calls += 1
+        for row in pages[first:]:
+            for rid in row:
+                self._release(rid)
+        del pages[first:]
+        seg.users -= 1
+        if seg.retired and not seg.users:
+            return self._destroy_segment(seg)
+        return 0
+
+    def _destroy_segment(self, seg: Segment) -> int:
+        """Unmap `seg`'s home (after its last copy) and destroy it; its rows must be mapped by
+        no slot and be out of the table, or idle in it (they leave it). Returns the budget
+        pages given back."""
+        n, nbuf, ps = len(seg.rows), self.layout.num_buffers, self.page_size
+        assert not seg.users
+        if not seg.retired:
+            for row in seg.rows:
+                self._table.pop(self._table.key_of(row[0]))
+            self._idle_table_handles -= n * nbuf
+        else:
+            for row in seg.rows:
+                for rid in row:
+                    if self._table.holds(rid):
+                        self._table.drop_retired(rid)
+        if seg.copied_at is not None:
+            self._backend.wait_event(seg.copied_at)
+        for b in range(nbuf):
+            self._backend.unmap(seg.home + b * n * ps)
+        seg.view = torch.empty(0, dtype=torch.uint8)
+        self._backend.release_range(seg.home, n * nbuf * ps)
+        for h in seg.handles:
+            self._backend.destroy_page(h)
+        self._pool.unhold(n * nbuf)
+        del self._segments[seg.rows[0][0]]
+        for row in seg.rows:
+            for rid in row:
+                del self._seg_ids[rid]
+        return n * nbuf
+
+    def _reap(self) -> int:
+        """Destroy retired segments no slot maps; returns the budget pages given back."""
+        dead = [g for g in self._segments.values() if g.retired and not g.users]
+        return sum(self._destroy_segment(g) for g in dead)
+
+    def _reapable(self) -> int:
+        """Budget pages `_reap` would give back."""
+        nbuf = self.layout.num_buffers
+        return sum(len(g.rows) * nbuf for g in self._segments.values() if g.retired and not g.users)

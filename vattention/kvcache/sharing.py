@@ -8,7 +8,7 @@ the table has dropped it (`_evict`, least recently used first, only rows no slot
 Invariants are those of `virtual.py` (checked by its `check_integrity`): shared pages hold
 whole, final tokens and are always a slot's leading pages; nobody writes into one.
 
-Hot prefixes are also copied into one allocation per buffer and mapped whole: `segments.py`.
+Hot prefixes move into one allocation per buffer, mapped whole in one call: `segments.py`.
 """
 
 from __future__ import annotations
@@ -41,14 +41,17 @@ class PrefixSharing(PrefixSegments):
 
     def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Map the prefix rows of `keys` (all cached) as the first pages of `slot`, a used slot
-        with no live token; returns the tokens they hold, now `slot`'s length. No page is
-        created or copied: the same physical pages serve every slot that maps them."""
+        with no live token; returns the tokens they hold, now `slot`'s length (fewer than
+        `keys` name only where they end inside a segment that cannot be split now: see
+        `segments.py`). No page is created or copied: the same physical pages serve every
+        slot that maps them."""
         with self._lock:
             self._check_slot(slot)
             if self._lengths[slot]:
                 raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
             self._epoch[slot] += 1  # the caller sets its length (see `step_async`)
-            return self._map_rows(slot, self._cached_rows(keys, "map_cached: not every key"))
+            rows = self._whole_rows(self._cached_rows(keys, "map_cached: not every key"))
+            return self._map_rows(slot, rows)
 
     def _cached_rows(self, keys: Sequence[Hashable], what: str) -> list[tuple[int, ...]]:
         """The rows of `keys`, or a ValueError "{what} has a cached row"."""
@@ -57,15 +60,17 @@ class PrefixSharing(PrefixSegments):
         return self._table.rows(keys)
 
     def _map_rows(self, slot: int, rows: list[tuple[int, ...]]) -> int:
-        """Map `rows` as the first pages of `slot` (rows it already maps there stay, with
-        their access), through a segment where one holds them (see the module docstring);
-        its length becomes the tokens they hold. The slot's pages past the rows it keeps are
-        private (`alloc_slot` unmaps shared ones first)."""
+        """Map `rows` (whole segments: `_whole_rows`) as the first pages of `slot` (rows it
+        already maps there stay, with their access), a segment's in one call per buffer; a hot
+        run of page rows becomes a segment first (`_build_hot`). Its length becomes the tokens
+        they hold. The slot's pages past the rows it keeps must be private (`alloc_slot`
+        unmaps shared ones first)."""
         pages = self._pages[slot]
         nbuf, ps = self.layout.num_buffers, self.page_size
-        keep = 0
-        while keep < min(len(pages), len(rows)) and tuple(pages[keep]) == rows[keep]:
-            keep += 1
+        keep = self._piece_floor(slot, self._matching(slot, rows))
+        if self._shared_lead(slot) > keep:
+            self._wait_freed(slot)
+            self._unmap_tail(slot, len(pages) - keep)
         if keep < min(len(pages), len(rows)):
             self._wait_freed(slot)  # its old pages may still be read by queued work
             for i in range(keep, min(len(pages), len(rows))):  # private pages: replaced
@@ -74,35 +79,49 @@ class PrefixSharing(PrefixSegments):
                     self._unmap_calls += 1
                     self._release(h)
                 pages[i] = []
-        seg, through, source = None, 0, None
-        if keep == 0 and not self._seg_pages[slot]:
-            seg, through, source = self._segment_for(slot, rows)
-        for i in range(keep, len(rows)):
+        rows = list(rows)
+        self._build_hot(slot, rows, keep)
+        i = keep
+        while i < len(rows):
+            entry = self._seg_entry(rows[i])
+            if entry is not None:  # a whole segment, entered at its first row
+                self._map_segment(slot, i, entry[0])
+                i += len(entry[0].rows)
+                continue
             if i == len(pages):
                 pages.append([])
             for buf, h in enumerate(rows[i]):
-                if i >= through:
-                    self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
-                    self._map_calls += 1
+                self._backend.map(self._base + self.layout.page_offset(buf, slot, i), h)
+                self._map_calls += 1
                 self._acquire(h)
                 pages[i].append(h)
-        if seg is not None:
-            for buf, h in enumerate(seg.handles):
-                self._backend.map(self._base + self.layout.page_offset(buf, slot, 0), h)
-                self._map_calls += 1
-            seg.users += 1
-            self._seg_of[slot], self._seg_pages[slot] = seg, through
+            i += 1
         if keep < len(rows):
             for buf in range(nbuf):
                 self._backend.set_access(
                     self._base + self.layout.page_offset(buf, slot, keep), (len(rows) - keep) * ps
                 )
                 self._access_calls += 1
-        if seg is not None and source is not None:  # a new segment: fill it through `slot`
-            self._fill_segment(seg, slot, source)
         self._cap_tokens[slot] = len(pages) * ps // self.layout.buffer_token_bytes
         self._lengths[slot] = len(rows) * self.tokens_per_page
         return self._lengths[slot]
+
+    def _matching(self, slot: int, rows: Sequence[tuple[int, ...]]) -> int:
+        """How many leading pages of `slot` are `rows`' leading rows."""
+        pages = self._pages[slot]
+        n, m = min(len(pages), len(rows)), 0
+        while m < n and tuple(pages[m]) == rows[m]:
+            m += 1
+        return m
+
+    def _piece_floor(self, slot: int, m: int) -> int:
+        """The largest count <= `m` of leading pages of `slot` that ends no segment piece
+        partway (a piece is unmapped whole: keeping part of it is no keep)."""
+        pages = self._pages[slot]
+        if m == 0 or m >= len(pages):
+            return m
+        entry = self._seg_entry(pages[m])
+        return m - entry[1] if entry is not None else m
 
     def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Publish the first `len(keys)` pages of used `slot` (each fully written with final
@@ -171,34 +190,45 @@ class PrefixSharing(PrefixSegments):
 
     def _acquire(self, handle: int) -> None:
         n = self._refs.get(handle, 0)
-        if n == 0 and self._table.holds(handle):
+        if n == 0 and self._table.owns(handle):
             self._idle_table_handles -= 1
         self._refs[handle] = n + 1
 
     def _release(self, handle: int) -> bool:
-        """One mapping of `handle` fewer; True if it went back to the pool."""
+        """One mapping of `handle` (a page, or a segment's row id) fewer; True if it went back
+        to the pool (a page no slot maps and the table does not hold, or holds retired)."""
         n = self._refs[handle] - 1
         if n:
             self._refs[handle] = n
             return False
         del self._refs[handle]
-        if self._table.holds(handle):
+        table = self._table
+        if table.owns(handle):
             self._idle_table_handles += 1
             return False
+        if handle < 0:  # a retired segment's row: the segment goes whole (`_unmap_segment`)
+            return False
+        if table.holds(handle):  # replaced by a segment's row
+            table.drop_retired(handle)
         self._pool.give([handle])
         return True
 
-    def _evict(self, need: int) -> int:
-        """Give back segments no slot maps, then drop least recently used prefix rows that no
-        slot maps, until `need` pages are back (in the pool, or creatable again); returns how
-        many came back."""
-        back = self._drop_idle_segments(need)
-        for key, row in self._table.lru():
-            if back >= need:
+    def _evict(self, need: int | None) -> int:
+        """Destroy retired segments no slot maps, then drop least recently used prefix rows
+        that no slot maps (a segment's all at once), until `need` budget pages are back (in
+        the pool, or creatable again; None: all of them); returns how many came back."""
+        back = self._reap()
+        table = self._table
+        for key, row in table.lru():
+            if need is not None and back >= need:
                 break
-            if any(h in self._refs for h in row):
+            if key not in table or any(h in self._refs for h in row):
+                continue  # gone with its segment, or mapped
+            entry = self._seg_entry(row)
+            if entry is not None:
+                back += self._destroy_segment(entry[0])
                 continue
-            self._table.pop(key)
+            table.pop(key)
             self._idle_table_handles -= len(row)
             self._pool.give(list(row))
             back += len(row)

@@ -45,10 +45,11 @@ class CacheState:
     _table: PrefixTable
     _refs: dict[int, int]
     _idle_table_handles: int
-    _segments: dict[tuple[int, ...], list[Segment]]  # first row -> segments starting with it
-    _seg_of: list[Segment | None]
-    _seg_pages: list[int]
+    _segments: dict[int, Segment]  # first row id -> segment
+    _seg_ids: dict[int, tuple[Segment, int]]  # row id -> (segment, row index)
+    _next_row_id: int
     _segments_built: int
+    _segments_split: int
     _map_calls: int
     _unmap_calls: int
     _access_calls: int
@@ -60,7 +61,16 @@ class CacheState:
     def _free_mapped(self) -> int:
         raise NotImplementedError  # VirtualKVCache
 
+    def _unmap_tail(self, slot: int, count: int) -> int:
+        raise NotImplementedError  # VirtualKVCache
+
     def _release(self, handle: int) -> bool:
+        raise NotImplementedError  # PrefixSharing
+
+    def _acquire(self, handle: int) -> None:
+        raise NotImplementedError  # PrefixSharing
+
+    def _wait_freed(self, slot: int) -> None:
         raise NotImplementedError  # PrefixSharing
 
     def _shared_in_used(self, used: list[int]) -> int:

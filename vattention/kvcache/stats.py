@@ -5,8 +5,8 @@ Every mapped byte is accounted for: `mapped = used_mapped + reclaimable`, where
 free slots' pages mapped ahead for upcoming requests (the rest is deferred reclamation).
 These count mappings: a prefix page mapped into several slots counts once per slot, and
 `shared_saved_bytes` is what used slots' extra mappings of shared pages did not cost, so
-`used_mapped - shared_saved` is the physical memory used slots hold (each page once), plus
-`segment_bytes` where hot prefixes were also copied into segments.
+`used_mapped - shared_saved` is the physical memory used slots hold (each page once; a
+prefix segment's pages are rows like any other).
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ class KVCacheStats:
     prefix_idle_bytes: int = 0
     shared_saved_bytes: int = 0
     prefix_hit_pages: int = 0
-    # Prefix segments (`segments.py`): copies of hot prefixes in one allocation per buffer,
-    # physical memory beyond `created_bytes` (within the budget)
+    # Prefix segments (`segments.py`): hot prefixes moved into one allocation per buffer,
+    # physical memory beyond `created_bytes` (within the budget; part of `prefix_bytes`
+    # while in the table)
     segment_bytes: int = 0
     segments_built: int = 0  # since the cache was made
+    segments_split: int = 0  # split where a lookup ended inside them
 
     @property
     def internal_fragmentation(self) -> float:

@@ -150,10 +150,10 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         self._table = PrefixTable()  # prefix rows: physical pages kept by key for sharing
         self._refs: dict[int, int] = {}  # handle -> slots mapping it
         self._idle_table_handles = 0  # prefix-row handles mapped nowhere (evictable)
-        self._segments: dict[tuple[int, ...], list[Segment]] = {}  # see segments.py
-        self._segments_built = 0
-        self._seg_of: list[Segment | None] = [None] * n  # the segment a slot maps, if any
-        self._seg_pages = [0] * n  # its leading pages mapped through that segment
+        self._segments: dict[int, Segment] = {}  # first row id -> segment (segments.py)
+        self._seg_ids: dict[int, tuple[Segment, int]] = {}  # row id -> (segment, row index)
+        self._next_row_id = -1  # segment row ids count down from here, never reused
+        self._segments_built = self._segments_split = 0
         self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
         self._freed_seq = [0] * n  # order in which slots were freed
         self._frees = 0
@@ -191,6 +191,7 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
                 raise OutOfKVMemory(f"no free slot: all {self.spec.max_slots} slots are in use")
             keep = 0  # leading pages of the slot that already map the wanted prefix rows
             rows = self._cached_rows(prefix, "alloc_slot: not every prefix key") if prefix else []
+            rows = self._whole_rows(rows)  # a segment they end inside is split first
             if rows:
                 slot, keep = self._best_prefix_slot(free, rows)
             else:
@@ -242,9 +243,8 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
                 n = min(len(pages), len(rows))
                 while m < n and tuple(pages[m]) == rows[m]:
                     m += 1
-                if m < self._seg_pages[s]:
-                    m = 0  # a segment is unmapped whole: keeping part of it is no keep
-                elif m == len(rows):
+                m = self._piece_floor(s, m)  # a segment is unmapped whole
+                if m == len(rows):
                     return s, m
             key = (m, -min(len(pages), len(rows)))
             if key > best_key:
@@ -365,9 +365,9 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
             for s in range(self.spec.max_slots):
                 if not self._used[s]:
                     self._unmap_tail(s, len(self._pages[s]))
-            self._evict(self._idle_table_handles)
-            held = self._drop_idle_segments()
-            return (self._pool.release_free() + held) * self.page_size
+            held = self._pool.held
+            self._evict(None)
+            return (self._pool.release_free() + held - self._pool.held) * self.page_size
 
     # -- internals --------------------------------------------------------------------------
     def _growth(self, targets: dict[int, int]) -> dict[int, int]:
@@ -472,8 +472,8 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
                         in_free[h] = in_free.get(h, 0) + 1
         # a page mapped only in free slots comes back once all of them are unmapped, however
         # many they are (counting only pages of refcount 1 missed those two free slots share)
-        # (and segments only free slots map: theirs go whole, so the segment goes too)
-        n += self._reclaimable_segment_pages()
+        # (a segment's row ids count as its pages; retired segments no slot maps go too)
+        n += self._reapable()
         return n + sum(c == self._refs[h] for h, c in in_free.items())
 
     def _spare(self, slot: int, targets: dict[int, int]) -> int:
@@ -551,12 +551,15 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         pool (a prefix row's pages stay with the table)."""
         pages = self._pages[slot]
         pooled = 0
-        for done in range(count):
-            if len(pages) == self._seg_pages[slot] > 0:  # the rest is a segment: all of it
-                if count - done < len(pages):
+        while count > 0 and pages:
+            entry = self._seg_entry(pages[-1])
+            if entry is not None:  # a segment piece ends here: it goes whole
+                if count < len(entry[0].rows):
                     raise RuntimeError(f"slot {slot}: would unmap part of a prefix segment")
-                pooled += self._unmap_segment(slot)
-                break
+                count -= len(entry[0].rows)
+                pooled += self._unmap_segment(slot, entry[0])
+                continue
+            count -= 1
             page = len(pages) - 1
             row = pages[-1]
             while row:
@@ -639,8 +642,7 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
             self._backend.synchronize()
             for s in range(self.spec.max_slots):
                 self._unmap_tail(s, len(self._pages[s]))
-            self._evict(self._idle_table_handles)
-            self._drop_idle_segments()
+            self._evict(None)
             self._pool.release_free()
             self._k, self._v, self._raw = [], [], torch.empty(0, dtype=torch.uint8)
             self._backend.release_range(self._base, self.layout.total_bytes)

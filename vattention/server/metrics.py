@@ -60,7 +60,7 @@ KV_HELP = {
     "prefix_idle_bytes": "Cached prefix KV bytes no request maps (evicted when memory is short)",
     "shared_saved_bytes": "Physical KV bytes saved by mapping shared prefix pages, not copying",
     "prefix_hit_pages": "Cached prefix pages mapped into admitted requests so far",
-    "segment_bytes": "KV bytes of hot prefixes copied into one allocation each (mapped whole)",
+    "segment_bytes": "KV bytes of hot prefixes moved into one allocation each (mapped whole)",
 }
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
