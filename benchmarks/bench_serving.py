@@ -248,12 +248,26 @@ def host_profile(fn: Any, top: int) -> tuple[Any, str]:
     return result, text.getvalue()
 
 
+def system_overrides(system: str) -> dict[str, Any]:
+    """The LLM options a system name sets after `%`: `vattention%key=json%key=json`, e.g.
+    `vattention%attention_options={"cudnn_min_tokens":8192}` (two variants of one cache in
+    one process)."""
+    out: dict[str, Any] = {}
+    for item in system.split("%")[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"system {system!r}: expected %key=json after the name, got {item!r}")
+        out[key] = json.loads(value)
+    return out
+
+
 def parse_system(system: str) -> tuple[str, bool, str | None]:
-    """`kind[+prefix[-noseg]][@layout]` -> (cache kind, prefix caching, vAttention layout or
-    None): e.g. `vattention`, `paged+prefix`, `vattention+prefix@cross_layer_kv`;
-    `vattention+prefix-noseg` shares without prefix segments (every shared page mapped on its
-    own, `kv_segment_min_pages=0`)."""
-    name, _, layout = system.partition("@")
+    """`kind[+prefix[-noseg]][@layout][%key=json...]` -> (cache kind, prefix caching,
+    vAttention layout or None): e.g. `vattention`, `paged+prefix`,
+    `vattention+prefix@cross_layer_kv`; `vattention+prefix-noseg` shares without prefix
+    segments (every shared page mapped on its own, `kv_segment_min_pages=0`); options after
+    `%` see `system_overrides`."""
+    name, _, layout = system.split("%")[0].partition("@")
     kv_cache, _, extra = name.partition("+")
     if kv_cache not in ("vattention", "paged") or extra not in ("", "prefix", "prefix-noseg"):
         raise ValueError(
@@ -275,7 +289,7 @@ def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[
     )  # fmt: skip
     if layout is not None:
         opts["kv_layout"] = layout
-    if system.partition("@")[0].endswith("-noseg"):
+    if system.split("%")[0].partition("@")[0].endswith("-noseg"):
         opts["kv_segment_min_pages"] = 0
     if args.quick:
         opts["kv_page_size"] = 64 * 1024
@@ -288,6 +302,7 @@ def engine_options(args: argparse.Namespace, system: str, max_len: int) -> dict[
     for item in args.opt:
         key, _, value = item.partition("=")
         opts[key] = json.loads(value)
+    opts.update(system_overrides(system))
     return opts
 
 

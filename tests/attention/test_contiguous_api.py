@@ -81,6 +81,26 @@ def test_auto_options_are_checked() -> None:
         create_backend("auto", small_cache(), 4, 2, 16, prefill="magic")
 
 
+def test_auto_sends_only_long_work_to_cudnn() -> None:
+    """cuDNN builds a graph per new shape, so `auto` gives it only requests with enough new
+    tokens *and* enough work (new x context tokens): long chunks over long contexts, not
+    fresh prompts of mid length (`sdpa.CUDNN_MIN_WORK`)."""
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="cudnn_min_work"):
+        create_backend("auto", small_cache(), 4, 2, 16, cudnn_min_work=-1)
+    auto = create_backend(
+        "auto", small_cache(), 4, 2, 16, cudnn_min_tokens=4, cudnn_min_work=64, split_chunks=True
+    )
+    # (new tokens, context incl. new): a decode, a short chunk, a fresh prompt under the work
+    # bound, one above it, a chunk over a long context, one with too few new tokens
+    meta = SimpleNamespace(query_lens_host=[1, 2, 6, 8, 5, 3], seq_lens_host=[30, 40, 6, 8, 20, 90])
+    fresh, chunks, rest = auto._cudnn_split(meta)  # type: ignore[attr-defined]
+    assert (fresh, chunks, rest) == ([3], [4], [1, 2, 5])
+    auto.cudnn_min_work = 0  # new tokens alone decide
+    assert auto._cudnn_split(meta)[:2] == ([2, 3], [4])  # type: ignore[attr-defined]
+
+
 def test_uniform_batch_detection() -> None:
     assert uniform_batch(AttentionMetadata.build([2, 3], [5, 5], [1, 1])) is not None
     assert uniform_batch(AttentionMetadata.build([3, 2], [5, 5], [1, 1])) is None

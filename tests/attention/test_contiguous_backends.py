@@ -44,21 +44,34 @@ VARIANTS = {
     "auto:triton": ("auto", {"decode": "triton_decode", "prefill": "sdpa"}),
     "auto:tri_prefill": ("auto", {"decode": "triton_decode", "prefill": "triton"}),
     "auto:fa2": ("auto", {"prefill": "fa2_varlen", "cudnn_min_tokens": 0}),
-    "auto:fa2_cudnn": ("auto", {"prefill": "fa2_varlen", "cudnn_min_tokens": 256}),
+    # (cudnn_min_work=0: small shapes take cuDNN too, so the tests reach that path)
+    "auto:fa2_cudnn": (
+        "auto",
+        {"prefill": "fa2_varlen", "cudnn_min_tokens": 256, "cudnn_min_work": 0},
+    ),
     # chunks over a cached context as two calls merged by log-sum-exp (`split_chunk`)
-    "auto:split": ("auto", {"prefill": "sdpa", "cudnn_min_tokens": 2, "split_chunks": True}),
+    "auto:split": (
+        "auto",
+        {"prefill": "sdpa", "cudnn_min_tokens": 2, "cudnn_min_work": 0, "split_chunks": True},
+    ),
     "auto:tri_split": (
         "auto",
         {
             "decode": "triton_decode",
             "prefill": "triton",
             "cudnn_min_tokens": 6,
+            "cudnn_min_work": 0,
             "split_chunks": True,
         },
     ),
     "auto:fa2_split": (
         "auto",
-        {"prefill": "fa2_varlen", "cudnn_min_tokens": 200, "split_chunks": True},
+        {
+            "prefill": "fa2_varlen",
+            "cudnn_min_tokens": 200,
+            "cudnn_min_work": 0,
+            "split_chunks": True,
+        },
     ),
 }
 ALL_BACKENDS = [

@@ -8,11 +8,13 @@ On CUDA:
   1.3-1.5x faster than FA2 on the H200, 1-8K tokens), `"fa2_varlen"` (torch's
   FlashAttention-2 reading the cache in place; the default without Triton), or `"sdpa"` (one
   SDPA call per request). Under `triton` and `fa2_varlen`, requests with at least
-  `cudnn_min_tokens` new tokens go to cuDNN instead (0 turns that off): a fresh prompt as one
-  call, a chunk over a cached context as two (`split_chunk`: the context without a mask, the
-  chunk causal, merged by log-sum-exp) where this torch runs them (`split_chunks`: None
-  probes the device once; on the CPU they are off unless asked for). cuDNN builds a graph per
-  new (query, key) shape, about 2 ms of host time, which only such long requests repay.
+  `cudnn_min_tokens` new tokens and `cudnn_min_work` new x context tokens go to cuDNN instead
+  (`cudnn_min_tokens=0` turns that off; `cudnn_min_work=0` drops the work condition): a
+  fresh prompt as one call, a chunk over a cached context as two (`split_chunk`: the context
+  without a mask, the chunk causal, merged by log-sum-exp) where this torch runs them
+  (`split_chunks`: None probes the device once; on the CPU they are off unless asked for).
+  cuDNN builds a graph per new (query, key) shape, which only long chunks over long contexts
+  repay (`sdpa.CUDNN_MIN_WORK`: 8K new tokens over 32K).
 - a step captured in a CUDA graph carries a fixed-shape `meta.mixed` plan; it always runs the
   decode kernel plus the Triton prefill kernel over sentinel-padded tiles (no host lists read).
 On the CPU the default decode kernel is `torch_sdpa_ref` and prefill goes through `sdpa`'s
@@ -34,7 +36,13 @@ from vattention.attention.base import (
 from vattention.attention.contiguous import ContiguousBackend
 from vattention.attention.fa2 import flash_varlen, flat_rows, slot_offsets
 from vattention.attention.mixed import MixedPlan, plan_mixed
-from vattention.attention.sdpa import CUDNN_MIN_TOKENS, prefer_cudnn, sdpa_requests
+from vattention.attention.sdpa import (
+    CUDNN_MIN_TOKENS,
+    CUDNN_MIN_WORK,
+    prefer_cudnn,
+    sdpa_requests,
+    takes_cudnn,
+)
 from vattention.attention.split_chunk import cudnn_lse_usable, split_chunk_attention
 from vattention.attention.triton_decode import TritonDecodeBackend, triton_usable
 
@@ -59,6 +67,7 @@ class AutoBackend(ContiguousBackend):
         decode: str | None = None,
         prefill: str | None = None,
         cudnn_min_tokens: int = CUDNN_MIN_TOKENS,
+        cudnn_min_work: int = CUDNN_MIN_WORK,
         split_chunks: bool | None = None,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
@@ -66,8 +75,11 @@ class AutoBackend(ContiguousBackend):
             raise ValueError(f"decode must be one of {_DECODE_CHOICES}, got {decode!r}")
         if prefill is not None and prefill not in _PREFILL_CHOICES:
             raise ValueError(f"prefill must be one of {_PREFILL_CHOICES}, got {prefill!r}")
-        if cudnn_min_tokens < 0:
-            raise ValueError(f"cudnn_min_tokens must be >= 0, got {cudnn_min_tokens}")
+        if cudnn_min_tokens < 0 or cudnn_min_work < 0:
+            raise ValueError(
+                f"cudnn_min_tokens and cudnn_min_work must be >= 0, got {cudnn_min_tokens} "
+                f"and {cudnn_min_work}"
+            )
         args = (cache, num_heads, num_kv_heads, head_dim, self.scale)
         cuda = self.device.type == "cuda"
         fa2_ok = cuda and self.dtype in (torch.float16, torch.bfloat16)
@@ -90,6 +102,7 @@ class AutoBackend(ContiguousBackend):
         self._decode = get_backend_class(decode)(*args)
         self.prefill = prefill
         self.cudnn_min_tokens = cudnn_min_tokens
+        self.cudnn_min_work = cudnn_min_work
         if split_chunks is None:
             split_chunks = cudnn_lse_usable(self.device, self.dtype, num_heads, num_kv_heads)
         self.split_chunks = split_chunks
@@ -247,10 +260,10 @@ class AutoBackend(ContiguousBackend):
         """(long fresh prompts, long chunks to split, the other prefill requests) of a step."""
         q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
         prefill = [i for i, n in enumerate(q_lens) if n > 1]
-        limit = self.cudnn_min_tokens
-        if not limit:
+        low, work = self.cudnn_min_tokens, self.cudnn_min_work
+        if not low:
             return [], [], list(prefill)
-        long = [i for i in prefill if q_lens[i] >= limit]
+        long = [i for i in prefill if takes_cudnn(q_lens[i], s_lens[i], low, work)]
         fresh = [i for i in long if s_lens[i] == q_lens[i]]
         chunks = [i for i in long if s_lens[i] > q_lens[i]] if self.split_chunks else []
         chosen = set(fresh) | set(chunks)

@@ -5,8 +5,9 @@
   (continued chunks and fresh prompts alike) through the causal prefill kernel written for
   both caches (`prefill_kernels`) in its block-table mode, all of a step's rows in one launch,
   so the comparison measures the addressing and nothing else. Fresh prompts of at least
-  `cudnn_min_tokens` new tokens (4096; 0: never) take one cuDNN SDPA call each on their new
-  K/V directly, as the contiguous side's `auto` does (a fresh prompt needs nothing from the
+  `cudnn_min_tokens` new tokens (4096; 0: never) and `cudnn_min_work` new x context tokens
+  (`sdpa.CUDNN_MIN_WORK`: a fresh prompt of 16K or more) take one cuDNN SDPA call each on
+  their new K/V directly, by the same rule as the contiguous side's `auto` (a fresh prompt needs nothing from the
   cache, so paging costs it nothing there). Where Triton cannot run (the CPU without
   `TRITON_INTERPRET=1`, see `triton_decode.triton_usable`) every row falls back to
   gather-then-SDPA (`paged_torch.attend_gathered`), fresh prompts to per-request SDPA on the
@@ -28,7 +29,13 @@ from vattention.attention.base import AttentionMetadata, KVCacheView, register_b
 from vattention.attention.mixed import MixedPlan, plan_mixed
 from vattention.attention.paged_base import PagedBackend
 from vattention.attention.paged_torch import attend_gathered
-from vattention.attention.sdpa import CUDNN_MIN_TOKENS, prefer_cudnn, sdpa_causal
+from vattention.attention.sdpa import (
+    CUDNN_MIN_TOKENS,
+    CUDNN_MIN_WORK,
+    prefer_cudnn,
+    sdpa_causal,
+    takes_cudnn,
+)
 from vattention.attention.triton_decode import triton_usable
 
 
@@ -60,11 +67,16 @@ class PagedTritonBackend(PagedBackend):
         *,
         prefill_config: tuple[int, int, int, int] | None = None,
         cudnn_min_tokens: int = CUDNN_MIN_TOKENS,
+        cudnn_min_work: int = CUDNN_MIN_WORK,
     ) -> None:
         super().__init__(cache, num_heads, num_kv_heads, head_dim, scale)
-        if cudnn_min_tokens < 0:
-            raise ValueError(f"cudnn_min_tokens must be >= 0, got {cudnn_min_tokens}")
+        if cudnn_min_tokens < 0 or cudnn_min_work < 0:
+            raise ValueError(
+                f"cudnn_min_tokens and cudnn_min_work must be >= 0, got {cudnn_min_tokens} "
+                f"and {cudnn_min_work}"
+            )
         self.cudnn_min_tokens = cudnn_min_tokens
+        self.cudnn_min_work = cudnn_min_work
         from vattention.attention.prefill_kernels import default_prefill_config
 
         self.use_triton = triton_usable(self.device) is None  # else: the gather fallback
@@ -72,13 +84,13 @@ class PagedTritonBackend(PagedBackend):
         self.prefill_config = prefill_config or default_prefill_config(head_dim, self.device)
 
     def _build(self, meta: AttentionMetadata) -> _Plan:
-        q_lens = meta.query_lens_host
-        limit = self.cudnn_min_tokens
+        q_lens, s_lens = meta.query_lens_host, meta.seq_lens_host
+        low, work = self.cudnn_min_tokens, self.cudnn_min_work
         prefill = [i for i, n in enumerate(q_lens) if n > 1]
         fresh = [
             i for i in prefill
-            if meta.seq_lens_host[i] == q_lens[i]
-            and (not self.use_triton or (limit and q_lens[i] >= limit))
+            if s_lens[i] == q_lens[i]
+            and (not self.use_triton or takes_cudnn(q_lens[i], s_lens[i], low, work))
         ]  # fmt: skip
         is_fresh = set(fresh)
         if not self.use_triton:

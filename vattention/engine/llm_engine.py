@@ -75,6 +75,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; overrides gpu_memory_utilization (no profile)
     attention_backend: str | None = None
+    # keyword options of that backend's constructor, e.g. {"cudnn_min_tokens": 8192} for auto
+    attention_options: dict[str, Any] | None = None
     block_size: int = 16
     # cross_layer_kv: K and V of every layer in one buffer (16 tokens a 2 MiB page for
     # Llama-3-8B, vLLM's block size): as fast as cross_layer end to end on the H200 and as many
@@ -207,8 +209,9 @@ class LLMEngine:
         self.cache = self._make_cache(config, spec, budget)
         try:
             self.attn = create_backend(
-                backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
-            )
+                backend, self.cache, mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim,
+                **(config.attention_options or {}),
+            )  # fmt: skip
             problem = sharing_problem(self.cache)
             wanted = config.enable_prefix_caching
             if wanted and problem:
