@@ -57,6 +57,13 @@ def test_flags_build_the_engine_config() -> None:
                                   kv_cache_memory=1000000)  # fmt: skip
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--max-num-seqs", "many"])
+    args = build_parser().parse_args(
+        ["serve", "m", "--attention-options", '{"cudnn_min_tokens": 8192}']
+    )
+    assert engine_config(args.model, args).attention_options == {"cudnn_min_tokens": 8192}
+    for bad in ("[1]", "{nope"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "m", "--attention-options", bad])
 
 
 def test_bad_option_values_exit_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Any
@@ -26,6 +27,8 @@ HELP: dict[str, str] = {
     "gpu_memory_utilization": "share of total device memory for weights, activations, graphs and KV",
     "kv_cache_memory": "KV cache budget in bytes (overrides --gpu-memory-utilization)",
     "attention_backend": "attention backend name; default auto (vattention) / pa_triton (paged)",
+    "attention_options": "JSON object of the attention backend's options, e.g. "
+    "'{\"cudnn_min_tokens\": 8192}' for auto",
     "block_size": "tokens per block of the paged cache",
     "kv_layout": "vattention layout: cross_layer_kv (default: K and V of all layers in one "
     "page), cross_layer (K and V pages apart: twice the tokens a page) or per_layer",
@@ -59,6 +62,16 @@ def _config_class() -> Any:
     return EngineConfig
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -79,7 +92,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default = f.default
         help_text = HELP.get(f.name, f.name)
         shown = "" if default is None else f" (default: {default})"
-        if kind is bool and default is False:
+        if typing.get_origin(kind) is dict:
+            group.add_argument(flag, type=_json_object, default=None, metavar="JSON",
+                               help=help_text)  # fmt: skip
+        elif kind is bool and default is False:
             group.add_argument(flag, action="store_true", default=None, help=help_text)
         elif kind is bool:
             group.add_argument(flag, type=_bool, default=None, metavar="{true,false}",

@@ -126,7 +126,36 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
     ("logit-bias-key", "POST", C, cmpl(logit_bias={"x": 10}), None, 400, "logit_bias"),
     ("logit-bias-range", "POST", C, cmpl(logit_bias={"5": 101}), None, 400, "logit_bias"),
     ("logit-bias-vocab", "POST", C, cmpl(logit_bias={"99999": 1}), None, 400, "logit_bias"),
-    ("echo-logprobs", "POST", C, cmpl(echo=True, logprobs=1), None, 400, "echo"),
+    (
+        "max-tokens-zero-min",
+        "POST",
+        C,
+        cmpl(echo=True, max_tokens=0, min_tokens=1),
+        None,
+        400,
+        "min_tokens",
+    ),  # fmt: skip
+    ("prompt-logprobs-negative", "POST", C, cmpl(prompt_logprobs=-1), None, 400, "prompt_"),
+    ("prompt-logprobs-too-many", "POST", C, cmpl(prompt_logprobs=21), None, 400, "prompt_"),
+    ("prompt-logprobs-bool", "POST", C, cmpl(prompt_logprobs=True), None, 400, "prompt_"),
+    (
+        "prompt-logprobs-stream",
+        "POST",
+        C,
+        cmpl(prompt_logprobs=1, stream=True),
+        None,
+        400,
+        "prompt_logprobs",
+    ),  # fmt: skip
+    (
+        "chat-prompt-logprobs-stream",
+        "POST",
+        CHAT,
+        chat(prompt_logprobs=0, stream=True),
+        None,
+        400,
+        "prompt_logprobs",
+    ),  # fmt: skip
     ("ignore-eos-string", "POST", C, cmpl(ignore_eos="no"), None, 400, "ignore_eos"),
     ("oversized-body", "POST", C, cmpl(prompt="x" * (MAX_BODY + 1)), None, 413, "larger"),
     ("wrong-method", "GET", C, None, None, 405, "GET"),

@@ -46,7 +46,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate completions for every prompt (`n` per prompt: `outputs[i]` of its
-        `RequestOutput`, run as n requests that share the prompt); returns them in the
+        `RequestOutput`, run as n requests that share the prompt; `prompt_logprobs`, when
+        asked for, are the prompt's, computed by its first choice only); returns them in the
         prompts' order."""
         items = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -129,7 +130,8 @@ class LLM:
 
 
 def _merge(outs: list[RequestOutput]) -> RequestOutput:
-    """One prompt's choices as one output (the first request's id, `outputs[i]` = choice i)."""
+    """One prompt's choices as one output (the first request's id, `outputs[i]` = choice i,
+    the first request's `prompt_logprobs`: only choice 0 computes them)."""
     first = outs[0]
     if len(outs) == 1:
         return first

@@ -403,8 +403,9 @@ class LLMEngine:
         t0 = clock()
         token_ids = result.token_ids()
         logprobs = result.logprobs()
+        prompt_logprobs = result.prompt_logprobs()
         t1 = clock()
-        finished = self.scheduler.update(result.out, token_ids, logprobs)
+        finished = self.scheduler.update(result.out, token_ids, logprobs, prompt_logprobs)
         t["sync"] += t1 - t0
         t["update"] += clock() - t1
         if updated is not None:

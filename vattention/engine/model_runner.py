@@ -8,12 +8,16 @@ Per step, `execute(out, reserve, prev)`:
    tokens reach the host;
 2. runs the model: a captured CUDA graph (`cuda_graphs`: decode-only batches by batch size,
    mixed prefill/decode batches by token bucket) when enabled and the step fits one, else
-   eagerly; logits are computed for the sampling rows only;
+   eagerly; logits are computed for the sampling rows only, plus, for requests that asked for
+   prompt log-probabilities, the rows listed in `SchedulerOutput.prompt_logprobs` (such a step
+   always runs eagerly: a graph computes only the sampling rows' logits), in bounded slices
+   (`logprobs.prompt_logprobs`); a step without such rows pays one check;
 3. joins the cache's previous mapping job and hands it the lengths the *next* step will need
    (`step_async`), so page mapping runs on the cache's background thread while this step's
    kernels (queued above) run;
-4. samples, and starts copying the sampled ids to pinned host memory (`StepResult`), so reading
-   them later waits for this step only, not for a step launched after it.
+4. samples, and starts copying the sampled ids (and log-probabilities) to pinned host memory
+   (`StepResult`), so reading them later waits for this step only, not for a step launched
+   after it.
 
 CUDA graphs (see `cuda_graphs`) stay valid for the whole run because the KV cache's tensors
 never move; their padding rows point at a dedicated dummy slot that has one backed token.
@@ -30,7 +34,7 @@ import torch
 
 from vattention.attention.base import AttentionBackend, AttentionMetadata
 from vattention.engine.cuda_graphs import DecodeGraphs, MixedGraphs
-from vattention.engine.logprobs import HostLogprobs
+from vattention.engine.logprobs import HostLogprobs, Logprobs, prompt_logprobs
 from vattention.engine.request import PLACEHOLDER
 from vattention.engine.sampler import Sampler, SamplerOutput, SamplingMetadata
 from vattention.engine.scheduling import SchedulerOutput
@@ -41,17 +45,24 @@ from vattention.models.llama import LlamaForCausalLM
 class StepResult:
     """One launched step's sampled ids on the device, copied to pinned host memory behind it.
 
-    `token_ids()` / `logprobs()` wait for this step's copy only (an event), so the host can read
-    step i while step i+1 runs."""
+    `token_ids()` / `logprobs()` / `prompt_logprobs()` wait for this step's copy only (an
+    event), so the host can read step i while step i+1 runs."""
 
-    def __init__(self, out: SchedulerOutput, sampled: SamplerOutput) -> None:
+    def __init__(
+        self, out: SchedulerOutput, sampled: SamplerOutput, prompt: Logprobs | None = None
+    ) -> None:
         self.out = out
         self.sampled = sampled
         self._event: torch.cuda.Event | None = None
         tensors = [sampled.token_ids]
+        self._lp_at = self._prompt_at = 0  # where each group of 3 tensors starts (0: none)
         if sampled.logprobs is not None:
             lp = sampled.logprobs
+            self._lp_at = len(tensors)
             tensors += [lp.sampled, lp.top_ids, lp.top_values]
+        if prompt is not None:
+            self._prompt_at = len(tensors)
+            tensors += [prompt.sampled, prompt.top_ids, prompt.top_values]
         if sampled.token_ids.is_cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(host, tensors, strict=True):
@@ -71,10 +82,17 @@ class StepResult:
         return self._host[0].tolist()  # type: ignore[no-any-return]
 
     def logprobs(self) -> HostLogprobs | None:
-        if len(self._host) == 1:
+        return self._group(self._lp_at)
+
+    def prompt_logprobs(self) -> HostLogprobs | None:
+        """The step's prompt log-probabilities (rows: `out.prompt_logprobs`' positions)."""
+        return self._group(self._prompt_at)
+
+    def _group(self, at: int) -> HostLogprobs | None:
+        if not at:
             return None
         self._wait()
-        return HostLogprobs(*(t.tolist() for t in self._host[1:]))
+        return HostLogprobs(*(t.tolist() for t in self._host[at : at + 3]))
 
 
 def _placeholders(
@@ -215,10 +233,22 @@ class ModelRunner:
         if not rows:
             raise ValueError("execute() needs a non-empty SchedulerOutput")
         decode_only = all(r.num_new_tokens == 1 for r in rows)
-        if self.graphs is not None and decode_only and len(rows) <= self.graphs.max_size:
+        prompt_rows = out.prompt_logprobs  # None but for steps with such rows: always eager
+        prompt: Logprobs | None = None
+        if (
+            self.graphs is not None
+            and decode_only
+            and len(rows) <= self.graphs.max_size
+            and prompt_rows is None
+        ):
             logits = self.graphs.run(out, prev)
             self.graph_steps["decode"] += 1
-        elif self.mixed_graphs is not None and not decode_only and self.mixed_graphs.fits(out):
+        elif (
+            self.mixed_graphs is not None
+            and not decode_only
+            and prompt_rows is None
+            and self.mixed_graphs.fits(out)
+        ):
             logits = self.mixed_graphs.run(out, prev)
             self.graph_steps["mixed"] += 1
         else:
@@ -233,13 +263,15 @@ class ModelRunner:
                 index = torch.tensor([ends[i] for i in sample_rows], dtype=torch.int64)
                 index = index.to(self.device, non_blocking=True)  # never waits for the GPU
             logits = self.model.compute_logits(hidden[index])
+            if prompt_rows is not None:
+                prompt = self._prompt_logprobs(hidden, out)
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
-            result = StepResult(out, SamplerOutput(empty, None))
+            result = StepResult(out, SamplerOutput(empty, None), prompt)
         else:
             smeta = SamplingMetadata.for_requests(requests, self.device, self.vocab_size)
-            result = StepResult(out, self.sampler(logits, smeta))
+            result = StepResult(out, self.sampler(logits, smeta), prompt)
         # The step's kernels are queued: map the next step's pages while they run (inline, or
         # on the cache's thread). Started after the launch so that it never delays it.
         if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):
@@ -248,6 +280,27 @@ class ModelRunner:
             self.join_seconds += time.perf_counter() - t0
             self.cache.step_async(out.next_lengths, reserve)
         return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, out: SchedulerOutput) -> Logprobs:
+        """Log-probabilities of the prompt positions `out.prompt_logprobs` lists (in order),
+        from the step's hidden states `hidden` (all of its tokens' rows)."""
+        rows = out.scheduled
+        starts = _cumsum([0] + [r.num_new_tokens for r in rows])  # each row's first hidden row
+        index: list[int] = []
+        targets: list[int] = []
+        k = 0
+        for pr in out.prompt_logprobs or ():
+            row = rows[pr.row]
+            at = starts[pr.row] + pr.first - 1 - row.start  # the token before position `first`
+            index.extend(range(at, at + pr.num_positions))
+            targets.extend(row.request.prompt_token_ids[pr.first : pr.end])
+            k = max(k, row.request.params.prompt_logprobs or 0)
+        dev = self.device
+        index_t = torch.tensor(index, dtype=torch.int64).to(dev, non_blocking=True)
+        targets_t = torch.tensor(targets, dtype=torch.int64).to(dev, non_blocking=True)
+        return prompt_logprobs(
+            self.model.compute_logits, hidden, index_t, targets_t, k, self.vocab_size
+        )
 
     def join_mapping(self) -> None:
         """Wait for the background mapping of `step_async`; its shortage is not an error here

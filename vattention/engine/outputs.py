@@ -2,7 +2,10 @@
 
 `RequestOutput.outputs[0]` is the completion; `text` and `token_ids` are shortcuts to it. The text
 is "" when the request has no tokenizer or asked for `SamplingParams(detokenize=False)`; the token
-ids (and logprobs, stop reasons) are there either way.
+ids (and logprobs, stop reasons) are there either way. `prompt_logprobs` (with
+`SamplingParams.prompt_logprobs`) belongs to the prompt, not to a completion: aligned with
+`prompt_token_ids`, None at position 0 (vLLM's shape); a request aborted before its prompt was
+computed has only the positions computed by then.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class RequestOutput:
     finished: bool = False
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def text(self) -> str:
@@ -59,6 +63,7 @@ class RequestOutput:
     @classmethod
     def from_request(cls, request: Request, prompt: str | None = None) -> RequestOutput:
         reason = request.finish_reason.value if request.finish_reason is not None else None
+        prompt_lp = request.prompt_logprobs
         completion = CompletionOutput(
             index=0,
             text=request.output_text if request.is_finished else request.stream_text(),
@@ -79,4 +84,9 @@ class RequestOutput:
             finished=request.is_finished,
             num_preemptions=request.num_preemptions,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time),
+            # Complete (and so never changed again) once a running request has an output to
+            # stream: shared like the prompt; a finished one gets its own list.
+            prompt_logprobs=(
+                None if prompt_lp is None else list(prompt_lp) if request.is_finished else prompt_lp
+            ),
         )

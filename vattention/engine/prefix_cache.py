@@ -11,7 +11,10 @@ Rules (the invariants the scheduler keeps):
   must be computed to produce logits: at most `(num_tokens - 1) // tokens_per_page` pages;
 - only pages whose tokens all have K/V written by launched steps (`num_computed_tokens`) and
   known ids (no placeholder) are published, before the request's slot is freed;
-- a request's published count is per slot: it restarts at 0 when the request loses its slot.
+- a request's published count is per slot: it restarts at 0 when the request loses its slot;
+- a request that still needs prompt log-probabilities (`Request.needs_prompt_logprobs`) takes
+  no hit and is not counted as a lookup: tokens served from the cache have no logits (vLLM
+  does the same); its own pages are published as any request's.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ class PrefixCaching:
 
     def cached_keys(self, r: Request) -> list[int]:
         """Keys of `r`'s leading pages the cache holds (nothing counted: an admission that
-        fails looks again at the next step)."""
+        fails looks again at the next step); none for a request that needs prompt
+        log-probabilities."""
+        if r.prompt_logprobs is not None and r.needs_prompt_logprobs:
+            return []
         known = r.num_tokens - r.num_inflight
         pages = (known - 1) // self.per_page
         if pages <= 0:
@@ -68,6 +74,9 @@ class PrefixCaching:
     def admitted(self, r: Request, keys: list[int]) -> int:
         """`r` was admitted into a slot that maps the pages of `keys`: count the lookup (its
         known tokens, and those served from the cache); returns the tokens they hold."""
+        if r.prompt_logprobs is not None and r.needs_prompt_logprobs:
+            r.num_published_pages = 0  # not looked up (see the rules)
+            return 0
         self.query_tokens += r.num_tokens - r.num_inflight
         tokens = len(keys) * self.per_page
         self.hit_tokens += tokens
@@ -78,6 +87,8 @@ class PrefixCaching:
         """Whether `r`'s first page is cached (one lookup): its slot will map shared pages
         there, so preparing private pages for it ahead of admission would be wasted."""
         if r.num_tokens - r.num_inflight <= self.per_page:
+            return False
+        if r.prompt_logprobs is not None and r.needs_prompt_logprobs:
             return False
         return self.cache.cached_prefix(extend_keys(r, 1, self.per_page)[:1]) > 0
 

@@ -18,6 +18,10 @@ Invariants:
   tokens, the text and the seeded generator, so a resumed request continues where it stopped;
 - `params` and `eos_token_ids` are fixed at construction (`token_limit` and `length_stops_only`
   are derived from them once);
+- `prompt_logprobs` is None unless `params.prompt_logprobs` is set; then it holds the records of
+  prompt positions `[0, len)` (position 0 is None: nothing predicts it), collected in position
+  order as prefill chunks run and kept across preemption (a recomputed position is not added
+  again), so it never holds more than `num_prompt_tokens` entries;
 - there is a detokenizer exactly when a tokenizer was given and `params.detokenize`: without
   one the output text stays "".
 """
@@ -103,6 +107,10 @@ class Request:
         self.output_logprobs: list[TokenLogprobs] | None = (
             [] if params.logprobs is not None else None
         )
+        # Prompt log-probabilities by position (position 0 has none), see the invariants.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self.detokenizer = (
             IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
             if tokenizer is not None and params.detokenize
@@ -173,6 +181,27 @@ class Request:
             self.output_logprobs.append(logprobs)
         detokenizer = self.detokenizer
         return "" if detokenizer is None else detokenizer.push(token_id)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt log-probabilities are asked for and some are still to be computed
+        (such a request takes no prefix-cache hit: cached tokens have no logits)."""
+        got = self.prompt_logprobs
+        return got is not None and len(got) < len(self.prompt_token_ids)
+
+    def add_prompt_logprobs(self, first: int, entries: Sequence[TokenLogprobs]) -> None:
+        """Record the prompt positions `[first, first + len(entries))`; positions already
+        recorded (computed again after a preemption) are kept as they are."""
+        got = self.prompt_logprobs
+        if got is None:
+            raise RuntimeError(f"request {self.request_id}: no prompt log-probabilities asked")
+        if first < 1 or first > len(got) or first + len(entries) > len(self.prompt_token_ids):
+            raise RuntimeError(
+                f"request {self.request_id}: prompt log-probabilities of positions "
+                f"[{first}, {first + len(entries)}) after {len(got)} recorded, "
+                f"prompt of {len(self.prompt_token_ids)}"
+            )
+        got.extend(entries[len(got) - first :])
 
     # -- text -------------------------------------------------------------------------------
     @property

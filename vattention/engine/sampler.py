@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vattention.engine.logprobs import Logprobs
+from vattention.engine.logprobs import Logprobs, logprobs_of
 from vattention.engine.penalties import PenaltyBatch, PenaltyState
 from vattention.engine.sampling_params import SamplingParams
 
@@ -309,16 +309,7 @@ def _sorted_keep(
 
 
 def _logprobs(logits: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata) -> Logprobs:
-    logp = torch.log_softmax(logits, dim=-1)
-    sampled = logp.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-    k = min(meta.num_logprobs or 0, logits.shape[1])
-    top = logp.topk(k, dim=-1) if k > 0 else None
-    empty_ids = torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
-    return Logprobs(
-        sampled=sampled,
-        top_ids=top.indices if top is not None else empty_ids,
-        top_values=top.values if top is not None else empty_ids.float(),
-    )
+    return logprobs_of(logits, token_ids, meta.num_logprobs or 0)
 
 
 def _shape(x: object) -> str:

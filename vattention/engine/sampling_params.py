@@ -6,6 +6,8 @@ Invariants: a `SamplingParams` is frozen and validated at construction, so every
 `max_tokens` is None (until the model's length limit) or positive; `stop_token_ids` and `stop`
 are tuples (lists are accepted and converted); `logprobs` is None (off) or the number of top
 alternatives returned with each sampled token's own log-probability (0 = the sampled one only);
+`prompt_logprobs` is None (off) or, likewise, the number of top alternatives returned with each
+prompt token's own log-probability (every prompt position after the first);
 `stop` strings need `detokenize` (they are matched in the output text);
 `-2 <= presence_penalty, frequency_penalty <= 2` (0 = off) and `repetition_penalty > 0`
 (1 = off); `logit_bias` is None or a read-only mapping of non-negative token ids to biases in
@@ -62,6 +64,11 @@ class SamplingParams:
     stop: strings that end generation (trimmed from the output text); needs a tokenizer.
     ignore_eos: keep generating past the end-of-sequence token.
     logprobs: None, or return each sampled token's log-probability plus this many top ones.
+    prompt_logprobs: None, or return each prompt token's log-probability (given the tokens
+        before it) plus this many top ones (vLLM's): `RequestOutput.prompt_logprobs`, None at
+        position 0. The request then computes its whole prompt (no prefix-cache hit) with
+        logits for every prompt row; with `n > 1` only the first choice computes them
+        (`choices()`): they belong to the prompt.
     skip_special_tokens: leave special tokens out of the output text.
     detokenize: produce the output text; False returns token ids only (text ""), which saves
         the per-token detokenization (stop strings then cannot be used).
@@ -83,6 +90,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
 
@@ -133,13 +141,14 @@ class SamplingParams:
         object.__setattr__(self, "stop", self._stop_strings(self.stop))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
-        if self.logprobs is not None:
-            if not _is_int(self.logprobs):
-                raise TypeError(
-                    f"logprobs must be an int or None, got {type(self.logprobs).__name__}"
-                )
-            if self.logprobs < 0:
-                raise ValueError(f"logprobs must be >= 0 (or None), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not _is_int(value):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (or None), got {value}")
         if not isinstance(self.skip_special_tokens, bool):
             raise TypeError("skip_special_tokens must be a bool")
         if not isinstance(self.detokenize, bool):
@@ -202,11 +211,18 @@ class SamplingParams:
         return out
 
     def choices(self) -> list[SamplingParams]:
-        """One `n == 1` copy per completion; choice i of a seeded request gets seed + i."""
+        """One `n == 1` copy per completion; choice i of a seeded request gets seed + i; only
+        choice 0 keeps `prompt_logprobs` (the prompt's, computed once: the other choices may
+        then share its pages through the prefix cache)."""
         if self.n == 1:
             return [self]
         return [
-            dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+            dataclasses.replace(
+                self,
+                n=1,
+                seed=None if self.seed is None else self.seed + i,
+                prompt_logprobs=self.prompt_logprobs if i == 0 else None,
+            )
             for i in range(self.n)
         ]
 

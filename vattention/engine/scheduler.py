@@ -29,6 +29,12 @@ finished (no slot, gone from `requests`); `running` is in admission order; the o
 request always makes progress, so every request eventually finishes; `update()` gets the
 outputs of `schedule()` in the order they were made; a request with tokens in flight is not
 admitted (after preemption) before they are resolved.
+
+Prompt log-probabilities (`SamplingParams.prompt_logprobs`): while a request that asked for
+them has positions left to compute, each step lists the rows that compute some
+(`SchedulerOutput.prompt_logprobs`, see `scheduling`) and `update()` records what they
+computed on the request, by position (kept across preemption, never added twice). Such a
+request takes no prefix-cache hit (`prefix_cache`). Steps without such requests pay one check.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from vattention.engine.scheduling import (
     SchedulerOutput,
     ends_in_flight,
     next_lengths,
+    prompt_logprob_rows,
 )
 from vattention.engine.stop import check_stop
 from vattention.memory.errors import OutOfKVMemory
@@ -80,6 +87,8 @@ class Scheduler:
         )
         self._finished: list[Request] = []  # ended since the last update()
         self._pending: deque[SchedulerOutput] = deque()  # scheduled, not yet updated
+        # Unfinished requests with prompt log-probabilities still to compute (usually none).
+        self._prompt_logprobs: set[Request] = set()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -97,6 +106,8 @@ class Scheduler:
             )
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if request.needs_prompt_logprobs:
+            self._prompt_logprobs.add(request)
 
     def abort_request(self, request_id: str) -> bool:
         """End a request now (`FinishReason.ABORT`); False if it is unknown or already over."""
@@ -196,6 +207,8 @@ class Scheduler:
             if row.sample:
                 req.add_placeholder()
         out.next_lengths = next_lengths(scheduled, max_len)
+        if self._prompt_logprobs:  # the one check other steps pay
+            out.prompt_logprobs = prompt_logprob_rows(scheduled)
         self._pending.append(out)
         return out
 
@@ -204,9 +217,12 @@ class Scheduler:
         output: SchedulerOutput,
         sampled_token_ids: Sequence[int] | torch.Tensor,
         logprobs: Logprobs | HostLogprobs | None = None,
+        prompt_logprobs: Logprobs | HostLogprobs | None = None,
     ) -> list[Request]:
-        """Record that `output` ran: advance progress, append the sampled tokens (one per
-        `output.sampling` row, in order), apply stop conditions and free finished slots.
+        """Record that `output` ran: advance progress, record its prompt log-probabilities
+        (`prompt_logprobs`: one row per position of `output.prompt_logprobs`, in order),
+        append the sampled tokens (one per `output.sampling` row, in order), apply stop
+        conditions and free finished slots.
 
         Returns every request that ended since the previous update (including aborted ones and
         those that ended while scheduling)."""
@@ -222,7 +238,11 @@ class Scheduler:
         lp = logprobs.to_host() if isinstance(logprobs, Logprobs) else logprobs
         if lp is not None and len(lp.sampled) != len(rows):
             raise ValueError(f"got log-probabilities for {len(lp.sampled)} rows, not {len(rows)}")
+        if (output.prompt_logprobs is None) != (prompt_logprobs is None):
+            raise ValueError("prompt log-probabilities must come exactly with the rows asking")
         self._pending.popleft()
+        if output.prompt_logprobs is not None and prompt_logprobs is not None:
+            self._record_prompt_logprobs(output, prompt_logprobs)
         max_len = self.config.max_model_len
         finished_status = RequestStatus.FINISHED
         ended: list[tuple[Request, FinishReason]] = []  # finished after the loop, in order
@@ -249,6 +269,30 @@ class Scheduler:
         return out
 
     # -- internals --------------------------------------------------------------------------
+    def _record_prompt_logprobs(
+        self, output: SchedulerOutput, logprobs: Logprobs | HostLogprobs
+    ) -> None:
+        """Give each listed row's request the prompt positions its row computed."""
+        rows = output.prompt_logprobs or []
+        lp = logprobs.to_host() if isinstance(logprobs, Logprobs) else logprobs
+        total = sum(pr.num_positions for pr in rows)
+        if len(lp.sampled) != total:
+            raise ValueError(f"got {len(lp.sampled)} prompt log-probabilities for {total}")
+        at = 0
+        for pr in rows:
+            r = output.scheduled[pr.row].request
+            got = r.prompt_logprobs
+            if got is not None and r.status is not RequestStatus.FINISHED:
+                ids, k = r.prompt_token_ids, r.params.prompt_logprobs or 0
+                skip = max(0, len(got) - pr.first)  # recorded before a preemption: kept
+                r.add_prompt_logprobs(
+                    pr.first + skip,
+                    [lp.entry(at + j, ids[pr.first + j], k) for j in range(skip, pr.num_positions)],
+                )
+                if not r.needs_prompt_logprobs:
+                    self._prompt_logprobs.discard(r)
+            at += pr.num_positions
+
     def _row(self, r: Request, n: int) -> ScheduledRequest:
         end = r.num_computed_tokens + n
         return ScheduledRequest(r, _slot(r), n, end, sample=end == r.num_tokens)
@@ -341,6 +385,8 @@ class Scheduler:
             r.status, r.finish_reason = RequestStatus.FINISHED, reason
             self.requests.pop(r.request_id, None)
             self._finished.append(r)
+            if self._prompt_logprobs:
+                self._prompt_logprobs.discard(r)
         self.running[:] = [r for r in self.running if r.status is not RequestStatus.FINISHED]
 
     def _finish(self, r: Request, reason: FinishReason) -> None:
@@ -355,6 +401,7 @@ class Scheduler:
         r.status, r.finish_reason = RequestStatus.FINISHED, reason
         self.requests.pop(r.request_id, None)
         self._finished.append(r)
+        self._prompt_logprobs.discard(r)
 
 
 def _slot(r: Request) -> int:

@@ -9,7 +9,12 @@ Invariants of a `SchedulerOutput` (built by `Scheduler.schedule`):
   K/V; the row's new tokens are `request.all_token_ids[context_len - num_new_tokens:context_len]`;
 - a row samples (`sample`) exactly when `context_len == request.num_tokens` at scheduling (the
   request then gets a placeholder for the token, see `Request`); the sampler's rows
-  are `output.sampling` in order.
+  are `output.sampling` in order;
+- `prompt_logprobs` is None when no row computes prompt log-probabilities (the common case);
+  otherwise it lists, in row order, the rows of requests that asked for them whose new tokens
+  predict prompt positions not yet recorded: positions `[first, end)`, with
+  `row.start < first < end <= min(row.context_len + 1, num_prompt_tokens)` (position p is
+  predicted by the row's token at p - 1).
 """
 
 from __future__ import annotations
@@ -91,6 +96,37 @@ class ScheduledRequest(NamedTuple):
         return self.request.all_token_ids[self.start : self.context_len]
 
 
+class PromptLogprobRow(NamedTuple):
+    """A row whose tokens at positions `[first - 1, end - 1)` give the log-probabilities of
+    prompt positions `[first, end)` of its request (`row` indexes `scheduled`)."""
+
+    row: int
+    first: int
+    end: int
+
+    @property
+    def num_positions(self) -> int:
+        return self.end - self.first
+
+
+def prompt_logprob_rows(rows: list[ScheduledRequest]) -> list[PromptLogprobRow] | None:
+    """The rows that compute prompt log-probabilities (see the module's invariants), or None.
+
+    Positions already recorded on the request (before a preemption) are not computed again;
+    positions of launched steps not yet applied are past `row.start`, so never requested
+    twice in order."""
+    found: list[PromptLogprobRow] = []
+    for i, row in enumerate(rows):
+        got = row.request.prompt_logprobs
+        if got is None:
+            continue
+        first = max(row.start + 1, len(got))
+        end = min(row.context_len + 1, row.request.num_prompt_tokens)
+        if first < end:
+            found.append(PromptLogprobRow(i, first, end))
+    return found or None
+
+
 @dataclass
 class SchedulerOutput:
     """One step's batch, plus what changed while it was built."""
@@ -102,6 +138,8 @@ class SchedulerOutput:
     # running: a hint for `cache.step_async`. Requests sure to end this step are left out; a
     # slot whose request stops on a token may still be freed by `update`.
     next_lengths: dict[int, int] = field(default_factory=dict)
+    # Rows that compute prompt log-probabilities; None when none does (see the invariants).
+    prompt_logprobs: list[PromptLogprobRow] | None = None
     # (scheduled list, its length, its sampling rows): `sampling` is read several times a step.
     _sampling: tuple[list[ScheduledRequest], int, list[ScheduledRequest]] | None = field(
         default=None, init=False, repr=False, compare=False

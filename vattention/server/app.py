@@ -13,7 +13,10 @@ Invariants:
 - a request for `n` choices (of each prompt of a completion batch) runs as one engine request
   per choice (the prefix cache shares a prompt's pages); all of them are aborted together,
   and the response (or stream) carries every choice under its index (prompt * n + choice),
-  with usage counting each prompt once;
+  with usage counting each prompt once; a prompt's log-probabilities (`echo` with `logprobs`,
+  vLLM's `prompt_logprobs`) are computed by its first choice only and shared by its choices'
+  renderers (a choice waits for them before its first chunk); `echo` with `max_tokens: 0`
+  answers the prompt alone (the one token the engine sampled is left out, usage counts none);
 - the tokenizer is only read here (encode, chat template, one-token decodes for logprobs);
   the engine itself is touched only through the `AsyncEngine`;
 - with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
@@ -54,7 +57,15 @@ from vattention.server.protocol import (
     parse_json,
     validate,
 )
-from vattention.server.render import DONE, ChatRenderer, CompletionRenderer, merge_responses, sse
+from vattention.server.render import (
+    DONE,
+    ChatRenderer,
+    CompletionRenderer,
+    SharedPrompt,
+    merge_responses,
+    prompt_only,
+    sse,
+)
 
 logger = logging.getLogger("vattention.server")
 
@@ -118,6 +129,9 @@ def create_app(
             )
 
     auth = [Depends(check_key)]
+    from vattention.server.utility_routes import register_utility_routes  # it imports app
+
+    register_utility_routes(app, server, auth)  # /tokenize, /detokenize, /version
 
     @app.get("/health")
     async def health() -> Response:
@@ -162,13 +176,19 @@ def create_app(
             CompletionRenderer(rid, served_model_name, async_engine.tokenizer, req.logprobs, i)
             for i in range(len(jobs))
         ]
-        if req.echo:  # the prompt's text before each of its choices
+        if req.echo:  # the prompt's text (and tokens) before each of its choices
             texts = [server.prompt_text(p, ids) for p, ids in zip(req.prompt, prompts, strict=True)]
             for i, r in enumerate(renderers):
                 r.echo = texts[i // params.n]
+                if req.logprobs is not None:
+                    r.echo_ids = prompts[i // params.n]
+        if params.prompt_logprobs is not None:  # one SharedPrompt per prompt, for its choices
+            shared = [SharedPrompt() for _ in prompts]
+            for i, r in enumerate(renderers):
+                r.prompt, r.prompt_logprobs = shared[i // params.n], req.prompt_logprobs
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage,
-            sum(len(ids) for ids in prompts),
+            sum(len(ids) for ids in prompts), req.prompt_only,
         )  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -187,6 +207,10 @@ def create_app(
             ChatRenderer(rid, served_model_name, async_engine.tokenizer, top, i)
             for i in range(params.n)
         ]
+        if params.prompt_logprobs is not None:
+            shared = SharedPrompt()
+            for r in renderers:
+                r.prompt, r.prompt_logprobs = shared, params.prompt_logprobs
         jobs = [(ids, p) for p in params.choices()]
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage, len(ids)
@@ -292,11 +316,12 @@ class _Server:
     async def serve(
         self, request: Request, jobs: list[tuple[list[int], SamplingParams]], rid: str,
         renderers: Sequence[CompletionRenderer | ChatRenderer], stream: bool,
-        include_usage: bool, prompt_tokens: int,
+        include_usage: bool, prompt_tokens: int, echo_only: bool = False,
     ) -> Response:  # fmt: skip
         """Run every choice (a prompt and its `n == 1` params) as an engine request (`rid`, or
         `rid-i` for several: choices of one prompt share its pages through the prefix cache)
-        and answer with all of them; `prompt_tokens` is the usage's prompt count."""
+        and answer with all of them; `prompt_tokens` is the usage's prompt count; `echo_only`
+        (`echo` with `max_tokens: 0`) leaves the generated token out of the answer."""
         streams: list[RequestStream] = []
         trackers: list[RequestTracker] = []
         try:
@@ -312,7 +337,9 @@ class _Server:
                 raise APIError(str(e), HTTPStatus.SERVICE_UNAVAILABLE) from None
             raise
         if stream:
-            events = self._events(streams, renderers, trackers, include_usage, prompt_tokens)
+            events = self._events(
+                streams, renderers, trackers, include_usage, prompt_tokens, echo_only
+            )
             return _SSEResponse(events, on_close=lambda: self._ended(streams, trackers))
         work = asyncio.gather(
             *(self._final(s, t) for s, t in zip(streams, trackers, strict=True)),
@@ -327,6 +354,10 @@ class _Server:
         for f in finals:
             if isinstance(f, BaseException):
                 raise f
+        if echo_only:
+            finals = [prompt_only(f) for f in finals]
+        for r, f in zip(renderers, finals, strict=True):
+            r.ready(f)  # every prompt's log-probabilities reach its choices before rendering
         bodies = [r.response(f) for r, f in zip(renderers, finals, strict=True)]
         return JSONResponse(merge_responses(bodies, list(finals), prompt_tokens))
 
@@ -345,9 +376,12 @@ class _Server:
         self, streams: list[RequestStream],
         renderers: Sequence[CompletionRenderer | ChatRenderer],
         trackers: list[RequestTracker], include_usage: bool, prompt_tokens: int,
+        echo_only: bool = False,
     ) -> AsyncIterator[bytes]:  # fmt: skip
         """SSE chunks of every choice as its outputs come (choices interleave; each chunk
-        names its choice's index), then usage over all of them, then [DONE]."""
+        names its choice's index), then usage over all of them, then [DONE]. A choice whose
+        prompt's log-probabilities are not known yet (another choice computes them) is held:
+        its latest output is rendered once they are, or when every stream has ended."""
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(i: int) -> None:
@@ -364,6 +398,7 @@ class _Server:
                 if isinstance(r, ChatRenderer):
                     yield sse(r.role_chunk(include_usage))
             last: list[RequestOutput | None] = [None] * len(streams)
+            held: dict[int, RequestOutput] = {}  # latest outputs waiting for prompt logprobs
             running = len(streams)
             while running:
                 i, item = await queue.get()
@@ -376,10 +411,21 @@ class _Server:
                         break
                     raise item
                 _observe(trackers[i], item)
+                if echo_only:
+                    item = prompt_only(item)
                 last[i] = item
+                if not renderers[i].ready(item):
+                    held[i] = item  # outputs are cumulative: the latest one is enough
+                    continue
                 for chunk in renderers[i].chunks(item, include_usage):
                     yield sse(chunk)
+                for j in [j for j in held if renderers[j].ready(held[j])]:
+                    for chunk in renderers[j].chunks(held.pop(j), include_usage):
+                        yield sse(chunk)
             else:
+                for j, out in held.items():  # their prompt's first choice ended without them
+                    for chunk in renderers[j].chunks(out, include_usage):
+                        yield sse(chunk)
                 finals = [x for x in last if x is not None]
                 if include_usage and len(finals) == len(last):
                     yield sse(renderers[0].usage_chunk(finals, prompt_tokens))

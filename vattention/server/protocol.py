@@ -1,5 +1,5 @@
 """Request models of `/v1/completions` and `/v1/chat/completions` (OpenAI's fields, pydantic v2)
-and their mapping to `SamplingParams`.
+and their mapping to `SamplingParams`, and of vLLM's `/tokenize` and `/detokenize`.
 
 Invariants:
 - validation is strict (no coercion: `"5"` is not an int, `1` is not a bool, `true` is not a
@@ -7,8 +7,13 @@ Invariants:
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
 - parameters this server does not implement are accepted at their neutral value only (no
-  tools, no `echo` with `logprobs`, `best_of` 1, ...); anything else is a 400 naming the parameter
+  tools, no `suffix`, `best_of` 1, ...); anything else is a 400 naming the parameter
   (`code: "unsupported_parameter"`);
+- prompt log-probabilities: a completion with `echo` and `logprobs: k` asks the engine for the
+  prompt's (k alternatives), as does vLLM's extra field `prompt_logprobs` (both endpoints, not
+  with `stream`); the engine computes the larger k of the two. `max_tokens: 0` is accepted only
+  with `echo` (OpenAI's way of scoring a prompt): the engine still samples one token (every
+  request does, once its prompt is computed: no extra step), which the response leaves out;
 - after validation a completion's `prompt` is a non-empty list of prompts (a batch: OpenAI's
   list of strings or of token-id lists; a single prompt is a batch of one), each a `str` or a
   non-empty `list[int]` of non-negative ids; a chat message's `content` is a `str` (text
@@ -22,7 +27,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from vattention.engine.sampling_params import MAX_N, SamplingParams
@@ -64,6 +69,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extra field
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -88,6 +94,10 @@ class _Common(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise bad_request(
                 "stream_options is only allowed when stream is true", "stream_options"
+            )
+        if self.prompt_logprobs is not None and self.stream:
+            raise bad_request(
+                "prompt_logprobs is not available when stream is true", "prompt_logprobs"
             )
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -122,7 +132,7 @@ class CompletionRequest(_Common):
 
     prompt: list[str | list[int]]
     suffix: str | None = None
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (the prompt alone)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
@@ -136,13 +146,34 @@ class CompletionRequest(_Common):
         self.check_common()
         if self.suffix:
             raise unsupported("suffix")
-        if self.echo and self.logprobs is not None:
-            raise unsupported("echo", "echo with logprobs (the prompt's log-probabilities)")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", f"only 1, got {self.best_of}")
+        if self.max_tokens == 0:
+            if not self.echo:
+                raise bad_request(
+                    "max_tokens must be >= 1 (0 only with echo, which returns the prompt)",
+                    "max_tokens",
+                )
+            if self.min_tokens:
+                raise bad_request("min_tokens must be 0 when max_tokens is 0", "min_tokens")
+        prompt_k = [k for k in (self.prompt_logprobs, self.echo_logprobs) if k is not None]
         return make_sampling_params(
-            max_tokens=self.max_tokens, logprobs=self.logprobs, **self.sampling_kwargs()
+            # max_tokens 0: the engine samples one token anyway; the response leaves it out
+            max_tokens=1 if self.prompt_only else self.max_tokens,
+            logprobs=self.logprobs,
+            prompt_logprobs=max(prompt_k) if prompt_k else None,
+            **self.sampling_kwargs(),
         )
+
+    @property
+    def prompt_only(self) -> bool:
+        """`echo` with `max_tokens: 0`: the response is the prompt alone (OpenAI's scoring)."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def echo_logprobs(self) -> int | None:
+        """Top alternatives of each echoed prompt token (`echo` with `logprobs`), or None."""
+        return self.logprobs if self.echo else None
 
 
 Role = Literal["system", "user", "assistant", "developer"]
@@ -206,7 +237,10 @@ class ChatCompletionRequest(_Common):
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return make_sampling_params(
-            max_tokens=self.requested_max_tokens, logprobs=logprobs, **self.sampling_kwargs()
+            max_tokens=self.requested_max_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            **self.sampling_kwargs(),
         )
 
     @property
@@ -222,6 +256,60 @@ class ChatCompletionRequest(_Common):
                 d["name"] = m.name
             out.append(d)
         return out
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """`POST /tokenize` of a prompt (vLLM's fields)."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """`POST /tokenize` of chat messages, rendered as `/v1/chat/completions` renders them."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+    def as_chat(self) -> ChatCompletionRequest:
+        """The chat request whose prompt these messages are (only its rendering is used)."""
+        return ChatCompletionRequest.model_construct(
+            model=self.model or "",
+            messages=self.messages,
+            add_generation_prompt=self.add_generation_prompt,
+        )
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeRequest:
+    """A `/tokenize` body as the chat form (it has `messages`) or the prompt form."""
+    if "messages" in body and "prompt" in body:
+        raise bad_request("send either 'prompt' or 'messages', not both", "messages")
+    if "messages" not in body and "prompt" not in body:
+        raise bad_request(
+            "send 'prompt' (text) or 'messages' (chat)", "prompt", code="missing_required"
+        )
+    return validate(TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest, body)
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize` (vLLM's fields); the ids are checked against the vocabulary later."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[NonNegativeInt]
 
 
 # -- helpers ---------------------------------------------------------------------------------

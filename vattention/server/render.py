@@ -6,10 +6,20 @@ order; the text deltas it emits concatenate to the final text (the engine's stre
 grows: what could still become a stop string is held back); logprob entries are emitted once
 each, in order; `finish_reason` is one of "stop", "length" (also for an engine "kv memory"
 end: the request ran out of room) and "abort"; log-probabilities are finite JSON numbers.
+
+Prompt log-probabilities belong to a prompt: only its first choice's engine request computes
+them (`SamplingParams.choices`), and the renderers of its choices share them through one
+`SharedPrompt`; a renderer that needs them does not render before they are known (`ready`).
+With `echo` and `logprobs` a completion's `logprobs` lists the prompt's tokens first (the
+first with None for its log-probability and its top alternatives, as OpenAI and vLLM do), then
+the generated ones, `text_offset` running over both. vLLM's `prompt_logprobs` field is a list
+aligned with the prompt, None first, then `{token id: {logprob, rank, decoded_token}}` of the
+prompt token and its top alternatives (`rank` is None for a prompt token outside them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -42,6 +52,27 @@ def usage(outs: list[RequestOutput], prompt_tokens: int) -> dict[str, int]:
     }
 
 
+def prompt_only(out: RequestOutput) -> RequestOutput:
+    """`out` without its generated tokens (`echo` with `max_tokens: 0`: the engine sampled one
+    token, which the response leaves out); it ended for length unless it was aborted."""
+    c = out.outputs[0]
+    reason = c.finish_reason
+    if reason is not None and reason != "abort":
+        reason = "length"
+    completion = dataclasses.replace(
+        c, text="", token_ids=[], finish_reason=reason, stop_reason=None,
+        logprobs=None if c.logprobs is None else [],
+    )  # fmt: skip
+    return dataclasses.replace(out, outputs=[completion])
+
+
+@dataclasses.dataclass
+class SharedPrompt:
+    """One prompt's log-probabilities, as its first choice's output brings them (`ready`)."""
+
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
 def merge_responses(
     bodies: list[dict[str, Any]], outs: list[RequestOutput], prompt_tokens: int
 ) -> dict[str, Any]:
@@ -70,6 +101,49 @@ class _Renderer:
         self._text_len = 0
         self._num_logprobs = 0
         self._text_offset = 0
+        # Prompt log-probabilities: where they come from (None: not needed), the top
+        # alternatives of vLLM's `prompt_logprobs` field (None: not asked)
+        self.prompt: SharedPrompt | None = None
+        self.prompt_logprobs: int | None = None
+
+    def ready(self, out: RequestOutput) -> bool:
+        """Whether `out` can be rendered: the prompt's log-probabilities are known where they
+        are needed (taken from `out` when it carries them: its prompt's first choice)."""
+        shared = self.prompt
+        if shared is None:
+            return True
+        mine = out.prompt_logprobs
+        if mine is not None and (len(mine) == len(out.prompt_token_ids) or out.finished):
+            shared.logprobs = mine
+        return shared.logprobs is not None
+
+    def _prompt_entries(self) -> list[TokenLogprobs | None]:
+        shared = self.prompt
+        return [] if shared is None or shared.logprobs is None else shared.logprobs
+
+    def _prompt_logprobs_field(self) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: per prompt position, None or `{token id: {logprob, rank,
+        decoded_token}}` of the prompt token and its top alternatives."""
+        k = self.prompt_logprobs or 0
+        field: list[dict[str, Any] | None] = []
+        for e in self._prompt_entries():
+            if e is None:
+                field.append(None)
+                continue
+            top = e.top[:k]
+            ranks = {tid: i + 1 for i, (tid, _) in enumerate(top)}
+            d = {str(e.token_id): self._vllm_logprob(e.token_id, e.logprob, ranks)}
+            for tid, lp in top:
+                d.setdefault(str(tid), self._vllm_logprob(tid, lp, ranks))
+            field.append(d)
+        return field
+
+    def _vllm_logprob(self, token_id: int, logprob: float, ranks: dict[int, int]) -> Any:
+        return {
+            "logprob": _finite(logprob),
+            "rank": ranks.get(token_id),
+            "decoded_token": self.token_text(token_id),
+        }
 
     def _header(self, obj: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
@@ -96,24 +170,27 @@ class _Renderer:
 
 
 class CompletionRenderer(_Renderer):
-    """`echo`: the prompt's text, put before the completion's (whole, or as the first chunk)."""
+    """`echo`: the prompt's text, put before the completion's (whole, or as the first chunk);
+    with `logprobs` also its tokens before the completion's (`echo_ids`, set with `echo`)."""
 
     object_name = chunk_object_name = "text_completion"
     echo: str = ""
+    echo_ids: list[int] | None = None  # the echoed prompt's ids, until rendered
 
     def response(self, out: RequestOutput) -> dict[str, Any]:
         text, entries = self._delta(out)
         text, self.echo = self.echo + text, ""
-        return {
-            **self._header(self.object_name),
-            "choices": [self._choice(text, entries, finish_reason(out))],
-        }
+        choice = self._choice(text, entries, finish_reason(out))
+        if self.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self._prompt_logprobs_field()
+        return {**self._header(self.object_name), "choices": [choice]}
 
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[dict[str, Any]]:
+        echoed = self.echo_ids is not None
         text, entries = self._delta(out)
         text, self.echo = self.echo + text, ""
         reason = finish_reason(out)
-        if not text and not entries and reason is None:
+        if not text and not entries and reason is None and not echoed:
             return []
         chunk = {
             **self._header(self.chunk_object_name),
@@ -134,15 +211,26 @@ class CompletionRenderer(_Renderer):
         }
 
     def _logprobs(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
-        tokens, values, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        if self.echo_ids is not None:  # the prompt's tokens, once, before the first output's
+            known = self._prompt_entries()
+            for i, tid in enumerate(self.echo_ids):
+                token = self.token_text(tid)
+                e = known[i] if i < len(known) else None
+                tokens.append(token)
+                values.append(None if e is None else _finite(e.logprob))
+                tops.append(None if e is None else self._top(token, e))
+                offsets.append(self._text_offset)
+                self._text_offset += len(token)
+            self.echo_ids = None
         for e in entries:
             token = self.token_text(e.token_id)
             tokens.append(token)
             values.append(_finite(e.logprob))
-            top = {token: _finite(e.logprob)}
-            for tid, lp in e.top:
-                top.setdefault(self.token_text(tid), _finite(lp))
-            tops.append(top)
+            tops.append(self._top(token, e))
             offsets.append(self._text_offset)
             self._text_offset += len(token)
         return {
@@ -151,6 +239,14 @@ class CompletionRenderer(_Renderer):
             "top_logprobs": tops,
             "text_offset": offsets,
         }
+
+    def _top(self, token: str, e: TokenLogprobs) -> dict[str, float]:
+        """The token and its first `logprobs` alternatives (a prompt token's record may hold
+        more: the engine computes the larger of `logprobs` and `prompt_logprobs`)."""
+        top = {token: _finite(e.logprob)}
+        for tid, lp in e.top[: self.logprobs or 0]:
+            top.setdefault(self.token_text(tid), _finite(lp))
+        return top
 
 
 class ChatRenderer(_Renderer):
@@ -165,7 +261,10 @@ class ChatRenderer(_Renderer):
             "logprobs": self._logprobs(entries),
             "finish_reason": finish_reason(out),
         }
-        return {**self._header(self.object_name), "choices": [choice]}
+        body = {**self._header(self.object_name), "choices": [choice]}
+        if self.prompt_logprobs is not None:  # vLLM puts a chat's in the response, not a choice
+            body["prompt_logprobs"] = self._prompt_logprobs_field()
+        return body
 
     def role_chunk(self, include_usage: bool) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, [], None, include_usage)
