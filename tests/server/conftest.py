@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from tests.engine.llm_helpers import save_tiny
+from vattention import LLM
 from vattention.engine.llm_engine import EngineConfig
 from vattention.server.app import DEFAULT_MAX_BODY_BYTES
 from vattention.server.async_engine import AsyncEngine
@@ -104,6 +106,30 @@ def serving(
             running.stop()
         engine.shutdown()
         sock.close()
+
+
+# A chat-capable server, the same engine as an offline `LLM` (the reference its answers are
+# checked against), and an OpenAI client of the server: one each per test module that uses
+# them (modules that need another server define their own `served`).
+@pytest.fixture(scope="module")
+def served(model_dir: Path) -> Iterator[Running]:
+    engine = AsyncEngine.from_config(engine_config(model_dir))
+    engine.tokenizer.chat_template = CHAT_TEMPLATE
+    with serving(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> Iterator[LLM]:
+    config = engine_config(model_dir)
+    kwargs = {k: getattr(config, k) for k in ("dtype", "device", "max_model_len", "kv_page_size")}
+    with LLM(str(model_dir), max_num_seqs=16, **kwargs) as reference:
+        yield reference
+
+
+@pytest.fixture(scope="module")
+def client(served: Running) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0)
 
 
 @contextlib.contextmanager

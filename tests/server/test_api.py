@@ -9,7 +9,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import (
-    CHAT_TEMPLATE,
     MODEL,
     Running,
     engine_config,
@@ -36,27 +34,6 @@ from vattention.server.metrics import kv_metric
 
 PROMPTS = ["The quick brown fox", "Hello, my name is", "abc", "Once upon a time"]
 NEW = 12
-
-
-@pytest.fixture(scope="module")
-def served(model_dir: Path) -> Iterator[Running]:
-    engine = AsyncEngine.from_config(engine_config(model_dir))
-    engine.tokenizer.chat_template = CHAT_TEMPLATE
-    with serving(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir: Path) -> Iterator[LLM]:
-    config = engine_config(model_dir)
-    kwargs = {k: getattr(config, k) for k in ("dtype", "device", "max_model_len", "kv_page_size")}
-    with LLM(str(model_dir), max_num_seqs=16, **kwargs) as reference:
-        yield reference
-
-
-@pytest.fixture(scope="module")
-def client(served: Running) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0)
 
 
 def reference(llm: LLM, prompts: list[Any], **params: Any) -> list[RequestOutput]:

@@ -6,43 +6,19 @@ alone; vLLM's `prompt_logprobs` field on both endpoints. Values equal `LLM.gener
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.server.conftest import CHAT_TEMPLATE, MODEL, Running, engine_config, idle, serving
+from tests.server.conftest import MODEL, Running, idle
 from vattention import LLM, SamplingParams
 from vattention.engine.outputs import RequestOutput
-from vattention.server.async_engine import AsyncEngine
 
 PROMPT = "Hello, my name is"
 NEW = 6
 ATOL = 2e-4
-
-
-@pytest.fixture(scope="module")
-def served(model_dir: Path) -> Iterator[Running]:
-    engine = AsyncEngine.from_config(engine_config(model_dir))
-    engine.tokenizer.chat_template = CHAT_TEMPLATE
-    with serving(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir: Path) -> Iterator[LLM]:
-    config = engine_config(model_dir)
-    kwargs = {k: getattr(config, k) for k in ("dtype", "device", "max_model_len", "kv_page_size")}
-    with LLM(str(model_dir), max_num_seqs=16, **kwargs) as reference:
-        yield reference
-
-
-@pytest.fixture(scope="module")
-def client(served: Running) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0)
 
 
 def reference(llm: LLM, prompt: Any, k: int, **params: Any) -> RequestOutput:
