@@ -17,6 +17,7 @@ _EXPORTS = {
     "PagedKVCache": "vattention.kvcache.paged",
     "LLM": "vattention.engine.llm",
     "SamplingParams": "vattention.engine.sampling_params",
+    "GuidedDecodingParams": "vattention.engine.structured",
 }
 
 __all__ = list(_EXPORTS)

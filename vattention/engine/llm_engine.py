@@ -14,6 +14,12 @@ reads step i's tokens, so the GPU never waits for the host's bookkeeping between
 request that ends on a token (EOS, stop) costs one dropped row in the step after. Without it,
 each step's tokens are read and applied before the next step is scheduled.
 
+Structured outputs (`SamplingParams.guided_decoding`, `engine.structured`): the engine compiles
+a request's grammar when it receives it (a bad spec is a `ValueError` there, and nothing else
+changes) and gives the request its own matcher. A step's token bitmask needs every earlier
+token of its constrained rows accepted, so while a constrained request is unfinished each
+step first applies the launched steps (async scheduling pauses; plain traffic alone keeps it).
+
 Memory: `gpu_memory_utilization` is the share of the device's *total* memory this engine may
 use (vLLM's meaning). On CUDA, before the KV cache exists, a start-up profile
 (`memory_profile`) runs the largest steps the scheduler can produce on a small temporary cache
@@ -49,6 +55,7 @@ from vattention.engine.sampler import Sampler
 from vattention.engine.sampling_params import SamplingParams
 from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerConfig
+from vattention.engine.structured import GrammarBackend, GuidedState
 from vattention.kvcache.spec import KVCacheSpec, parse_dtype
 from vattention.models.loader import load_model
 from vattention.models.resolve import resolve_model
@@ -241,6 +248,10 @@ class LLMEngine:
         self._inflight: deque[StepResult] = deque()  # launched, not yet updated
         self._ids = itertools.count()
         self._prompts: dict[str, str | None] = {}
+        # Structured outputs: the grammar compiler (made at the first constrained request) and
+        # the constrained requests not known to be finished (empty: steps pipeline as usual).
+        self._grammar: GrammarBackend | None = None
+        self._guided: list[Request] = []
 
     def _make_runner(
         self, config: EngineConfig, device: torch.device, max_len: int, dummy: int | None,
@@ -332,13 +343,27 @@ class LLMEngine:
             raise ValueError(
                 f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary ({vocab})"
             )
+        guided = None if params.guided_decoding is None else self._guided_state(params)
         rid = request_id if request_id is not None else str(next(self._ids))
         request = Request(
             rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer
         )
+        request.guided = guided
         self.scheduler.add_request(request)
+        if guided is not None:
+            self._guided.append(request)
         self._prompts[rid] = text
         return rid
+
+    def _guided_state(self, params: SamplingParams) -> GuidedState:
+        """A new matcher of `params.guided_decoding`, compiled (once per spec) for this
+        engine's tokenizer and vocabulary."""
+        assert params.guided_decoding is not None
+        if self._grammar is None:
+            self._grammar = GrammarBackend(
+                self.tokenizer, int(self.model_config.vocab_size), self.eos_token_ids
+            )
+        return self._grammar.state(params.guided_decoding)
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)
@@ -355,6 +380,7 @@ class LLMEngine:
         self._inflight.clear()
         self.scheduler.drop_pending()
         self._prompts.clear()
+        self._guided.clear()
         return ids
 
     def has_unfinished_requests(self) -> bool:
@@ -367,12 +393,16 @@ class LLMEngine:
         with `include_running` (streaming), also those still running that got new tokens
         (`finished=False`, text held back where it could still become a stop string)."""
         clock, t = time.perf_counter, self.timings
+        finished: list[Request] = []
+        updated: list[Request] = []
+        if self._guided:  # the one check plain traffic pays
+            self._guided = [r for r in self._guided if not r.is_finished]
+            while self._guided and self._inflight:  # masks need the tokens in flight
+                finished += self._apply(self._inflight.popleft(), updated)
         t0 = clock()
         out = self.scheduler.schedule()
         t1 = clock()
         t["schedule"] += t1 - t0
-        finished: list[Request] = []
-        updated: list[Request] = []
         if out.is_empty:  # nothing to launch: apply what is in flight, then this empty step
             while self._inflight:
                 finished += self._apply(self._inflight.popleft(), updated)

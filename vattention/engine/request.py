@@ -23,7 +23,10 @@ Invariants:
   order as prefill chunks run and kept across preemption (a recomputed position is not added
   again), so it never holds more than `num_prompt_tokens` entries;
 - there is a detokenizer exactly when a tokenizer was given and `params.detokenize`: without
-  one the output text stays "".
+  one the output text stays "";
+- `guided` (structured outputs, `engine.structured`) is None unless the engine gave the request
+  a grammar matcher (`params.guided_decoding`); the matcher has then accepted exactly
+  `output_token_ids`, in order (`resolve_output` feeds it each token).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from vattention.engine.detokenizer import IncrementalDetokenizer
 from vattention.engine.logprobs import TokenLogprobs
 from vattention.engine.penalties import PenaltyState
 from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.structured import GuidedState
 
 PLACEHOLDER = -1  # the id of a token not sampled yet (never fed to a model: see ModelRunner)
 
@@ -123,8 +127,13 @@ class Request:
             sys.maxsize if params.max_tokens is None else len(prompt) + params.max_tokens
         )
         self.length_stops_only = not (
-            (self.eos_token_ids and not params.ignore_eos) or params.stop_token_ids or params.stop
+            (self.eos_token_ids and not params.ignore_eos)
+            or params.stop_token_ids
+            or params.stop
+            or params.guided_decoding is not None
         )
+        # The grammar matcher of a structured-output request (set by the engine), else None.
+        self.guided: GuidedState | None = None
         self._generator: torch.Generator | None = None
         self._penalties: PenaltyState | None = None  # made at its first sampling
         # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash
@@ -177,6 +186,9 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
+        guided = self.guided
+        if guided is not None:
+            guided.accept(token_id)
         if logprobs is not None and self.output_logprobs is not None:
             self.output_logprobs.append(logprobs)
         detokenizer = self.detokenizer

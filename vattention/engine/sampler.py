@@ -2,7 +2,8 @@
 
 Pipeline per row (vectorised over the batch; only seeded rows cost a Python step each):
 penalties (only rows asking for them, `penalties.py`) -> logit bias (and, below `min_tokens`,
-the stop tokens banned) -> temperature -> top-k -> top-p ->
+the stop tokens banned) -> the grammar's token bitmask (structured outputs: constrained rows
+only, `structured.py`) -> temperature -> top-k -> top-p ->
 min-p -> sample by exponential race (`argmax(probs / q)` with `q ~ Exp(1)`, which draws from
 `probs` exactly).
 
@@ -58,6 +59,9 @@ class SamplingMetadata:
     penalties: PenaltyBatch | None = None  # rows with penalties; None = no row
     # (rows, token ids, values) of every row's logit bias, flattened; None = no row
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # (token bitmask [B, ceil(vocab / 32)] int32, constrained rows) of structured-output rows;
+    # None = no row
+    guided: tuple[torch.Tensor, list[int]] | None = None
 
     @classmethod
     def build(
@@ -67,10 +71,12 @@ class SamplingMetadata:
         device: torch.device | str = "cpu",
         penalty_states: Sequence[PenaltyState | None] | None = None,
         banned: Sequence[Sequence[int]] | None = None,
+        guided: tuple[torch.Tensor, list[int]] | None = None,
     ) -> SamplingMetadata:
         """Tensors for `params` (one per row); `generators[i]` is row i's own generator or None;
         `penalty_states[i]` row i's token counts, needed where its params ask for penalties;
-        `banned[i]` tokens row i may not sample now (a request below its `min_tokens`)."""
+        `banned[i]` tokens row i may not sample now (a request below its `min_tokens`);
+        `guided` the token bitmask of the structured-output rows and those rows."""
         if generators is not None and len(generators) != len(params):
             raise ValueError(f"got {len(generators)} generators for {len(params)} rows")
         if penalty_states is not None and len(penalty_states) != len(params):
@@ -135,6 +141,7 @@ class SamplingMetadata:
             num_logprobs=max(wanted) if wanted else None,
             penalties=penalties,
             bias=bias,
+            guided=guided,
         )
 
     @classmethod
@@ -178,9 +185,18 @@ class SamplingMetadata:
                     raise ValueError("penalties need the vocabulary size (vocab_size)")
                 states[i] = r.penalty_state(vocab_size, device)
         banned = [_banned_now(r) for r in requests]
+        guided = None
+        matchers = [r.guided for r in requests]
+        if any(m is not None for m in matchers):
+            if vocab_size <= 0:
+                raise ValueError("structured outputs need the vocabulary size (vocab_size)")
+            from vattention.engine.structured import guided_bitmask
+
+            guided = guided_bitmask(matchers, vocab_size, device)
         return cls.build(
-            [r.params for r in requests], gens, device, states, banned if any(banned) else None
-        )
+            [r.params for r in requests], gens, device, states, banned if any(banned) else None,
+            guided,
+        )  # fmt: skip
 
 
 def _banned_now(r: Request) -> list[int]:
@@ -188,7 +204,9 @@ def _banned_now(r: Request) -> list[int]:
     `ignore_eos`) and stop token ids, while fewer than `min_tokens` precede this one (the
     outputs the host has plus the other launched steps' tokens)."""
     p = r.params
-    if not p.min_tokens or len(r.output_token_ids) + r.num_inflight - 1 >= p.min_tokens:
+    if not p.min_tokens or r.guided is not None:  # a grammar decides when it may end
+        return []
+    if len(r.output_token_ids) + r.num_inflight - 1 >= p.min_tokens:
         return []
     eos = [] if p.ignore_eos else sorted(r.eos_token_ids)
     return sorted(set(eos) | set(p.stop_token_ids))
@@ -236,6 +254,12 @@ class Sampler:
         logits = raw if meta.penalties is None else meta.penalties.apply(raw)
         if meta.bias is not None:
             logits = logits.index_put(meta.bias[:2], meta.bias[2], accumulate=True)
+        if meta.guided is not None:
+            from vattention.engine.structured import apply_bitmask
+
+            if logits is raw:  # log-probabilities stay the model's (from `raw`)
+                logits = raw.clone()
+            apply_bitmask(logits, *meta.guided)
         greedy_ids = logits.argmax(dim=-1)
         if meta.all_greedy:
             token_ids = greedy_ids

@@ -12,7 +12,8 @@ prompt token's own log-probability (every prompt position after the first);
 `-2 <= presence_penalty, frequency_penalty <= 2` (0 = off) and `repetition_penalty > 0`
 (1 = off); `logit_bias` is None or a read-only mapping of non-negative token ids to biases in
 [-100, 100] (the engine checks the ids against its vocabulary); `0 <= min_tokens <=
-max_tokens`.
+max_tokens`; `guided_decoding` is None or a validated `GuidedDecodingParams` (a dict of its
+fields is converted; see `engine.structured`), whose check needs the optional `xgrammar`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from vattention.engine.structured import GuidedDecodingParams
 
 # Temperatures below this are treated as greedy (dividing by them would overflow float32).
 GREEDY_TEMPERATURE = 1e-5
@@ -59,7 +62,8 @@ class SamplingParams:
     seed: per-request seed; the request's tokens then do not depend on the rest of the batch.
     max_tokens: most tokens to generate; None stops only at the model's length limit.
     min_tokens: fewest tokens to generate before the end-of-sequence token, a stop token or a
-        stop string may end the request (vLLM's): those tokens cannot be sampled before.
+        stop string may end the request (vLLM's): those tokens cannot be sampled before (a
+        structured-output request ends when its grammar does, whatever min_tokens says).
     stop_token_ids: tokens that end generation (kept in the output token ids).
     stop: strings that end generation (trimmed from the output text); needs a tokenizer.
     ignore_eos: keep generating past the end-of-sequence token.
@@ -72,6 +76,11 @@ class SamplingParams:
     skip_special_tokens: leave special tokens out of the output text.
     detokenize: produce the output text; False returns token ids only (text ""), which saves
         the per-token detokenization (stop strings then cannot be used).
+    guided_decoding: structured output (vLLM's name): None, or `GuidedDecodingParams` (or a
+        dict of its fields) with exactly one of `json` (a JSON schema), `json_object`,
+        `regex`, `choice`, `grammar` (EBNF). The output then follows it token by token
+        (`engine.structured`; needs `pip install xgrammar`) and ends with "stop" once it is
+        complete. Validated here: a bad schema, regex or grammar is a `ValueError`.
     """
 
     n: int = 1
@@ -93,6 +102,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -157,6 +167,10 @@ class SamplingParams:
             raise ValueError(
                 f"stop strings {list(self.stop)} need detokenize=True: they are matched in the"
                 " output text, which detokenize=False does not produce (use stop_token_ids)"
+            )
+        if self.guided_decoding is not None:
+            object.__setattr__(
+                self, "guided_decoding", GuidedDecodingParams.from_value(self.guided_decoding)
             )
 
     @staticmethod
@@ -229,14 +243,15 @@ class SamplingParams:
     @functools.cached_property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes its rows' logits or draws noise (no seed, no
-        penalties, no logit bias, no min_tokens): the sampler's per-step fast path (derived
-        once: the params are frozen)."""
+        penalties, no logit bias, no min_tokens, no guided decoding): the sampler's per-step
+        fast path (derived once: the params are frozen)."""
         return (
             self.greedy
             and self.seed is None
             and not self.needs_penalties
             and not self.logit_bias
             and not self.min_tokens
+            and self.guided_decoding is None
         )
 
     @property

@@ -1,6 +1,7 @@
 """Stop conditions, checked after each sampled token is appended to a request.
 
-Order (the first that holds decides): end-of-sequence token (unless `ignore_eos`), a stop token
+Order (the first that holds decides): a structured-output request's grammar ended (its
+matcher terminated: complete, then a stop token; `engine.structured`), end-of-sequence token (unless `ignore_eos`), a stop token
 id, a stop string (none of these three before `min_tokens` tokens) (searched only where the new text could complete one; the output text is cut
 just before it), `max_tokens` generated, the model's length limit reached. The matching stop
 token or string is recorded in `request.stop_reason`.
@@ -38,19 +39,24 @@ def check_stop(
 
     Cheap when only the length limits can apply (`request.length_stops_only`)."""
     params = request.params
-    if not request.length_stops_only and len(request.output_token_ids) >= params.min_tokens:
-        if not params.ignore_eos and token_id in request.eos_token_ids:
-            request.stop_reason = None
+    if not request.length_stops_only:  # (a structured-output request never is)
+        guided = request.guided
+        if guided is not None and guided.finished:
+            request.stop_reason = None if guided.rejected is None else token_id
             return FinishReason.STOP
-        if token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            return FinishReason.STOP
-        if params.stop and new_text:
-            hit = find_stop_string(request.output_text, len(new_text), params.stop)
-            if hit is not None:
-                request.trim_text(hit[0])
-                request.stop_reason = hit[1]
+        if len(request.output_token_ids) >= params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                request.stop_reason = None
                 return FinishReason.STOP
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return FinishReason.STOP
+            if params.stop and new_text:
+                hit = find_stop_string(request.output_text, len(new_text), params.stop)
+                if hit is not None:
+                    request.trim_text(hit[0])
+                    request.stop_reason = hit[1]
+                    return FinishReason.STOP
     limit = request.params.max_tokens
     if limit is not None and len(request.output_token_ids) >= limit:
         return FinishReason.LENGTH

@@ -18,6 +18,13 @@ Invariants:
   list of strings or of token-id lists; a single prompt is a batch of one), each a `str` or a
   non-empty `list[int]` of non-negative ids; a chat message's `content` is a `str` (text
   parts joined);
+- structured outputs (both endpoints): OpenAI's `response_format` (`text`, `json_object`,
+  `json_schema` with `json_schema.schema`; `strict` is accepted, the output always follows the
+  schema) or vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (or its
+  newer `structured_outputs` object with one of `json`, `json_object`, `regex`, `choice`,
+  `grammar`; other keys, such as `backend`, are ignored); at most
+  one of them (else a 400 naming the second); a schema, regex or grammar xgrammar cannot
+  parse is a 400 naming its field; they become `SamplingParams.guided_decoding`;
 - `to_sampling_params()` only builds `SamplingParams`; its own `ValueError`/`TypeError` are
   turned into 400s as well. Context-length checks need the token count and live in the app.
 """
@@ -31,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from vattention.engine.sampling_params import MAX_N, SamplingParams
+from vattention.engine.structured import KINDS, GuidedDecodingParams
 from vattention.server.errors import APIError, bad_request, unsupported
 
 MAX_LOGPROBS = 20  # most top alternatives per token (OpenAI's chat limit; vLLM's default)
@@ -70,6 +78,13 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     min_tokens: int = Field(0, ge=0)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extra field
+    # structured outputs: OpenAI's response_format, or one of vLLM's guided_* extra fields
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"json": ...} and so on
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -119,7 +134,66 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             min_tokens=self.min_tokens,
+            guided_decoding=self.guided_decoding(),
         )
+
+    def guided_decoding(self) -> GuidedDecodingParams | None:
+        """The structured-output constraint asked for (None: none), or a 400 naming the field:
+        more than one asked, an unknown `response_format`, a bad schema / regex / grammar."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                asked.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise bad_request(
+                        "response_format of type json_schema needs 'json_schema': {'name': ...,"
+                        " 'schema': {...}} with the schema as an object",
+                        "response_format.json_schema",
+                    )
+                if not isinstance(spec.get("strict", False), (bool, type(None))):
+                    raise bad_request(
+                        "response_format.json_schema.strict must be a boolean",
+                        "response_format.json_schema.strict",
+                    )
+                asked.append(("response_format", {"json": spec["schema"]}))
+            elif kind not in (None, "text"):
+                raise bad_request(
+                    "response_format.type must be 'text', 'json_object' or 'json_schema', got"
+                    f" {kind!r}",
+                    "response_format.type",
+                )
+        for name, key in (
+            ("guided_json", "json"),
+            ("guided_regex", "regex"),
+            ("guided_choice", "choice"),
+            ("guided_grammar", "grammar"),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                asked.append((name, {key: value}))
+        so = self.structured_outputs
+        if so is not None:
+            fields = {k: v for k, v in so.items() if k in KINDS and v not in (None, False)}
+            asked.append(("structured_outputs", fields))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            names = [name for name, _ in asked]
+            raise bad_request(
+                f"only one structured-output constraint may be given, got {', '.join(names)}",
+                names[1],
+            )
+        name, fields = asked[0]
+        try:
+            return GuidedDecodingParams(**fields)
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"Invalid {name}: {e}", name) from None
+        except ImportError as e:
+            raise bad_request(str(e), name, code="unsupported_parameter") from None
 
     @property
     def include_usage(self) -> bool:
@@ -222,7 +296,6 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
 
     def to_sampling_params(self) -> SamplingParams:
@@ -231,8 +304,6 @@ class ChatCompletionRequest(_Common):
             raise unsupported("tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise unsupported("tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise unsupported("response_format", "only {'type': 'text'}")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
