@@ -100,3 +100,68 @@ def test_sampling_options_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -
     ]
     assert len(gpu[4].outputs) == 2
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_prompt_logprobs_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -> None:
+    """Prompt log-probabilities (eager steps, logits of prompt rows in slices, chunked prefill
+    over several steps) on CUDA equal the CPU engine's (float32), next to requests that
+    replay CUDA graphs and do not ask for them."""
+    save_tiny("llama", tmp_path / "m")
+    batch = prompts(4, seed=9, low=20, high=90)  # > max_num_batched_tokens: chunked
+    params = [
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3),
+        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
+    ] * 2
+    runs = []
+    for opts in ({}, {"device": "cpu", "kv_cache_memory": 64 << 20}):
+        if opts and kv_cache == "paged":
+            opts["attention_backend"] = "paged_torch"
+        with _llm(tmp_path / "m", kv_cache, **opts) as llm:  # type: ignore[arg-type]
+            runs.append(llm.generate(batch, params, use_tqdm=False))
+    gpu, cpu = runs
+    for g, c, p in zip(gpu, cpu, batch, strict=True):
+        assert g.outputs[0].token_ids == c.outputs[0].token_ids
+        if g.prompt_logprobs is None:
+            assert c.prompt_logprobs is None
+            continue
+        assert len(g.prompt_logprobs) == len(p) and g.prompt_logprobs[0] is None
+        for a, b in zip(g.prompt_logprobs[1:], c.prompt_logprobs[1:], strict=True):  # type: ignore[index]
+            assert a is not None and b is not None
+            assert abs(a.logprob - b.logprob) < 1e-3
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
+def test_structured_outputs_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -> None:
+    """The grammar's token bitmask applied to CUDA logits (async scheduling pauses while a
+    constrained request runs; CUDA graphs replay) gives the CPU engine's tokens, and each
+    output follows its grammar."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    from vattention.engine.structured import GuidedDecodingParams
+
+    save_tiny("llama", tmp_path / "m", vocab_size=300)  # the byte-level fallback tokenizer
+    batch = ["Hello", "Q: what?", "abc", "x" * 20]
+    choices = ["yes", "no", "maybe"]
+    params = [
+        SamplingParams(temperature=0, max_tokens=16,
+                       guided_decoding=GuidedDecodingParams(choice=choices)),
+        SamplingParams(temperature=0, max_tokens=16,
+                       guided_decoding=GuidedDecodingParams(regex="[a-z]{3,8}")),
+        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=16,
+                       guided_decoding=GuidedDecodingParams(choice=choices)),
+    ]  # fmt: skip
+    runs = []
+    for opts in ({}, {"device": "cpu", "kv_cache_memory": 64 << 20}):
+        if opts and kv_cache == "paged":
+            opts["attention_backend"] = "paged_torch"
+        with _llm(tmp_path / "m", kv_cache, **opts) as llm:  # type: ignore[arg-type]
+            runs.append(llm.generate(batch, params, use_tqdm=False))
+    gpu, cpu = runs
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+    assert gpu[0].outputs[0].text in choices and gpu[3].outputs[0].text in choices
+    assert re.fullmatch("[a-z]{3,8}", gpu[1].outputs[0].text)
+    torch.cuda.synchronize()
