@@ -175,13 +175,13 @@ CASES: list[tuple[str, str, str, Any, dict[str, str] | None, int, str]] = [
         "messages.0.role",
     ),  # fmt: skip
     (
-        "chat-tool-role",
+        "chat-tool-message-without-id",
         "POST",
         CHAT,
         chat(messages=[{"role": "tool", "content": "x"}]),
         None,
         400,
-        "messages.0.role",
+        "tool_call_id",
     ),  # fmt: skip
     (
         "chat-content-int",

@@ -19,6 +19,8 @@ Invariants:
   answers the prompt alone (the one token the engine sampled is left out, usage counts none);
 - the tokenizer is only read here (encode, chat template, one-token decodes for logprobs);
   the engine itself is touched only through the `AsyncEngine`;
+- tool calling (`tools.py`): `tools` reach the chat template; a forced `tool_choice` is a
+  guided-JSON constraint whose output each choice's `ChatRenderer` turns into `tool_calls`;
 - with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
   `/health` and `/metrics` stay open.
 """
@@ -204,7 +206,7 @@ def create_app(
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         top = (req.top_logprobs or 0) if req.logprobs else None
         renderers = [
-            ChatRenderer(rid, served_model_name, async_engine.tokenizer, top, i)
+            ChatRenderer(rid, served_model_name, async_engine.tokenizer, top, i, req.tool_plan)
             for i in range(params.n)
         ]
         if params.prompt_logprobs is not None:
@@ -285,10 +287,12 @@ class _Server:
                 "messages",
                 code="chat_template_missing",
             )
+        tools = req.tool_dicts()
         try:
             rendered = tokenizer.apply_chat_template(
-                req.message_dicts(), tokenize=True, add_generation_prompt=req.add_generation_prompt
-            )
+                req.message_dicts(), tokenize=True, add_generation_prompt=req.add_generation_prompt,
+                **({"tools": tools} if tools else {}),
+            )  # fmt: skip
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), ...
             raise bad_request(
                 f"the chat template failed on these messages: {e}", "messages"

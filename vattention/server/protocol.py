@@ -7,8 +7,12 @@ Invariants:
   `param` names the field (`messages.0.role`, `temperature`, ...); unknown fields are ignored,
   as OpenAI does;
 - parameters this server does not implement are accepted at their neutral value only (no
-  tools, no `suffix`, `best_of` 1, ...); anything else is a 400 naming the parameter
+  `suffix`, `best_of` 1, ...); anything else is a 400 naming the parameter
   (`code: "unsupported_parameter"`);
+- tool calling (chat): `tools` (type "function", a non-empty name each) go to the chat
+  template; messages may carry an assistant's `tool_calls` and `tool` results
+  (`tool_call_id`); `tool_choice` (none, required, a named function; "auto" is a 400) is
+  turned into a guided-JSON constraint by `tools.py`, which states its rules;
 - prompt log-probabilities: a completion with `echo` and `logprobs: k` asks the engine for the
   prompt's (k alternatives), as does vLLM's extra field `prompt_logprobs` (both endpoints, not
   with `stream`); the engine computes the larger k of the two. `max_tokens: 0` is accepted only
@@ -34,11 +38,21 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from vattention.engine.sampling_params import MAX_N, SamplingParams
 from vattention.engine.structured import KINDS, GuidedDecodingParams
+from vattention.server import tools as tool_calls
 from vattention.server.errors import APIError, bad_request, unsupported
 
 MAX_LOGPROBS = 20  # most top alternatives per token (OpenAI's chat limit; vLLM's default)
@@ -250,7 +264,40 @@ class CompletionRequest(_Common):
         return self.logprobs if self.echo else None
 
 
-Role = Literal["system", "user", "assistant", "developer"]
+Role = Literal["system", "user", "assistant", "developer", "tool"]
+
+
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    arguments: str
+
+
+class MessageToolCall(BaseModel):
+    """A tool call of an earlier assistant message."""
+
+    model_config = _STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: any object
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatMessage(BaseModel):
@@ -261,6 +308,16 @@ class ChatMessage(BaseModel):
     role: Role
     content: str = ""
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages only
+    tool_call_id: str | None = None  # tool messages: required
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("tool_call_id", "a tool message needs 'tool_call_id'")
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "only assistant messages have 'tool_calls'")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -294,39 +351,75 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    _tool_plan: tool_calls.ToolPlan | None = PrivateAttr(None)
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_common()
-        if self.tools:
-            raise unsupported("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        kwargs = self.sampling_kwargs()
+        specs = [(t.function.name, t.function.parameters) for t in self.tools or ()]
+        self._tool_plan = tool_calls.plan(specs, self.tool_choice)
+        if self._tool_plan is not None:
+            if kwargs["guided_decoding"] is not None:
+                raise bad_request(
+                    "a forced tool_choice (required or a named function) cannot be combined"
+                    " with response_format or guided_* constraints",
+                    "tool_choice",
+                )
+            kwargs["guided_decoding"] = self._tool_plan.guided
         return make_sampling_params(
             max_tokens=self.requested_max_tokens,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
-            **self.sampling_kwargs(),
+            **kwargs,
         )
+
+    @property
+    def tool_plan(self) -> tool_calls.ToolPlan | None:
+        """How the output becomes tool calls (None: plain text); set by `to_sampling_params`."""
+        return self._tool_plan
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """`tools` as a chat template expects them (Hugging Face's `tools=`), None without."""
+        if not self.tools:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        """Messages as a chat template expects them (`developer` is a system message)."""
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """Messages as a chat template expects them (`developer` is a system message; a tool
+        call's `arguments` parsed to an object where they are JSON, as vLLM passes them)."""
         out = []
         for m in self.messages:
-            d = {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            d: dict[str, Any] = {
+                "role": "system" if m.role == "developer" else m.role,
+                "content": m.content,
+            }
             if m.name:
                 d["name"] = m.name
+            if m.tool_calls:
+                d["tool_calls"] = [_template_call(c) for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
             out.append(d)
         return out
+
+
+def _template_call(call: MessageToolCall) -> dict[str, Any]:
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 class TokenizeCompletionRequest(BaseModel):

@@ -26,6 +26,7 @@ from typing import Any
 
 from vattention.engine.logprobs import TokenLogprobs
 from vattention.engine.outputs import RequestOutput
+from vattention.server import tools
 
 DONE = b"data: [DONE]\n\n"
 FINISH_REASONS = {"stop": "stop", "length": "length", "kv memory": "length", "abort": "abort"}
@@ -250,16 +251,32 @@ class CompletionRenderer(_Renderer):
 
 
 class ChatRenderer(_Renderer):
+    """`tool_plan`: a forced tool choice, whose output is rendered as `tool_calls` (`tools.py`)."""
+
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
+    def __init__(
+        self, request_id: str, model: str, tokenizer: Any, logprobs: int | None, index: int = 0,
+        tool_plan: tools.ToolPlan | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(request_id, model, tokenizer, logprobs, index)
+        self.tool_stream = None if tool_plan is None else tools.ToolStream(tool_plan)
+
     def response(self, out: RequestOutput) -> dict[str, Any]:
         text, entries = self._delta(out)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        reason = finish_reason(out)
+        if self.tool_stream is not None:
+            calls = self.tool_stream.plan.calls(text)
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            reason = tools.finish_reason(reason, calls)
         choice = {
             "index": self.index,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": self._logprobs(entries),
-            "finish_reason": finish_reason(out),
+            "finish_reason": reason,
         }
         body = {**self._header(self.object_name), "choices": [choice]}
         if self.prompt_logprobs is not None:  # vLLM puts a chat's in the response, not a choice
@@ -272,9 +289,27 @@ class ChatRenderer(_Renderer):
     def chunks(self, out: RequestOutput, include_usage: bool) -> list[dict[str, Any]]:
         text, entries = self._delta(out)
         reason = finish_reason(out)
+        if self.tool_stream is not None:
+            return self._tool_chunks(text, entries, reason, include_usage)
         if not text and not entries and reason is None:
             return []
         return [self._chunk({"content": text} if text else {}, entries, reason, include_usage)]
+
+    def _tool_chunks(
+        self, text: str, entries: list[TokenLogprobs], reason: str | None, include_usage: bool
+    ) -> list[dict[str, Any]]:
+        """A forced tool choice's chunks: its tool-call deltas (the first carrying the logprob
+        entries), then, once finished, the chunk with its finish reason."""
+        assert self.tool_stream is not None
+        deltas = self.tool_stream.deltas(text, reason is not None)
+        out = [self._chunk(d, entries if i == 0 else [], None, include_usage)
+               for i, d in enumerate(deltas)]  # fmt: skip
+        if entries and not deltas:
+            out.append(self._chunk({}, entries, None, include_usage))
+        if reason is not None:
+            calls = self.tool_stream.plan.calls(self.tool_stream.text)
+            out.append(self._chunk({}, [], tools.finish_reason(reason, calls), include_usage))
+        return out
 
     def _chunk(
         self, delta: dict[str, Any], entries: list[TokenLogprobs], reason: str | None,
