@@ -168,3 +168,30 @@ def test_bad_constraints_are_400s(
         )
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] in ("x", "y")
     assert idle(served.engine)
+
+
+def test_grammars_compile_off_the_engine_thread(
+    client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new constraint is compiled on a worker thread before the request is queued (a new
+    JSON schema takes a fraction of a second, which on the engine thread would stall every
+    running request); the engine thread then finds it compiled."""
+    import threading
+
+    from vattention.engine.structured import GrammarBackend
+
+    threads: list[str] = []
+    real = GrammarBackend.compile
+
+    def recording(self: GrammarBackend, spec: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(self, spec)
+
+    monkeypatch.setattr(GrammarBackend, "compile", recording)
+    pattern = "[0-9]{4}-compile-thread"  # a regex no other test uses: a new grammar
+    r = client.completions.create(
+        model=MODEL, prompt="When?", max_tokens=30, temperature=0,
+        extra_body={"guided_regex": pattern},
+    )  # fmt: skip
+    assert re.fullmatch(pattern, r.choices[0].text)
+    assert threads and threads[0] != "vattention-engine"

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -251,6 +252,7 @@ class LLMEngine:
         # Structured outputs: the grammar compiler (made at the first constrained request) and
         # the constrained requests not known to be finished (empty: steps pipeline as usual).
         self._grammar: GrammarBackend | None = None
+        self._grammar_lock = threading.Lock()  # `grammar_backend` may be called from any thread
         self._guided: list[Request] = []
 
     def _make_runner(
@@ -359,11 +361,18 @@ class LLMEngine:
         """A new matcher of `params.guided_decoding`, compiled (once per spec) for this
         engine's tokenizer and vocabulary."""
         assert params.guided_decoding is not None
-        if self._grammar is None:
-            self._grammar = GrammarBackend(
-                self.tokenizer, int(self.model_config.vocab_size), self.eos_token_ids
-            )
-        return self._grammar.state(params.guided_decoding)
+        return self.grammar_backend().state(params.guided_decoding)
+
+    def grammar_backend(self) -> GrammarBackend:
+        """The engine's grammar compiler, made at the first call (safe from any thread: the
+        server compiles a request's grammar on a worker thread before queueing it, so a new
+        schema does not stall the engine thread and every running request with it)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarBackend(
+                    self.tokenizer, int(self.model_config.vocab_size), self.eos_token_ids
+                )
+            return self._grammar
 
     def abort_request(self, request_id: str) -> bool:
         return self.scheduler.abort_request(request_id)

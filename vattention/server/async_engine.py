@@ -1,7 +1,9 @@
 """`AsyncEngine`: an `LLMEngine` driven by one dedicated thread, with asyncio streams per request.
 
 The engine is not thread-safe, so exactly one thread (the engine thread) ever touches it after
-start-up. Other threads talk to it through a command queue guarded by one condition variable:
+start-up; the one exception is its grammar compiler (`LLMEngine.grammar_backend`, locked):
+`add_request` compiles a structured-output request's grammar on a worker thread before
+queueing it, so a new schema never stalls the engine thread. Other threads talk to it through a command queue guarded by one condition variable:
 `add`, `abort` and `call` (run a function on the engine between steps). The thread loops:
 take every queued command and apply it, then `step(include_running=True)` while there is work;
 with no work and no command it waits on the condition (no busy spinning).
@@ -175,6 +177,9 @@ class AsyncEngine:
         `TypeError` from the engine (prompt too long, bad ids, duplicate id) are raised here."""
         if not self._accepting:
             raise EngineShutdownError("the server is shutting down")
+        spec = getattr(params, "guided_decoding", None)  # (bad params: the engine says why)
+        if spec is not None:  # compile here (cached by spec), not on the engine thread
+            await asyncio.to_thread(lambda: self.engine.grammar_backend().compile(spec))
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self.abort)
         future: cf.Future[None] = cf.Future()
