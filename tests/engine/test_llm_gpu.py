@@ -30,6 +30,21 @@ def _llm(path: Path, kv_cache: str, **kw: object) -> LLM:
     return LLM(str(path), **opts)  # type: ignore[arg-type]
 
 
+def _on_cuda_and_cpu(
+    path: Path, kv_cache: str, batch: list, params: list[SamplingParams]
+) -> tuple[list, list]:
+    """`generate(batch, params)` on CUDA, then on the CPU engine (the paged cache there with
+    its torch backend): (cuda outputs, cpu outputs)."""
+    cpu: dict[str, object] = {"device": "cpu", "kv_cache_memory": 64 << 20}
+    if kv_cache == "paged":
+        cpu["attention_backend"] = "paged_torch"
+    runs = []
+    for opts in ({}, cpu):
+        with _llm(path, kv_cache, **opts) as llm:
+            runs.append(llm.generate(batch, params, use_tqdm=False))
+    return runs[0], runs[1]
+
+
 @pytest.mark.parametrize("kv_cache", ["vattention", "paged"])
 def test_generate_on_cuda_matches_hf_in_every_mode(tmp_path: Path, kv_cache: str) -> None:
     hf = save_tiny("llama", tmp_path / "m")
@@ -88,13 +103,7 @@ def test_sampling_options_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -
         SamplingParams(**common, n=2),  # type: ignore[arg-type]
         SamplingParams(**common),  # type: ignore[arg-type]
     ]
-    with _llm(tmp_path / "m", kv_cache) as llm:
-        gpu = llm.generate(batch, params, use_tqdm=False)
-    cpu_opts = dict(device="cpu", kv_cache_memory=64 << 20)
-    if kv_cache == "paged":
-        cpu_opts["attention_backend"] = "paged_torch"
-    with _llm(tmp_path / "m", kv_cache, **cpu_opts) as llm:
-        cpu = llm.generate(batch, params, use_tqdm=False)
+    gpu, cpu = _on_cuda_and_cpu(tmp_path / "m", kv_cache, batch, params)
     assert [[c.token_ids for c in o.outputs] for o in gpu] == [
         [c.token_ids for c in o.outputs] for o in cpu
     ]
@@ -113,13 +122,7 @@ def test_prompt_logprobs_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) ->
         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3),
         SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
     ] * 2
-    runs = []
-    for opts in ({}, {"device": "cpu", "kv_cache_memory": 64 << 20}):
-        if opts and kv_cache == "paged":
-            opts["attention_backend"] = "paged_torch"
-        with _llm(tmp_path / "m", kv_cache, **opts) as llm:  # type: ignore[arg-type]
-            runs.append(llm.generate(batch, params, use_tqdm=False))
-    gpu, cpu = runs
+    gpu, cpu = _on_cuda_and_cpu(tmp_path / "m", kv_cache, batch, params)
     for g, c, p in zip(gpu, cpu, batch, strict=True):
         assert g.outputs[0].token_ids == c.outputs[0].token_ids
         if g.prompt_logprobs is None:
@@ -154,13 +157,7 @@ def test_structured_outputs_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str)
         SamplingParams(temperature=0.8, seed=3, max_tokens=16,
                        guided_decoding=GuidedDecodingParams(choice=choices)),
     ]  # fmt: skip
-    runs = []
-    for opts in ({}, {"device": "cpu", "kv_cache_memory": 64 << 20}):
-        if opts and kv_cache == "paged":
-            opts["attention_backend"] = "paged_torch"
-        with _llm(tmp_path / "m", kv_cache, **opts) as llm:  # type: ignore[arg-type]
-            runs.append(llm.generate(batch, params, use_tqdm=False))
-    gpu, cpu = runs
+    gpu, cpu = _on_cuda_and_cpu(tmp_path / "m", kv_cache, batch, params)
     assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
     assert gpu[0].outputs[0].text in choices and gpu[3].outputs[0].text in choices
     assert re.fullmatch("[a-z]{3,8}", gpu[1].outputs[0].text)

@@ -52,10 +52,6 @@ class PrefixTable:
     def key_of(self, handle: int) -> Hashable:
         return self._owner[handle]
 
-    def peek(self, key: Hashable) -> tuple[int, ...]:
-        """`key`'s row, not counted as a hit nor touched."""
-        return self._rows[key]
-
     def retire(self, key: Hashable, row: Sequence[int]) -> tuple[int, ...]:
         """Make `key` name `row` (same tokens) instead; its old row's handles stay held
         (retired) until `drop_retired`. Returns the old row."""
@@ -69,9 +65,6 @@ class PrefixTable:
         for h in row:
             self._owner[h] = key
         return old
-
-    def is_retired(self, handle: int) -> bool:
-        return handle in self._retired
 
     def drop_retired(self, handle: int) -> None:
         del self._retired[handle]

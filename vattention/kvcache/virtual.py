@@ -235,17 +235,11 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         free slot matching most of them (the first full match ends the search), else the one
         with the fewest pages mapped where the rows go (each would be unmapped first)."""
         best, best_key = free[0], (-1, 0)
-        first = rows[0]
         for s in free:
             pages = self._pages[s]
-            m = 0
-            if pages and tuple(pages[0]) == first:
-                n = min(len(pages), len(rows))
-                while m < n and tuple(pages[m]) == rows[m]:
-                    m += 1
-                m = self._piece_floor(s, m)  # a segment is unmapped whole
-                if m == len(rows):
-                    return s, m
+            m = self._piece_floor(s, self._matching(s, rows))  # a segment is unmapped whole
+            if m == len(rows):
+                return s, m
             key = (m, -min(len(pages), len(rows)))
             if key > best_key:
                 best, best_key = s, key
