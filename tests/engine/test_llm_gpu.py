@@ -158,7 +158,10 @@ def test_structured_outputs_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str)
                        guided_decoding=GuidedDecodingParams(choice=choices)),
     ]  # fmt: skip
     gpu, cpu = _on_cuda_and_cpu(tmp_path / "m", kv_cache, batch, params)
-    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+    # the seeded row draws from a generator on its own device: CUDA's and the CPU's streams
+    # differ, so only the greedy rows must agree token for token
+    assert [o.outputs[0].token_ids for o in gpu[:3]] == [o.outputs[0].token_ids for o in cpu[:3]]
     assert gpu[0].outputs[0].text in choices and gpu[3].outputs[0].text in choices
+    assert cpu[3].outputs[0].text in choices
     assert re.fullmatch("[a-z]{3,8}", gpu[1].outputs[0].text)
     torch.cuda.synchronize()

@@ -4,6 +4,9 @@
   rotate-half RoPE to q and k in one launch, writing contiguous q `[T, Hq, D]` and k `[T, Hkv, D]`
   (v is returned as a view). Rotation runs in float32 from the float32 cos/sin cache.
 - `silu_and_mul(x)`: `[T, 2I]` laid out `[gate | up]` -> `silu(gate) * up`, one read, one write.
+- `add_rms_norm(x, residual, weight, eps)`: the residual add and the RMSNorm after it in one
+  pass: `s = x + residual` (rounded to the input dtype, as torch's add rounds) and
+  `rms_norm(s) * weight` (float32 statistics, one rounding, as `F.rms_norm` on CUDA).
 The torch versions in `layers.py`/`rope.py` stay the reference (CPU, and the tests compare both).
 Invariant: both kernels read only their inputs' valid rows and write every output element once.
 """
@@ -89,3 +92,44 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x, out, x.stride(0), out.stride(0), inter, BLOCK=block
         )
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    X, R, W, Out, Sum, stride_x, stride_r, stride_o, stride_s, N, eps, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(X + t * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + t * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + r).to(Sum.dtype.element_ty)  # the rounding torch's add makes
+    tl.store(Sum + t * stride_s + offs, s, mask=mask)
+    sf = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=0) / N + eps)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + t * stride_o + offs, (sf * rstd * w).to(Out.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rms_norm(x + residual) * weight`, `x + residual`) for `[T, N]` rows, one launch."""
+    if x.shape != residual.shape or x.dim() != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(
+            f"add_rms_norm: x {tuple(x.shape)}, residual {tuple(residual.shape)} and weight "
+            f"{tuple(weight.shape)} do not match ([T, N], [T, N], [N])"
+        )
+    if x.stride(-1) != 1 or residual.stride(-1) != 1:
+        raise ValueError("add_rms_norm needs contiguous rows")
+    t, n = x.shape
+    out = torch.empty_like(x)
+    summed = torch.empty_like(x)
+    if t:
+        block = triton.next_power_of_2(n)
+        warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+        _add_rms_norm_kernel[(t,)](
+            x, residual, weight, out, summed, x.stride(0), residual.stride(0), out.stride(0),
+            summed.stride(0), n, eps, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    return out, summed

@@ -30,6 +30,18 @@ class RMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`self(x + residual)`, `x + residual`): the residual add before the norm, in one
+        Triton launch with `fused` (CUDA: `models.fused.add_rms_norm`, the same roundings)."""
+        if fused:
+            from vattention.models.fused import add_rms_norm
+
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        summed = x + residual
+        return self(summed), summed
+
 
 class FusedLinear(nn.Linear):
     """A linear layer whose output is the concatenation of `output_sizes` projections."""

@@ -87,12 +87,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: RopeInputs,
         meta: AttentionMetadata,
         attn: AttentionBackend,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, attn)
-        return x + self.mlp(self.post_attention_layernorm(x), rope.fused)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the caller adds them (the
+        next layer's norm does, fused). `residual` None: `x` is the embedding (layer 0)."""
+        fused = rope.fused
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual, fused)
+        h = self.self_attn(h, rope, meta, attn)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual, fused)
+        return self.mlp(h, fused), residual
 
 
 class LlamaModel(nn.Module):
@@ -104,7 +113,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
-        # Fused Triton kernels (RoPE, SiLU-and-mul) on CUDA; the torch path is the reference.
+        # Fused Triton kernels (RoPE, SiLU-and-mul, residual add + RMSNorm) on CUDA; the torch
+        # path is the reference.
         head_dim = config.head_dim
         pow2 = head_dim >= 16 and not head_dim & (head_dim - 1)
         self.fused_kernels = pow2 and os.environ.get("VATTENTION_FUSED", "1") != "0"
@@ -118,9 +128,12 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary_emb.inputs(positions, x.dtype, fused=self.fused_kernels and x.is_cuda)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, rope, meta, attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta, attn)
+        if residual is None:
+            return self.norm(x)
+        return self.norm.add_forward(x, residual, rope.fused)[0]
 
 
 class LlamaForCausalLM(nn.Module):
