@@ -23,14 +23,15 @@ class CacheAccounting(CacheState):
                 len(self._pages[s]) for s in range(self.spec.max_slots)
                 if self._prepared[s] and not self._used[s]
             ) * nbuf  # fmt: skip
+            free_mapped = self._free_mapped()
             return KVCacheStats(
                 page_size=ps,
                 budget_bytes=self._pool.budget * ps,
                 created_bytes=self._pool.created * ps,
-                mapped_bytes=(used_pages + self._free_mapped()) * ps,
+                mapped_bytes=(used_pages + free_mapped) * ps,
                 live_bytes=live,
                 used_mapped_bytes=used_pages * ps,
-                reclaimable_bytes=self._free_mapped() * ps,
+                reclaimable_bytes=free_mapped * ps,
                 pool_free_bytes=len(self._pool.free) * ps,
                 slots_used=len(used),
                 slots_free=self.spec.max_slots - len(used),
@@ -43,7 +44,7 @@ class CacheAccounting(CacheState):
                 slack_bytes=needed * ps - live,
                 lookahead_bytes=(used_pages - needed) * ps,
                 prepared_bytes=prepared * ps,
-                prefix_bytes=len(list(self._table.handles())) * ps,
+                prefix_bytes=self._table.num_handles * ps,
                 prefix_idle_bytes=self._idle_table_handles * ps,
                 shared_saved_bytes=self._shared_in_used(used) * ps,
                 prefix_hit_pages=self._table.hits,

@@ -113,3 +113,8 @@ class PrefixTable:
     def handles(self) -> Iterable[int]:
         """Handles of the current rows (not the retired ones)."""
         return self._owner.keys()
+
+    @property
+    def num_handles(self) -> int:
+        """How many handles the current rows hold (O(1))."""
+        return len(self._owner)

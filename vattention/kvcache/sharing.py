@@ -179,14 +179,16 @@ class PrefixSharing(PrefixSegments):
     def _shared_in_used(self, used: list[int]) -> int:
         """Mappings into used slots beyond the first of each page: what sharing saved them."""
         seen: set[int] = set()
-        extra = 0
+        mapped = 0
+        holds = self._table.holds
         for s in used:
-            for row in self._pages[s][: self._shared_lead(s)]:
-                if row[0] in seen:
-                    extra += len(row)
-                else:
-                    seen.add(row[0])
-        return extra
+            for row in self._pages[s]:
+                first = row[0]
+                if not holds(first):
+                    break  # shared rows lead a slot's pages
+                seen.add(first)
+                mapped += 1
+        return (mapped - len(seen)) * self.layout.num_buffers
 
     def _acquire(self, handle: int) -> None:
         n = self._refs.get(handle, 0)
