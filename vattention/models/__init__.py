@@ -1,4 +1,4 @@
-"""Llama-family models (Llama 2/3, Mistral, Qwen2, Yi): config, layers, weight loader, presets,
+"""Llama-family models (Llama 2/3, Mistral, Qwen2, Qwen3, Yi): config, layers, weight loader, presets,
 GGUF conversion and built-in models.
 
 Entry points: `load_model(path_or_preset, dtype, device, load_format)` -> `LlamaForCausalLM`,

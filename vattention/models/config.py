@@ -1,6 +1,11 @@
 """`ModelConfig`: the shape of a Llama-family model, parsed from a Hugging Face `config.json`.
 
-One frozen dataclass serves Llama 2, Llama 3/3.1, Mistral, Qwen2 and Yi (Llama architecture).
+One frozen dataclass serves Llama 2, Llama 3/3.1, Mistral, Qwen2, Qwen3 (dense) and Yi (Llama
+architecture). Qwen3 differs only in `qk_norm`: a per-head RMSNorm of q and k (weights
+`self_attn.q_norm`/`k_norm`, `[head_dim]`) after the projections and before RoPE; its `head_dim` is
+explicit (often not hidden / heads), its attention biases (off by default) follow Llama's
+`attention_bias` (q, k, v and o) and, like Qwen2, its `sliding_window` counts only with
+`use_sliding_window`.
 Invariants (checked in `__post_init__`): every size is positive; `num_heads` is a multiple of
 `num_kv_heads`; `rope_scaling` is None or a supported `RopeScaling`; `sliding_window` is None or
 smaller than `max_position_embeddings` (a window that covers every position is no window).
@@ -24,7 +29,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
+# model types whose attention normalizes q and k per head (RMSNorm over head_dim) before RoPE
+QK_NORM_MODEL_TYPES = ("qwen3",)
 SUPPORTED_MODEL_TYPES = tuple(sorted(set(SUPPORTED_ARCHITECTURES.values())))
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -89,6 +97,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm (eps rms_norm_eps) of each q/k head before RoPE (Qwen3)
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
@@ -141,7 +150,7 @@ class ModelConfig:
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         sliding = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             sliding = None
         eos = d.get("eos_token_id")
         eos_ids = (
@@ -166,6 +175,7 @@ class ModelConfig:
                 qkv_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
                 o_bias=model_type != "qwen2" and bool(d.get("attention_bias", False)),
                 mlp_bias=bool(d.get("mlp_bias", False)),
+                qk_norm=model_type in QK_NORM_MODEL_TYPES,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 sliding_window=sliding,
                 model_type=model_type,
@@ -205,7 +215,7 @@ class ModelConfig:
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         attn += (self.q_size + 2 * self.kv_size) * self.qkv_bias + h * self.o_bias
         mlp = 3 * h * inter + (2 * inter + h) * self.mlp_bias
-        layer = attn + mlp + 2 * h
+        layer = attn + mlp + 2 * h + 2 * self.head_dim * self.qk_norm
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.num_layers * layer + embed + head + h

@@ -7,21 +7,24 @@ maps the metadata to a HF `config.json` dict. Nothing is downloaded.
 
 Conversion (`gguf` package: `GGUFReader` memory-maps the file, `gguf.quants.dequantize`):
 - config.json from the metadata: `general.architecture` `llama` (Llama 2/3, Mistral: llama.cpp
-  writes Mistral as `llama`) or `qwen2`; `<arch>.block_count`, `embedding_length`,
-  `feed_forward_length`, `attention.head_count(_kv)`, `attention.key_length` (head_dim, else
-  hidden / heads), `rope.freq_base`, `attention.layer_norm_rms_epsilon`, `context_length`, rope
-  scaling (`rope.scaling.type` linear, or Llama 3.1's `rope_freqs.weight` tensor matched back to
-  `llama3` parameters), vocab size (the embedding's rows), bos/eos ids (`tokenizer.ggml.*`; eos
-  also takes `eot_token_id`), `tie_word_embeddings` when there is no `output.weight`, biases from
-  the tensors present. Float metadata is stored as the shortest decimal of its float32 value
-  (1e-05, not 9.99999974e-06).
+  writes Mistral as `llama`), `qwen2` or `qwen3` (dense); `<arch>.block_count`,
+  `embedding_length`, `feed_forward_length`, `attention.head_count(_kv)`, `attention.key_length`
+  (head_dim, else hidden / heads), `rope.freq_base`, `attention.layer_norm_rms_epsilon`,
+  `context_length`, rope scaling (`rope.scaling.type` linear, or Llama 3.1's `rope_freqs.weight`
+  tensor matched back to `llama3` parameters), vocab size (the embedding's rows), bos/eos ids
+  (`tokenizer.ggml.*`; eos also takes `eot_token_id`), `tie_word_embeddings` when there is no
+  `output.weight`, biases from the tensors present (`qwen3`: attention biases on q, k, v and o,
+  as Llama's; no MLP biases). Float metadata is stored as the shortest decimal of its float32
+  value (1e-05, not 9.99999974e-06).
 - weights: GGUF names (`token_embd`, `blk.N.attn_q`, ..., `output_norm`, `output`) to HF names,
   dequantized to float32, shaped `[out, in]` (GGUF lists dims innermost first: the reverse), cast
   to the target dtype (float32 by default, so the stored values are exactly the dequantized
   ones), written as safetensors shards of at most `max_shard_bytes` (an index when several).
   For `llama`, llama.cpp's converter permuted the rows of Q and K (weights and biases) of each
   head from HF's rotate-half order to interleaved pairs; that is undone here (`unpermute_qk`,
-  as transformers' own GGUF loader does). `qwen2` GGUFs keep HF's order.
+  as transformers' own GGUF loader does). `qwen2`/`qwen3` GGUFs keep HF's order. `qwen3`'s
+  per-head q/k norms `blk.N.attn_q_norm`/`attn_k_norm` (`[head_dim]`) become
+  `self_attn.q_norm`/`k_norm`.
 - tokenizer: when the file has `tokenizer.ggml.model`, `AutoTokenizer.from_pretrained(dir,
   gguf_file=name)` builds it and `save_pretrained` writes it, chat template included
   (`tokenizer.chat_template`); without tokenizer metadata no tokenizer files are written.
@@ -70,8 +73,9 @@ GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
 }
-# llama.cpp permutes Q/K rows for these architectures (its Llama RoPE layout); qwen2 is NeoX.
+# llama.cpp permutes Q/K rows for these architectures (its Llama RoPE layout); qwen2/3 are NeoX.
 _PERMUTED_QK = ("llama",)
 # what `gguf.quants.dequantize` turns into float32 and we accept
 SUPPORTED_QUANT_TYPES = (
@@ -88,6 +92,8 @@ _LAYER_TENSORS = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3 only (check_tensors rejects them elsewhere)
+    "attn_k_norm": "self_attn.k_norm",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
@@ -333,10 +339,11 @@ def gguf_config(path_or_reader: str | Path | Any, dtype: str = "float32") -> dic
         "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": dtype,
     }
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
-    else:
+    if model_type != "qwen2":
         config["attention_bias"] = "blk.0.attn_q.bias" in layer0
+    if model_type == "llama":  # HF's Qwen3 MLP has no biases
         config["mlp_bias"] = "blk.0.ffn_up.bias" in layer0
     bos = _meta(reader, "tokenizer.ggml.bos_token_id")
     eos = [
@@ -449,6 +456,7 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     q = config["num_attention_heads"] * config["head_dim"]
     kv = config["num_key_value_heads"] * config["head_dim"]
     qwen2 = config["model_type"] == "qwen2"
+    head_dim = config["head_dim"]
     attn_bias, mlp_bias = config.get("attention_bias", False), config.get("mlp_bias", False)
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
     if not config["tie_word_embeddings"]:
@@ -464,6 +472,8 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "ffn_up.weight": (inter, h),
         "ffn_down.weight": (h, inter),
     }
+    if config["model_type"] == "qwen3":
+        layer.update({"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)})
     if qwen2 or attn_bias:
         layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
     if attn_bias and not qwen2:

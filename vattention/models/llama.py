@@ -1,10 +1,13 @@
-"""`LlamaForCausalLM`: one implementation for Llama 2/3, Mistral, Qwen2 and Yi.
+"""`LlamaForCausalLM`: one implementation for Llama 2/3, Mistral, Qwen2, Qwen3 (dense) and Yi.
 
 Inputs are token-flattened: `input_ids [T]` and `positions [T]` (normally
 `meta.token_positions`) of every new token of a mixed prefill/decode batch. Attention layer `i`
 hands `q [T, Hq, D]`, `k`/`v [T, Hkv, D]` (already rotated) to `attn.forward(i, q, k, v, meta)`,
 which writes the KV cache and attends. Parameter names follow the Hugging Face checkpoint names,
 except the fused `qkv_proj` (= [q; k; v]) and `gate_up_proj` (= [gate; up]).
+Qwen3 (`config.qk_norm`): `self_attn.q_norm`/`k_norm` RMSNorm each q/k head (over head_dim) after
+the projection and before RoPE, as HF does; with the fused RoPE kernel the normed q and k are
+written with v into a new qkv-shaped tensor that `rope_qkv` reads (one extra copy of the row).
 Invariant: `forward` has no data-dependent Python control flow, so it can be CUDA-graph captured.
 Not applied here: `config.sliding_window` (recorded for the engine; prompts longer than the window
 would need a windowed attention backend).
@@ -34,6 +37,12 @@ class LlamaAttention(nn.Module):
         self.sizes = [config.q_size, config.kv_size, config.kv_size]
         self.qkv_proj = FusedLinear(config.hidden_size, self.sizes, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        # Qwen3: per-head RMSNorm of q and k before RoPE (None for the other models)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(
         self,
@@ -44,6 +53,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.q_norm is not None and self.k_norm is not None and rope.fused:
+            qkv = self._norm_qk(qkv)  # a new [T, q + 2 kv] tensor: normed q, normed k, v
         if rope.fused:
             from vattention.models.fused import rope_qkv
 
@@ -53,11 +64,25 @@ class LlamaAttention(nn.Module):
         else:
             assert rope.cos is not None and rope.sin is not None
             q, k, v = qkv.split(self.sizes, dim=-1)
-            q = apply_rotary(q.view(t, self.num_heads, self.head_dim), rope.cos, rope.sin)
-            k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), rope.cos, rope.sin)
+            q = q.view(t, self.num_heads, self.head_dim)
+            k = k.view(t, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None and self.k_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = apply_rotary(q, rope.cos, rope.sin)
+            k = apply_rotary(k, rope.cos, rope.sin)
             v = v.view(t, self.num_kv_heads, self.head_dim)
         out = attn.forward(self.layer_idx, q, k, v, meta)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """`qkv [T, q + 2 kv]` -> a new tensor of the same shape with q and k RMSNormed per head
+        (v copied): the input of the fused RoPE kernel, which reads q and k from one qkv row."""
+        assert self.q_norm is not None and self.k_norm is not None
+        t = qkv.shape[0]
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+        return torch.cat([q.reshape(t, self.sizes[0]), k.reshape(t, self.sizes[1]), v], dim=-1)
 
 
 class LlamaMLP(nn.Module):
