@@ -21,9 +21,11 @@ more than its tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import gc
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -124,19 +126,46 @@ def _capture(
         return {b: _Replay(None, lambda b=b: forward(b), None) for b in sizes}  # type: ignore[misc]
     replays: dict[int, _Replay] = {}
     side = _warmup_stream(torch.cuda.current_device())
-    for b in sorted(sizes, reverse=True):
-        prepare(b)
-        side.wait_stream(torch.cuda.current_stream())  # the buffers' copies are done
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: compile kernels, settle the allocator
-                forward(b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            output = forward(b)
-        replays[b] = _Replay(graph, lambda b=b: forward(b), output)  # type: ignore[misc]
+    with _no_garbage_collection():
+        for b in sorted(sizes, reverse=True):
+            replays[b] = _capture_one(b, forward, pool, prepare, side)
     torch.cuda.synchronize()
     return replays
+
+
+@contextlib.contextmanager
+def _no_garbage_collection() -> Iterator[None]:
+    """Collect garbage now and not again until the block ends: a collection during a capture
+    could free another engine's CUDA memory or events (not permitted while a stream captures:
+    the capture is invalidated), so garbage left by earlier engines in the process goes first."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _capture_one(
+    b: int,
+    forward: Callable[[int], torch.Tensor],
+    pool: Any,
+    prepare: Callable[[int], object],
+    side: torch.cuda.Stream,
+) -> _Replay:
+    """Warm up size `b` on `side`, then capture its graph in `pool`."""
+    prepare(b)
+    side.wait_stream(torch.cuda.current_stream())  # the buffers' copies are done
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up: compile kernels, settle the allocator
+            forward(b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward(b)
+    return _Replay(graph, lambda b=b: forward(b), output)  # type: ignore[misc]
 
 
 class _Graphs:
