@@ -84,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     llm = LLM(**_llm_kwargs(args))
     try:
-        if args.chat_template:
+        if args.use_chat_template:
             prompts = [
                 _chat_prompt(llm.tokenizer, [{"role": "user", "content": p}]) for p in prompts
             ]
@@ -96,7 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
                               "finish_reason": out.outputs[0].finish_reason}))  # fmt: skip
         else:
-            print(out.text.strip() if args.chat_template else out.text)
+            print(out.text.strip() if args.use_chat_template else out.text)
     return 0
 
 
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help=model_help)
     gen.add_argument("--file", default=None, help="prompts, one per line or JSONL {'prompt':..}")
     gen.add_argument("--output", choices=["text", "jsonl"], default="text")
-    gen.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+    gen.add_argument("--no-chat-template", dest="use_chat_template", action="store_false",
                      help="send prompts raw (default: wrapped in the model's chat template)")  # fmt: skip
     _sampling_options(gen)
     add_engine_options(gen)

@@ -45,6 +45,8 @@ HELP: dict[str, str] = {
     "kv_segment_min_pages": "copy a shared prefix of at least this many pages, once two "
     "requests map it, into one allocation mapped in one call (0: never; default 4)",
     "tokenizer": "tokenizer directory, if not the model's",
+    "chat_template": "a Jinja chat template, or a file holding one, to use instead of the "
+    "tokenizer's",
 }
 
 

@@ -60,7 +60,7 @@ from vattention.engine.structured import GrammarBackend, GuidedState
 from vattention.kvcache.spec import KVCacheSpec, parse_dtype
 from vattention.models.loader import load_model
 from vattention.models.resolve import resolve_model
-from vattention.models.tokenizer import load_tokenizer
+from vattention.models.tokenizer import load_chat_template, load_tokenizer
 
 KV_CACHES = ("vattention", "paged")
 
@@ -123,6 +123,9 @@ class EngineConfig:
     # cost is per mapping); None: the cache's default (`virtual.SEGMENT_MIN_PAGES`), 0: never.
     kv_segment_min_pages: int | None = None
     tokenizer: str | None = None
+    # A Jinja chat template (the text, or a file holding it) that replaces the tokenizer's own
+    # for `LLM.chat`, the server's chat completions and `/tokenize` (vLLM's `--chat-template`).
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES:
@@ -174,6 +177,12 @@ class LLMEngine:
             )
         self.max_model_len = max_len
         self.tokenizer: Any = _tokenizer_or_none(tokenizer_path)
+        if config.chat_template is not None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"chat_template given, but {config.model!r} has no tokenizer to apply it with"
+                )
+            self.tokenizer.chat_template = load_chat_template(config.chat_template)
         eos = set(mcfg.eos_token_ids)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(tok_eos, int):

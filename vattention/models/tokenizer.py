@@ -52,10 +52,17 @@ class ByteTokenizer:
         add_generation_prompt: bool = False,
         **_: Any,
     ) -> str | list[int]:
-        """A plain `<|role|>\\ncontent\\n` template (a stand-in: there is no real one)."""
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-        if add_generation_prompt:
-            text += "<|assistant|>\n"
+        """`chat_template` rendered as HF renders one where it is Jinja (given with
+        `EngineConfig.chat_template`), else a plain `<|role|>\\ncontent\\n` stand-in."""
+        if self.chat_template and ("{%" in self.chat_template or "{{" in self.chat_template):
+            extra = {"bos_token": "", "eos_token": "", **_}
+            text = render_chat_template(
+                self.chat_template, messages, add_generation_prompt, **extra
+            )
+        else:
+            text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+            if add_generation_prompt:
+                text += "<|assistant|>\n"
         return self.encode(text) if tokenize else text
 
 
@@ -102,3 +109,44 @@ def template_ids(rendered: Any) -> list[int]:
     if rendered and isinstance(rendered[0], list):
         rendered = rendered[0]
     return [int(t) for t in rendered]
+
+
+def _jinja_env() -> Any:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def render_chat_template(
+    template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, **extra: Any
+) -> str:
+    """`template` rendered over `messages` in a sandbox, with the variables HF passes."""
+    return str(
+        _jinja_env()
+        .from_string(template)
+        .render(messages=messages, add_generation_prompt=add_generation_prompt, **extra)
+    )
+
+
+def load_chat_template(value: str) -> str:
+    """A chat template given as a file path or as the Jinja text itself (vLLM's
+    `--chat-template`), checked to parse; a clear ValueError otherwise."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif any(c in value for c in "{}%\n"):
+        text = value
+    else:
+        raise ValueError(
+            f"chat_template {value!r}: no such file, and not a Jinja template (give a file "
+            f"path or the template text)"
+        )
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        _jinja_env().parse(text)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"chat_template does not parse as Jinja: {e} (line {e.lineno})") from None
+    if not text.strip():
+        raise ValueError("chat_template is empty")
+    return text
