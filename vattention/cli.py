@@ -120,12 +120,27 @@ def _chat(args: argparse.Namespace) -> int:
                     system=args.system)  # fmt: skip
 
 
+def _origins(text: str) -> list[str]:
+    """`--allowed-origins`: a JSON list of origins (vLLM's form) or a comma-separated one."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list of origins: {e}") from None
+        if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return value
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
 def _serve(args: argparse.Namespace) -> int:
     from vattention.server.serve import run_server
 
     config = engine_config(args.model or _default_model(), args)
     run_server(config, host=args.host, port=args.port, api_key=args.api_key,
-               served_model_name=args.served_model_name, log_level=args.log_level)  # fmt: skip
+               served_model_name=args.served_model_name, log_level=args.log_level,
+               allowed_origins=args.allowed_origins)  # fmt: skip
     return 0
 
 
@@ -164,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     serve.add_argument("--served-model-name", default=None, help="the name clients ask for")
     serve.add_argument("--log-level", default="info", help="uvicorn's log level")
+    serve.add_argument("--allowed-origins", type=_origins, default=[],
+                       help="origins whose browser pages may call the API (CORS), comma-separated "
+                       "or a JSON list, e.g. '*' or 'http://localhost:3000' (default: none)")  # fmt: skip
     add_engine_options(serve)
     serve.set_defaults(func=_serve)
 

@@ -82,6 +82,7 @@ def serving(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     graceful_shutdown_s: float = 1.0,
+    allowed_origins: tuple[str, ...] | list[str] = (),
 ) -> Iterator[Running]:
     """Serve `engine` on a free port until the block ends; then stop uvicorn, then the engine."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -91,6 +92,7 @@ def serving(
     server = build_server(
         engine, MODEL, port=port, api_key=api_key, log_level="warning",
         graceful_shutdown_s=graceful_shutdown_s, max_body_bytes=max_body_bytes,
+        allowed_origins=allowed_origins,
     )  # fmt: skip
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

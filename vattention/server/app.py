@@ -22,7 +22,7 @@ Invariants:
 - tool calling (`tools.py`): `tools` reach the chat template; a forced `tool_choice` is a
   guided-JSON constraint whose output each choice's `ChatRenderer` turns into `tool_calls`;
 - with `api_key`, every `/v1/*` route needs `Authorization: Bearer <key>` (401 otherwise);
-  `/health` and `/metrics` stay open.
+  `/health` and `/metrics` stay open; CORS preflights (with `allowed_origins`) need no key.
 """
 
 from __future__ import annotations
@@ -80,10 +80,19 @@ def create_app(
     served_model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The API over `async_engine` (whose lifecycle stays the caller's), answering to the model
-    name `served_model_name`."""
+    name `served_model_name`. `allowed_origins` (e.g. `["*"]`) lets browser pages of those
+    origins call it (CORS: preflights answered, any method and header); none by default."""
     app = FastAPI(title="vattention", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+            allow_headers=["*"],
+        )  # fmt: skip
     server = _Server(async_engine, served_model_name, max_body_bytes)
     app.state.server = server
     metrics = server.metrics

@@ -15,7 +15,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -54,9 +54,10 @@ def build_server(
     log_level: str = "info",
     graceful_shutdown_s: float = GRACEFUL_SHUTDOWN_S,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
 ) -> Server:
     """The uvicorn server of the app over `async_engine` (not started)."""
-    app = create_app(async_engine, served_model_name, api_key, max_body_bytes)
+    app = create_app(async_engine, served_model_name, api_key, max_body_bytes, allowed_origins)
     config = uvicorn.Config(
         app,
         host=host,
@@ -75,14 +76,16 @@ def run_server(
     api_key: str | None = None,
     served_model_name: str | None = None,
     log_level: str = "info",
+    allowed_origins: Sequence[str] = (),
 ) -> None:
     """Serve `engine_config`'s model on http://host:port/v1 until SIGINT or SIGTERM."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     async_engine = AsyncEngine.from_config(engine_config)
     try:
         server = build_server(
-            async_engine, served_model_name or engine_config.model, host, port, api_key, log_level
-        )
+            async_engine, served_model_name or engine_config.model, host, port, api_key,
+            log_level, allowed_origins=allowed_origins,
+        )  # fmt: skip
         server.run()
     finally:
         async_engine.shutdown()
