@@ -47,6 +47,8 @@ HELP: dict[str, str] = {
     "tokenizer": "tokenizer directory, if not the model's",
     "chat_template": "a Jinja chat template, or a file holding one, to use instead of the "
     "tokenizer's",
+    "generation_config": "sampling defaults for what a request leaves unset: auto (the model's "
+    "generation_config.json), none, or a directory or file holding one",
 }
 
 

@@ -39,6 +39,11 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling params used where none are given: the built-in defaults with the
+        model's recommended values (its generation_config.json; see `EngineConfig`)."""
+        return self.engine.default_sampling_params()
+
     def generate(
         self,
         prompts: PromptLike | Sequence[PromptLike],
@@ -51,7 +56,7 @@ class LLM:
         prompts' order."""
         items = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(items)
+            params = [sampling_params or self.get_default_sampling_params()] * len(items)
         else:
             params = list(sampling_params)
             if len(params) != len(items):

@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerConfig
 from vattention.engine.structured import GrammarBackend, GuidedState
 from vattention.kvcache.spec import KVCacheSpec, parse_dtype
+from vattention.models.generation_config import sampling_defaults
 from vattention.models.loader import load_model
 from vattention.models.resolve import resolve_model
 from vattention.models.tokenizer import load_chat_template, load_tokenizer
@@ -126,6 +128,10 @@ class EngineConfig:
     # A Jinja chat template (the text, or a file holding it) that replaces the tokenizer's own
     # for `LLM.chat`, the server's chat completions and `/tokenize` (vLLM's `--chat-template`).
     chat_template: str | None = None
+    # Sampling defaults for parameters a request leaves unset: "auto" (the model directory's
+    # generation_config.json, where it has one: vLLM's default), "none" (the built-in
+    # defaults), or a directory or file holding a generation_config.json.
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES:
@@ -183,6 +189,7 @@ class LLMEngine:
                     f"chat_template given, but {config.model!r} has no tokenizer to apply it with"
                 )
             self.tokenizer.chat_template = load_chat_template(config.chat_template)
+        self.sampling_defaults = _sampling_defaults(config.generation_config, self.model_path)
         eos = set(mcfg.eos_token_ids)
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         if isinstance(tok_eos, int):
@@ -324,6 +331,10 @@ class LLMEngine:
         )
 
     # -- requests ---------------------------------------------------------------------------
+    def default_sampling_params(self) -> SamplingParams:
+        """`SamplingParams()` with the model's recommended values (`generation_config`)."""
+        return SamplingParams(**self.sampling_defaults)
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -332,7 +343,7 @@ class LLMEngine:
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. One completion per
         request: `LLM.generate` and the server fan `n > 1` out into n requests."""
-        params = SamplingParams() if params is None else params
+        params = self.default_sampling_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.n != 1:
@@ -485,6 +496,23 @@ class LLMEngine:
             self.runner.graphs = None
             self.runner.mixed_graphs = None
             close()
+
+
+def _sampling_defaults(source: str, model_path: str) -> dict[str, Any]:
+    """`EngineConfig.generation_config`'s sampling defaults, checked to make `SamplingParams`."""
+    if source == "none":
+        return {}
+    if source != "auto" and not Path(source).exists():
+        raise ValueError(
+            f"generation_config {source!r}: give 'auto', 'none', or a directory or file "
+            f"holding a generation_config.json"
+        )
+    defaults = sampling_defaults(model_path if source == "auto" else source)
+    try:
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"generation_config {source!r} gives bad sampling defaults: {e}") from None
+    return defaults
 
 
 def _tokenizer_or_none(path: str) -> Any:

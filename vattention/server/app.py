@@ -175,11 +175,11 @@ def create_app(
         body = parse_json(await _read_body(request, max_body_bytes))
         req: CompletionRequest = validate(CompletionRequest, body)
         server.check_model(req.model)
-        params = req.to_sampling_params()
+        params = req.to_sampling_params(async_engine.engine.sampling_defaults)
         server.check_bias(params)
         prompts = [server.prompt_ids(p) for p in req.prompt]
         for ids in prompts:
-            server.check_length(len(ids), params.max_tokens, "prompt", "max_tokens")
+            server.check_length(len(ids), req.checked_max_tokens(params), "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
         # choice index = prompt * n + choice (OpenAI's order for a batch of prompts)
         jobs = [(ids, p) for ids in prompts for p in params.choices()]
@@ -207,11 +207,11 @@ def create_app(
         body = parse_json(await _read_body(request, max_body_bytes))
         req: ChatCompletionRequest = validate(ChatCompletionRequest, body)
         server.check_model(req.model)
-        params = req.to_sampling_params()
+        params = req.to_sampling_params(async_engine.engine.sampling_defaults)
         server.check_bias(params)
         ids = server.chat_prompt_ids(req)
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        server.check_length(len(ids), params.max_tokens, "messages", which)
+        server.check_length(len(ids), req.checked_max_tokens(params), "messages", which)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         top = (req.top_logprobs or 0) if req.logprobs else None
         renderers = [

@@ -99,6 +99,9 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"json": ...} and so on
+    # whether `to_sampling_params` took the token limit from the model's defaults (then the
+    # limit is capped at the context left, not checked against it: the client asked nothing)
+    _default_max_tokens: bool = PrivateAttr(False)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -129,18 +132,25 @@ class _Common(BaseModel):
                 "prompt_logprobs is not available when stream is true", "prompt_logprobs"
             )
 
-    def sampling_kwargs(self) -> dict[str, Any]:
+    def sampling_kwargs(self, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`SamplingParams` keywords of the fields shared by both endpoints; a field the client
+        left unset takes the model's default from `defaults` (its generation config), else
+        OpenAI's."""
+        d = defaults or {}
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
+
         return dict(
             n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", -1),
+            min_p=pick("min_p", 0.0),
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
-            repetition_penalty=(
-                1.0 if self.repetition_penalty is None else self.repetition_penalty
-            ),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=_token_bias(self.logit_bias),
             seed=self.seed,
             stop=self.stop,
@@ -209,6 +219,11 @@ class _Common(BaseModel):
         except ImportError as e:
             raise bad_request(str(e), name, code="unsupported_parameter") from None
 
+    def checked_max_tokens(self, params: SamplingParams) -> int | None:
+        """The token limit to check against the context: the client's (None where it came
+        from the model's defaults, which the engine caps at the context left instead)."""
+        return None if self._default_max_tokens else params.max_tokens
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -230,7 +245,8 @@ class CompletionRequest(_Common):
     def _prompt(cls, v: Any) -> Any:
         return _prompt_batch(v)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The request's `SamplingParams`; unset fields take `defaults` (the model's)."""
         self.check_common()
         if self.suffix:
             raise unsupported("suffix")
@@ -245,12 +261,15 @@ class CompletionRequest(_Common):
             if self.min_tokens:
                 raise bad_request("min_tokens must be 0 when max_tokens is 0", "min_tokens")
         prompt_k = [k for k in (self.prompt_logprobs, self.echo_logprobs) if k is not None]
+        max_tokens = self.max_tokens
+        if "max_tokens" not in self.model_fields_set and defaults and "max_tokens" in defaults:
+            max_tokens, self._default_max_tokens = defaults["max_tokens"], True
         return make_sampling_params(
             # max_tokens 0: the engine samples one token anyway; the response leaves it out
-            max_tokens=1 if self.prompt_only else self.max_tokens,
+            max_tokens=1 if self.prompt_only else max_tokens,
             logprobs=self.logprobs,
             prompt_logprobs=max(prompt_k) if prompt_k else None,
-            **self.sampling_kwargs(),
+            **self.sampling_kwargs(defaults),
         )
 
     @property
@@ -356,12 +375,13 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
     _tool_plan: tool_calls.ToolPlan | None = PrivateAttr(None)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """The request's `SamplingParams`; unset fields take `defaults` (the model's)."""
         self.check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        kwargs = self.sampling_kwargs()
+        kwargs = self.sampling_kwargs(defaults)
         specs = [(t.function.name, t.function.parameters) for t in self.tools or ()]
         self._tool_plan = tool_calls.plan(specs, self.tool_choice)
         if self._tool_plan is not None:
@@ -372,8 +392,11 @@ class ChatCompletionRequest(_Common):
                     "tool_choice",
                 )
             kwargs["guided_decoding"] = self._tool_plan.guided
+        max_tokens = self.requested_max_tokens
+        if max_tokens is None and defaults and "max_tokens" in defaults:
+            max_tokens, self._default_max_tokens = defaults["max_tokens"], True
         return make_sampling_params(
-            max_tokens=self.requested_max_tokens,
+            max_tokens=max_tokens,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
             **kwargs,
