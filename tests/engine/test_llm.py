@@ -322,3 +322,18 @@ def test_chat_renders_conversations_with_the_template(tmp_path: Path) -> None:
         assert one.token_ids == want[1].token_ids and both[0].prompt_token_ids == ids[0]
         with pytest.raises(TypeError, match="conversation"):
             llm.chat([convs[0], "hi"], params, use_tqdm=False)  # type: ignore[list-item]
+
+
+def test_a_sliding_window_caps_max_model_len(tmp_path: Path) -> None:
+    """No backend masks by window: within it full attention is the model's, so the engine caps
+    `max_model_len` at the window (an explicit longer one is an error), and the outputs stay
+    HF's."""
+    hf = save_tiny("mistral", tmp_path / "m", sliding_window=64)
+    with pytest.raises(ValueError, match="sliding window"):
+        _llm(tmp_path / "m", "vattention", max_model_len=128)
+    batch = prompts(3, low=10, high=30)
+    with _llm(tmp_path / "m", "vattention", max_model_len=None) as llm:
+        assert llm.engine.max_model_len == 64
+        outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
+                            use_tqdm=False)  # fmt: skip
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, NEW) for p in batch]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -65,6 +66,7 @@ from vattention.models.resolve import resolve_model
 from vattention.models.tokenizer import load_chat_template, load_tokenizer
 
 KV_CACHES = ("vattention", "paged")
+logger = logging.getLogger("vattention.engine")
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,21 @@ class LLMEngine:
                 f"max_model_len {max_len} exceeds the model's max_position_embeddings "
                 f"{mcfg.max_position_embeddings}"
             )
+        window = mcfg.sliding_window
+        if window is not None and max_len > window:
+            # within the window full causal attention is the model's windowed attention; past
+            # it the two differ, and no backend here masks by window
+            if config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len {max_len} exceeds the model's sliding window ({window} "
+                    f"tokens): windowed attention is not implemented, so longer sequences would "
+                    f"not be the model's; use max_model_len <= {window}"
+                )
+            logger.warning(
+                "%s attends through a sliding window of %d tokens, which is not implemented: "
+                "max_model_len is capped at %d", config.model, window, window,
+            )  # fmt: skip
+            max_len = window
         self.max_model_len = max_len
         self.tokenizer: Any = _tokenizer_or_none(tokenizer_path)
         if config.chat_template is not None:

@@ -9,8 +9,9 @@ Qwen3 (`config.qk_norm`): `self_attn.q_norm`/`k_norm` RMSNorm each q/k head (ove
 the projection and before RoPE, as HF does; with the fused RoPE kernel the normed q and k are
 written with v into a new qkv-shaped tensor that `rope_qkv` reads (one extra copy of the row).
 Invariant: `forward` has no data-dependent Python control flow, so it can be CUDA-graph captured.
-Not applied here: `config.sliding_window` (recorded for the engine; prompts longer than the window
-would need a windowed attention backend).
+Not applied here: `config.sliding_window` (the engine caps `max_model_len` at the window, within
+which full causal attention is the windowed attention; longer sequences would need a windowed
+attention backend).
 """
 
 from __future__ import annotations
