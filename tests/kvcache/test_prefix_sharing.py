@@ -233,6 +233,32 @@ def test_a_second_copy_of_cached_tokens_is_not_published_past_them(layout: str) 
         cache.check_integrity()
 
 
+def test_publishing_from_start_and_stopping_for_good() -> None:
+    """`cache_pages(start=n)` looks only at pages from n on (the scheduler passes what it
+    published before), and a slot that met a key cached under another row publishes nothing
+    more until it is handed out again, even when later calls start past that page."""
+    with _cache("cross_layer_kv") as cache:
+        t = cache.tokens_per_page
+        a, b = cache.alloc_slot(), cache.alloc_slot()
+        for s in (a, b):
+            cache.ensure(s, 4 * t)
+            _fill(cache, s, 4 * t, 1.0)
+        assert cache.cache_pages(a, ["k0"]) == 1
+        assert cache.cache_pages(a, ["k0", "k1", "k2"], start=1) == 2
+        with pytest.raises(ValueError, match="start 4 is not within"):
+            cache.cache_pages(a, ["k0"], start=4)
+        assert cache.cache_pages(b, ["x0", "k1"]) == 1  # x0 published; k1 is a's: stop
+        assert cache.cache_pages(b, ["x0", "k1", "x2", "x3"], start=2) == 0  # still stopped
+        assert cache.cached_prefix(["x0"]) == 1 and cache.cached_prefix(["x2"]) == 0
+        cache.check_integrity()
+        cache.free_slot(b)
+        c = cache.alloc_slot()
+        cache.ensure(c, 2 * t)
+        _fill(cache, c, 2 * t, 3.0)
+        assert cache.cache_pages(c, ["y0", "y1"]) == 2  # a new tenure publishes again
+        cache.check_integrity()
+
+
 def test_paged_alloc_with_a_prefix_lists_its_blocks() -> None:
     from vattention.kvcache.paged import PagedKVCache
 

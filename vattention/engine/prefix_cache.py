@@ -98,5 +98,5 @@ class PrefixCaching:
         if ready <= r.num_published_pages:
             return
         keys = extend_keys(r, ready, self.per_page)[:ready]
-        self.cache.cache_pages(slot, keys)
+        self.cache.cache_pages(slot, keys, start=r.num_published_pages)
         r.num_published_pages = ready

@@ -219,17 +219,21 @@ class PagedKVCache:
         self._lengths[slot] = len(blocks) * self.block_size
         return self._lengths[slot]
 
-    def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
+    def cache_pages(self, slot: int, keys: Sequence[Hashable], start: int = 0) -> int:
         """Publish the first `len(keys)` blocks of used `slot` (each full of final tokens)
-        under `keys`; keys already cached are left as they are. Returns how many were added."""
+        under `keys`; keys already cached are left as they are. Returns how many were added.
+        `start`: the first `start` blocks are known to be published already (not looked at)."""
         self._check_slot(slot)
         if len(keys) * self.block_size > self._lengths[slot]:
             raise ValueError(
                 f"slot {slot}: {len(keys)} blocks asked, but only "
                 f"{self._lengths[slot] // self.block_size} are full of live tokens"
             )
+        if not 0 <= start <= len(keys):
+            raise ValueError(f"start {start} is not within the {len(keys)} keys")
         added = 0
-        for key, b in zip(keys, self._tables[slot], strict=False):
+        table = self._tables[slot]
+        for key, b in zip(keys[start:], table[start : len(keys)], strict=False):
             if key in self._prefix or b in self._refs:
                 continue
             self._prefix.add(key, (b,))

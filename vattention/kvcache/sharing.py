@@ -50,6 +50,7 @@ class PrefixSharing(PrefixSegments):
             if self._lengths[slot]:
                 raise ValueError(f"slot {slot} already holds {self._lengths[slot]} tokens")
             self._epoch[slot] += 1  # the caller sets its length (see `step_async`)
+            self._publish_stopped.pop(slot, None)
             rows = self._whole_rows(self._cached_rows(keys, "map_cached: not every key"))
             return self._map_rows(slot, rows)
 
@@ -123,15 +124,18 @@ class PrefixSharing(PrefixSegments):
         entry = self._seg_entry(pages[m])
         return m - entry[1] if entry is not None else m
 
-    def cache_pages(self, slot: int, keys: Sequence[Hashable]) -> int:
+    def cache_pages(self, slot: int, keys: Sequence[Hashable], start: int = 0) -> int:
         """Publish the first `len(keys)` pages of used `slot` (each fully written with final
         tokens: `len(keys) * tokens_per_page <= length(slot)`) under `keys`, for other slots
         to map; keys already cached are left as they are. Returns how many rows were added.
+        `start`: the caller knows the first `start` pages are rows already (published by an
+        earlier call for this slot, or mapped from the table), so they are not looked at.
 
         Shared rows must lead a slot's pages (see `_shares`): publishing stops at the first
         key cached under *another* row (a request that computed the same tokens at the same
         time as the one that published them): its own copy of that page stays private, and so
-        must every page after it."""
+        must every page after it, in this call and every later one until the slot is handed
+        out again."""
         with self._lock:
             self._check_slot(slot)
             if len(keys) * self.tokens_per_page > self._lengths[slot]:
@@ -139,13 +143,19 @@ class PrefixSharing(PrefixSegments):
                     f"slot {slot}: {len(keys)} pages asked, but only "
                     f"{self._lengths[slot] // self.tokens_per_page} are full of live tokens"
                 )
+            if not 0 <= start <= len(keys):
+                raise ValueError(f"start {start} is not within the {len(keys)} keys")
+            if self._publish_stopped.get(slot) == self._tenure[slot]:
+                return 0
             added = 0
-            table = self._table
-            for key, row in zip(keys, self._pages[slot], strict=False):
+            table, pages = self._table, self._pages[slot]
+            for i in range(start, min(len(keys), len(pages))):
+                key, row = keys[i], pages[i]
                 if table.holds(row[0]):
                     continue  # this slot maps (or published) that row already
-                if key in table:
-                    break  # cached under another row: this page and all after stay private
+                if key in table:  # cached under another row: this page and all after stay private
+                    self._publish_stopped[slot] = self._tenure[slot]
+                    break
                 table.add(key, row)
                 added += 1
             return added

@@ -156,6 +156,9 @@ class VirtualKVCache(PrefixSharing, CacheAccounting):
         self._segments_built = self._segments_split = 0
         self._freed_at: list[object] = [None] * n  # device work queued when a slot was freed
         self._freed_seq = [0] * n  # order in which slots were freed
+        # slot -> its tenure when `cache_pages` met a key cached under another row: the slot
+        # publishes nothing more until it is handed out again (shared rows lead its pages)
+        self._publish_stopped: dict[int, int] = {}
         self._frees = 0
         self._map_calls = self._unmap_calls = self._access_calls = self._blocking_map_calls = 0
         self._executor: ThreadPoolExecutor | None = None
