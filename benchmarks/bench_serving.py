@@ -24,6 +24,12 @@ second run of the first `--busy-fraction` of the trace (default all of it; for m
 fresh conversations of the same shape, since the timed run's are cached), over that run's wall
 time and, for the whole trace, over the timed (unprofiled) run's wall time too. Each system first runs a warm-up trace (excluded) that compiles
 every kernel shape class. Ratios vattention/paged come from the same process.
+The profiled run also reports where the GPU waited (`gpu.idle`: idle seconds between its first
+and last kernel, gaps by size, and the largest gaps with the kernels around them), to tell host
+stalls (long gaps before a step's first kernel) from GPU-bound time.
+The profiled run also reports where the GPU waited (`gpu.idle`: idle seconds between its
+first and last kernel, gaps by size, and the largest gaps with the kernels around them), to
+tell host stalls (long gaps before a step's first kernel) from GPU-bound time.
 """
 
 from __future__ import annotations
@@ -203,7 +209,7 @@ def gpu_busy(run: Any, requests: int) -> dict[str, Any]:
     """Kernel seconds over wall seconds of one profiled `run()` (CUDA activity only; it returns
     (seconds, output tokens, steps, ...)), kernel seconds by category
     (`profile_engine.CATEGORIES`: attention, matmul, ...) and the top kernels."""
-    from profile_engine import CATEGORIES
+    from profile_engine import CATEGORIES, idle_gaps
 
     kind = "CUDA" if torch.cuda.is_available() else "CPU"  # CPU: the code path, no kernels
     with torch.profiler.profile(
@@ -218,6 +224,11 @@ def gpu_busy(run: Any, requests: int) -> dict[str, Any]:
         cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
         by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    cuda = torch.autograd.DeviceType.CUDA
+    spans = [
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+        if e.device_type == cuda
+    ]  # fmt: skip
     return {
         "busy_share": kernel_us / 1e6 / wall,
         "kernel_s": kernel_us / 1e6,
@@ -229,6 +240,7 @@ def gpu_busy(run: Any, requests: int) -> dict[str, Any]:
             {"name": e.key[:120], "calls": e.count, "s": round(e.self_device_time_total / 1e6, 4)}
             for e in top
         ],
+        "idle": idle_gaps(spans),
     }
 
 
@@ -438,7 +450,20 @@ def markdown(args: argparse.Namespace, info: dict[str, str], results: list[dict[
     ]
     if hits:
         lines.append("\nprompt tokens served from the prefix cache: " + ", ".join(hits))
+    for r in ok.values():
+        idle = r.get("gpu", {}).get("idle")
+        if idle and idle["span_s"]:
+            lines.append(f"\nGPU idle between kernels, {r['kv_cache']} (profiled run): "
+                         + _idle(idle))  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _idle(idle: dict[str, Any]) -> str:
+    """One line: idle seconds of the span, the gaps by size class, the three largest."""
+    sizes = ", ".join(f"{c} {n} ({sec:.3f} s)" for c, (n, sec) in idle["gaps_by_size"].items())
+    big = "; ".join(f"{g['ms']:.1f} ms after {g['after'][:40]} before {g['before'][:40]}"
+                    for g in idle["largest"][:3])  # fmt: skip
+    return f"{idle['idle_s']:.3f} s of {idle['span_s']:.3f} s; gaps {sizes}; largest: {big}"
 
 
 def _running(r: dict[str, Any]) -> str:

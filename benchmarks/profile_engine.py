@@ -29,6 +29,43 @@ CATEGORIES = (  # first match wins
 )
 
 
+# upper bounds (microseconds) of the idle-gap size classes `idle_gaps` reports
+GAP_BOUNDS_US = (20.0, 100.0, 1_000.0, 10_000.0)
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], top: int = 10) -> dict[str, object]:
+    """Where the GPU waited between the first and the last kernel of `kernels` ((start us,
+    end us, name); overlapping kernels, e.g. on two streams, count as one busy interval):
+    the idle seconds, the busy span, the gaps by size class (count, seconds) and the `top`
+    largest gaps with the kernels that ended before and started after each: which kernels a
+    host-side stall falls between (a step's first kernel after a long gap: the host was late)."""
+    spans = sorted(kernels)
+    classes = [f"<{b:g}us" for b in GAP_BOUNDS_US] + [f">={GAP_BOUNDS_US[-1]:g}us"]
+    by_class = {c: [0, 0.0] for c in classes}
+    gaps: list[tuple[float, str, str]] = []
+    if not spans:
+        return {"idle_s": 0.0, "span_s": 0.0, "gaps_by_size": by_class, "largest": []}
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            us = start - end
+            gaps.append((us, last, name))
+            c = next((i for i, b in enumerate(GAP_BOUNDS_US) if us < b), len(GAP_BOUNDS_US))
+            by_class[classes[c]][0] += 1
+            by_class[classes[c]][1] += us / 1e6
+        if stop >= end:
+            end, last = stop, name
+    largest = sorted(gaps, reverse=True)[:top]
+    return {
+        "idle_s": sum(g[0] for g in gaps) / 1e6,
+        "span_s": (end - spans[0][0]) / 1e6,
+        "gaps_by_size": {c: [n, round(sec, 6)] for c, (n, sec) in by_class.items()},
+        "largest": [
+            {"ms": round(us / 1e3, 3), "after": a[:80], "before": b[:80]} for us, a, b in largest
+        ],
+    }
+
+
 def summarize(prof: torch.profiler.profile, wall: float) -> str:
     """GPU time by kernel category and the top kernels (self device time, whole run)."""
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]

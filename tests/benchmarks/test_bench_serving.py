@@ -99,3 +99,23 @@ def test_bench_memory_quick_times_decode_and_prefill_shaped_steps(tmp_path: Path
             assert r[f"{mode}_ms"] > 0
         assert r["map_calls_per_step"] > 0
     assert "chunks" in (tmp_path / "results.md").read_text()
+
+
+def test_idle_gaps_merge_overlaps_and_classify() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_engine import idle_gaps
+
+    assert idle_gaps([])["idle_s"] == 0.0
+    kernels = [  # (start us, end us, name), out of order; b and c overlap (two streams)
+        (0.0, 10.0, "a"), (15.0, 40.0, "b"), (20.0, 30.0, "c"), (5_040.0, 5_050.0, "d"),
+        (5_100.0, 5_110.0, "e"),
+    ]  # fmt: skip
+    got = idle_gaps(kernels, top=2)
+    assert got["idle_s"] == pytest.approx((5 + 5_000 + 50) / 1e6)
+    assert got["span_s"] == pytest.approx(5_110 / 1e6)
+    assert got["gaps_by_size"]["<20us"] == [1, pytest.approx(5e-6)]
+    assert got["gaps_by_size"]["<100us"] == [1, pytest.approx(50e-6)]
+    assert got["gaps_by_size"]["<10000us"] == [1, pytest.approx(5e-3)]
+    assert got["gaps_by_size"][">=10000us"] == [0, 0.0]
+    assert got["largest"][0] == {"ms": 5.0, "after": "b", "before": "d"}  # b ends last at 40
+    assert [g["before"] for g in got["largest"]] == ["d", "e"]
