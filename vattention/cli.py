@@ -92,6 +92,10 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     for prompt, out in zip(prompts, outs, strict=True):
+        if out.outputs[0].finish_reason == "kv memory":
+            print(f"vattention generate: a prompt of {len(out.prompt_token_ids)} tokens does not "
+                  "fit in the KV cache budget (raise --kv-cache-memory or "
+                  "--gpu-memory-utilization)", file=sys.stderr)  # fmt: skip
         if args.output == "jsonl":
             print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
                               "finish_reason": out.outputs[0].finish_reason}))  # fmt: skip

@@ -337,3 +337,18 @@ def test_a_sliding_window_caps_max_model_len(tmp_path: Path) -> None:
         outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True),
                             use_tqdm=False)  # fmt: skip
     assert [o.token_ids for o in outs] == [hf_greedy(hf, p, NEW) for p in batch]
+
+
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_a_kv_budget_too_small_for_one_token_is_an_error(
+    tmp_path: Path, kv_cache: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    save_tiny("llama", tmp_path / "m")
+    with pytest.raises(ValueError, match=r"kv_cache_memory \(1000 bytes\) cannot hold one"):
+        _llm(tmp_path / "m", kv_cache, kv_cache_memory=1000)
+    with (
+        caplog.at_level("WARNING", logger="vattention.engine"),
+        _llm(tmp_path / "m", kv_cache, kv_cache_memory=64 * 1024) as llm,
+    ):
+        assert llm.engine.max_model_len > 0
+    assert "fewer than max_model_len" in caplog.text

@@ -328,6 +328,31 @@ class LLMEngine:
     def _make_cache(self, config: EngineConfig, spec: KVCacheSpec, budget: int) -> Any:
         if budget <= 0:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
+        cache = self._new_cache(config, spec, budget)
+        tokens = _budget_tokens(cache, budget)
+        source = "kv_cache_memory" if config.kv_cache_memory is not None else "the KV budget"
+        if tokens < 1:
+            cache.close()
+            raise ValueError(
+                f"{source} ({budget} bytes) cannot hold one token of this model's KV cache "
+                f"(its unit of memory is {_unit_bytes(cache)} bytes): give more memory "
+                f"(kv_cache_memory, or a higher gpu_memory_utilization)"
+            )
+        if tokens < spec.max_seq_len:
+            logger.warning(
+                "%s (%d bytes) holds at most %d tokens, fewer than max_model_len %d: a request "
+                "longer than that finishes with 'kv memory'", source, budget, tokens,
+                spec.max_seq_len,
+            )  # fmt: skip
+        return cache
+
+    def _new_cache(self, config: EngineConfig, spec: KVCacheSpec, budget: int) -> Any:
+        if config.kv_cache == "paged" and budget < config.block_size * spec.token_bytes:
+            raise ValueError(
+                f"{'kv_cache_memory' if config.kv_cache_memory is not None else 'the KV budget'}"
+                f" ({budget} bytes) cannot hold one block of the paged cache "
+                f"({config.block_size * spec.token_bytes} bytes: {config.block_size} tokens)"
+            )
         if config.kv_cache == "vattention":
             from vattention.kvcache.virtual import VirtualKVCache
 
@@ -513,6 +538,21 @@ class LLMEngine:
             self.runner.graphs = None
             self.runner.mixed_graphs = None
             close()
+
+
+def _unit_bytes(cache: Any) -> int:
+    """Bytes of the smallest piece of memory `cache` hands out: a page per buffer, a block."""
+    if hasattr(cache, "block_bytes"):
+        return int(cache.block_bytes)
+    return int(cache.page_size * cache.layout.num_buffers)
+
+
+def _budget_tokens(cache: Any, budget: int) -> int:
+    """How many tokens one request could hold if it had the whole `budget`."""
+    if hasattr(cache, "block_bytes"):
+        return int(budget // cache.block_bytes * cache.block_size)
+    pages = budget // cache.page_size // cache.layout.num_buffers  # per buffer
+    return int(pages * cache.page_size // cache.layout.buffer_token_bytes)
 
 
 def _sampling_defaults(source: str, model_path: str) -> dict[str, Any]:
