@@ -18,6 +18,7 @@ _EXPORTS = {
     "LLM": "vattention.engine.llm",
     "SamplingParams": "vattention.engine.sampling_params",
     "GuidedDecodingParams": "vattention.engine.structured",
+    "PoolingParams": "vattention.engine.pooling",
 }
 
 __all__ = list(_EXPORTS)

@@ -18,7 +18,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vattention.engine.llm_engine import EngineConfig, LLMEngine
-from vattention.engine.outputs import RequestOutput
+from vattention.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from vattention.engine.pooling import PoolingParams
 from vattention.engine.sampling_params import SamplingParams
 from vattention.models.tokenizer import template_ids
 
@@ -94,6 +95,54 @@ class LLM:
         finally:
             bar.close()
         return [_merge([done[rid] for rid in group]) for group in groups]
+
+    def embed(
+        self,
+        prompts: PromptLike | Sequence[PromptLike],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`engine.pooling`: the last prompt token's final hidden
+        state, L2-normalized by default: what embedding checkpoints such as Qwen3-Embedding
+        are trained for), in the prompts' order; `.outputs.embedding` holds it."""
+        params = PoolingParams() if pooling_params is None else pooling_params
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling params must be PoolingParams, got {params!r}")
+        items = _as_prompt_list(prompts)
+        engine = self.engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("the engine still has requests from an interrupted call")
+        ids: list[str] = []
+        try:
+            for item in items:
+                ids.append(engine.add_request(item, params))
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            engine.step()
+            raise
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="embed", unit="req", disable=not use_tqdm)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    bar.update(1)
+        except BaseException:
+            engine.reset()
+            raise
+        finally:
+            bar.close()
+        results = []
+        for rid in ids:
+            out = done[rid]
+            if out.embedding is None:  # it could not run (e.g. too big for the KV budget)
+                reason = out.outputs[0].finish_reason
+                raise RuntimeError(f"request {rid} ended without an embedding ({reason})")
+            results.append(
+                EmbeddingRequestOutput(rid, out.prompt_token_ids, EmbeddingOutput(out.embedding))
+            )
+        return results
 
     def chat(
         self,

@@ -52,6 +52,7 @@ from vattention.engine.cuda_graphs import mixed_token_sizes
 from vattention.engine.memory_profile import MemoryProfile, profile_memory
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
+from vattention.engine.pooling import PoolingParams
 from vattention.engine.prefix_cache import sharing_problem
 from vattention.engine.request import Request
 from vattention.engine.sampler import Sampler
@@ -380,11 +381,20 @@ class LLMEngine:
     def add_request(
         self,
         prompt: str | list[int],
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         request_id: str | None = None,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. One completion per
-        request: `LLM.generate` and the server fan `n > 1` out into n requests."""
+        request: `LLM.generate` and the server fan `n > 1` out into n requests. With
+        `PoolingParams` the request computes the prompt's embedding (`engine.pooling`)."""
+        pooling = params if isinstance(params, PoolingParams) else None
+        if pooling is not None:
+            hidden = self.model_config.hidden_size
+            if pooling.dimensions is not None and pooling.dimensions > hidden:
+                raise ValueError(
+                    f"dimensions {pooling.dimensions} exceeds the model's hidden size {hidden}"
+                )
+            params = pooling.sampling()
         params = self.default_sampling_params() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -410,8 +420,9 @@ class LLMEngine:
         guided = None if params.guided_decoding is None else self._guided_state(params)
         rid = request_id if request_id is not None else str(next(self._ids))
         request = Request(
-            rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer
-        )
+            rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
+            pooling=pooling,
+        )  # fmt: skip
         request.guided = guided
         self.scheduler.add_request(request)
         if guided is not None:
@@ -505,8 +516,9 @@ class LLMEngine:
         token_ids = result.token_ids()
         logprobs = result.logprobs()
         prompt_logprobs = result.prompt_logprobs()
+        pooled = result.pooled()
         t1 = clock()
-        finished = self.scheduler.update(result.out, token_ids, logprobs, prompt_logprobs)
+        finished = self.scheduler.update(result.out, token_ids, logprobs, prompt_logprobs, pooled)
         t["sync"] += t1 - t0
         t["update"] += clock() - t1
         if updated is not None:

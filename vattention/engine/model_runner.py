@@ -49,13 +49,17 @@ class StepResult:
     event), so the host can read step i while step i+1 runs."""
 
     def __init__(
-        self, out: SchedulerOutput, sampled: SamplerOutput, prompt: Logprobs | None = None
+        self,
+        out: SchedulerOutput,
+        sampled: SamplerOutput,
+        prompt: Logprobs | None = None,
+        pooled: torch.Tensor | None = None,
     ) -> None:
         self.out = out
         self.sampled = sampled
         self._event: torch.cuda.Event | None = None
         tensors = [sampled.token_ids]
-        self._lp_at = self._prompt_at = 0  # where each group of 3 tensors starts (0: none)
+        self._lp_at = self._prompt_at = self._pooled_at = 0  # where each group starts (0: none)
         if sampled.logprobs is not None:
             lp = sampled.logprobs
             self._lp_at = len(tensors)
@@ -63,6 +67,9 @@ class StepResult:
         if prompt is not None:
             self._prompt_at = len(tensors)
             tensors += [prompt.sampled, prompt.top_ids, prompt.top_values]
+        if pooled is not None:
+            self._pooled_at = len(tensors)
+            tensors.append(pooled)
         if sampled.token_ids.is_cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(host, tensors, strict=True):
@@ -87,6 +94,13 @@ class StepResult:
     def prompt_logprobs(self) -> HostLogprobs | None:
         """The step's prompt log-probabilities (rows: `out.prompt_logprobs`' positions)."""
         return self._group(self._prompt_at)
+
+    def pooled(self) -> list[list[float]] | None:
+        """The hidden states of the rows `out.pooling` lists (float32), or None."""
+        if not self._pooled_at:
+            return None
+        self._wait()
+        return self._host[self._pooled_at].tolist()  # type: ignore[no-any-return]
 
     def _group(self, at: int) -> HostLogprobs | None:
         if not at:
@@ -235,18 +249,20 @@ class ModelRunner:
         decode_only = all(r.num_new_tokens == 1 for r in rows)
         prompt_rows = out.prompt_logprobs  # None but for steps with such rows: always eager
         prompt: Logprobs | None = None
+        pooled: torch.Tensor | None = None
+        eager_only = prompt_rows is not None or out.pooling is not None  # graphs give logits
         if (
             self.graphs is not None
             and decode_only
             and len(rows) <= self.graphs.max_size
-            and prompt_rows is None
+            and not eager_only
         ):
             logits = self.graphs.run(out, prev)
             self.graph_steps["decode"] += 1
         elif (
             self.mixed_graphs is not None
             and not decode_only
-            and prompt_rows is None
+            and not eager_only
             and self.mixed_graphs.fits(out)
         ):
             logits = self.mixed_graphs.run(out, prev)
@@ -262,16 +278,20 @@ class ModelRunner:
                 ends = [int(x) - 1 for x in _cumsum([r.num_new_tokens for r in rows])]
                 index = torch.tensor([ends[i] for i in sample_rows], dtype=torch.int64)
                 index = index.to(self.device, non_blocking=True)  # never waits for the GPU
-            logits = self.model.compute_logits(hidden[index])
+            last = hidden[index]
+            logits = self.model.compute_logits(last)
             if prompt_rows is not None:
                 prompt = self._prompt_logprobs(hidden, out)
+            if out.pooling is not None:  # embedding requests: their prompt's last token
+                pick = torch.tensor(out.pooling, dtype=torch.int64).to(self.device)
+                pooled = last[pick].float()
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
             empty = torch.empty(0, dtype=torch.int64, device=self.device)
             result = StepResult(out, SamplerOutput(empty, None), prompt)
         else:
             smeta = SamplingMetadata.for_requests(requests, self.device, self.vocab_size)
-            result = StepResult(out, self.sampler(logits, smeta), prompt)
+            result = StepResult(out, self.sampler(logits, smeta), prompt, pooled)
         # The step's kernels are queued: map the next step's pages while they run (inline, or
         # on the cache's thread). Started after the launch so that it never delays it.
         if (out.next_lengths or reserve) and hasattr(self.cache, "step_async"):

@@ -51,6 +51,7 @@ class RequestOutput:
     num_preemptions: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    embedding: list[float] | None = None  # an embedding request's (`engine.pooling`)
 
     @property
     def text(self) -> str:
@@ -89,4 +90,20 @@ class RequestOutput:
             prompt_logprobs=(
                 None if prompt_lp is None else list(prompt_lp) if request.is_finished else prompt_lp
             ),
+            embedding=request.embedding,
         )
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns per prompt (vLLM's shape: `.outputs.embedding`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

@@ -43,6 +43,7 @@ import torch
 from vattention.engine.detokenizer import IncrementalDetokenizer
 from vattention.engine.logprobs import TokenLogprobs
 from vattention.engine.penalties import PenaltyState
+from vattention.engine.pooling import PoolingParams
 from vattention.engine.sampling_params import SamplingParams
 from vattention.engine.structured import GuidedState
 
@@ -77,6 +78,7 @@ class Request:
         eos_token_ids: int | Sequence[int] | None = None,
         tokenizer: Any = None,
         arrival_time: float | None = None,
+        pooling: PoolingParams | None = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -134,6 +136,9 @@ class Request:
         )
         # The grammar matcher of a structured-output request (set by the engine), else None.
         self.guided: GuidedState | None = None
+        # An embedding request (`engine.pooling`): how to pool, and the result once computed.
+        self.pooling = pooling
+        self.embedding: list[float] | None = None
         self._generator: torch.Generator | None = None
         self._penalties: PenaltyState | None = None  # made at its first sampling
         # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import torch
 
 from vattention.engine.logprobs import HostLogprobs, Logprobs
+from vattention.engine.pooling import finish_embedding
 from vattention.engine.prefix_cache import PrefixCaching
 from vattention.engine.request import FinishReason, Request, RequestStatus
 from vattention.engine.scheduling import (
@@ -89,6 +90,8 @@ class Scheduler:
         self._pending: deque[SchedulerOutput] = deque()  # scheduled, not yet updated
         # Unfinished requests with prompt log-probabilities still to compute (usually none).
         self._prompt_logprobs: set[Request] = set()
+        # Unfinished embedding requests (`engine.pooling`; usually none).
+        self._pooling: set[Request] = set()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -108,6 +111,8 @@ class Scheduler:
         self.waiting.append(request)
         if request.needs_prompt_logprobs:
             self._prompt_logprobs.add(request)
+        if request.pooling is not None:
+            self._pooling.add(request)
 
     def abort_request(self, request_id: str) -> bool:
         """End a request now (`FinishReason.ABORT`); False if it is unknown or already over."""
@@ -209,6 +214,9 @@ class Scheduler:
         out.next_lengths = next_lengths(scheduled, max_len)
         if self._prompt_logprobs:  # the one check other steps pay
             out.prompt_logprobs = prompt_logprob_rows(scheduled)
+        if self._pooling:  # rows that end an embedding request's prompt
+            pool = [i for i, row in enumerate(out.sampling) if row.request.pooling is not None]
+            out.pooling = pool or None
         self._pending.append(out)
         return out
 
@@ -218,6 +226,7 @@ class Scheduler:
         sampled_token_ids: Sequence[int] | torch.Tensor,
         logprobs: Logprobs | HostLogprobs | None = None,
         prompt_logprobs: Logprobs | HostLogprobs | None = None,
+        pooled: Sequence[Sequence[float]] | None = None,
     ) -> list[Request]:
         """Record that `output` ran: advance progress, record its prompt log-probabilities
         (`prompt_logprobs`: one row per position of `output.prompt_logprobs`, in order),
@@ -240,9 +249,19 @@ class Scheduler:
             raise ValueError(f"got log-probabilities for {len(lp.sampled)} rows, not {len(rows)}")
         if (output.prompt_logprobs is None) != (prompt_logprobs is None):
             raise ValueError("prompt log-probabilities must come exactly with the rows asking")
+        if (output.pooling is None) != (pooled is None) or (
+            pooled is not None and len(pooled) != len(output.pooling or ())
+        ):
+            raise ValueError("pooled hidden states must come exactly with the rows pooling")
         self._pending.popleft()
         if output.prompt_logprobs is not None and prompt_logprobs is not None:
             self._record_prompt_logprobs(output, prompt_logprobs)
+        if output.pooling is not None and pooled is not None:
+            for i, row in zip(output.pooling, pooled, strict=True):
+                r = rows[i].request
+                if r.pooling is not None and r.embedding is None and not r.is_finished:
+                    r.embedding = finish_embedding(row, r.pooling)
+                    self._pooling.discard(r)
         max_len = self.config.max_model_len
         finished_status = RequestStatus.FINISHED
         ended: list[tuple[Request, FinishReason]] = []  # finished after the loop, in order
@@ -387,6 +406,8 @@ class Scheduler:
             self._finished.append(r)
             if self._prompt_logprobs:
                 self._prompt_logprobs.discard(r)
+            if self._pooling:
+                self._pooling.discard(r)
         self.running[:] = [r for r in self.running if r.status is not RequestStatus.FINISHED]
 
     def _finish(self, r: Request, reason: FinishReason) -> None:
@@ -402,6 +423,7 @@ class Scheduler:
         self.requests.pop(r.request_id, None)
         self._finished.append(r)
         self._prompt_logprobs.discard(r)
+        self._pooling.discard(r)
 
 
 def _slot(r: Request) -> int:

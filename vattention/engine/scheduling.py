@@ -140,6 +140,9 @@ class SchedulerOutput:
     next_lengths: dict[int, int] = field(default_factory=dict)
     # Rows that compute prompt log-probabilities; None when none does (see the invariants).
     prompt_logprobs: list[PromptLogprobRow] | None = None
+    # Indices into `sampling` of the rows whose hidden state an embedding request pools
+    # (`engine.pooling`); None when none does.
+    pooling: list[int] | None = None
     # (scheduled list, its length, its sampling rows): `sampling` is read several times a step.
     _sampling: tuple[list[ScheduledRequest], int, list[ScheduledRequest]] | None = field(
         default=None, init=False, repr=False, compare=False
