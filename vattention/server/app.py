@@ -1,7 +1,7 @@
 """`create_app`: the OpenAI-compatible HTTP API over an `AsyncEngine` (FastAPI).
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions` (both with SSE streaming),
-`GET /v1/models`, `GET /health`, `GET /metrics`.
+`POST /v1/embeddings` (`embeddings.py`), `GET /v1/models`, `GET /health`, `GET /metrics`.
 
 Invariants:
 - a request is validated completely (body size, JSON, fields, model name, sampling params,
@@ -143,6 +143,9 @@ def create_app(
     from vattention.server.utility_routes import register_utility_routes  # it imports app
 
     register_utility_routes(app, server, auth)  # /tokenize, /detokenize, /version
+    from vattention.server.embeddings import register_embedding_routes  # it imports app
+
+    register_embedding_routes(app, server, auth)  # /v1/embeddings
 
     @app.get("/health")
     async def health() -> Response:

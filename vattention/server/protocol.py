@@ -490,6 +490,24 @@ def tokenize_request(body: dict[str, Any]) -> TokenizeRequest:
     return validate(TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest, body)
 
 
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings` (OpenAI's fields): `input` is one text, one list of token ids, or a
+    batch of either."""
+
+    model_config = _STRICT
+
+    model: str
+    input: list[str | list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        return _prompt_batch(v)
+
+
 class DetokenizeRequest(BaseModel):
     """`POST /detokenize` (vLLM's fields); the ids are checked against the vocabulary later."""
 
