@@ -81,3 +81,33 @@ def test_pooling_params_are_checked() -> None:
         PoolingParams(dimensions=0)
     with pytest.raises(TypeError, match="normalize must be a bool"):
         PoolingParams(normalize="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache", CACHES)
+def test_embeddings_on_cuda_equal_the_cpu(tmp_path: Path, kv_cache: str) -> None:
+    """On CUDA (graphs for the other steps, the pooling steps eager) next to generation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    save_tiny("llama", tmp_path / "m")
+    batch = prompts(6, seed=3, low=5, high=90)
+    got = {}
+    for device in ("cuda", "cpu"):
+        opts: dict[str, object] = {"device": device}
+        if device == "cuda":  # the driver's 2 MiB pages
+            opts.update(kv_cache_memory=256 << 20, kv_page_size=None)
+        elif kv_cache == "paged":
+            opts["attention_backend"] = "paged_torch"
+        with _llm(tmp_path / "m", kv_cache, **opts) as llm:
+            engine = llm.engine
+            rids = [engine.add_request(p, PoolingParams()) for p in batch]
+            gen = [engine.add_request(p, SamplingParams(temperature=0, max_tokens=6))
+                   for p in batch]  # fmt: skip
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o for o in engine.step()})
+            got[device] = ([done[r].embedding for r in rids],
+                           [done[g].outputs[0].token_ids for g in gen])  # fmt: skip
+    for a, b in zip(got["cuda"][0], got["cpu"][0], strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
+    assert got["cuda"][1] == got["cpu"][1]
