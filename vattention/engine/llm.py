@@ -62,39 +62,19 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"{len(params)} sampling params for {len(items)} prompts")
-        engine = self.engine
-        if engine.has_unfinished_requests():
-            raise RuntimeError("the engine still has requests from an interrupted generate()")
-        ids: list[str] = []
-        groups: list[list[str]] = []  # each prompt's requests, one per choice
-        try:
-            for item, p in zip(items, params, strict=False):
-                if not isinstance(p, SamplingParams):
-                    raise TypeError(f"sampling params must be SamplingParams, got {p!r}")
-                groups.append([])
-                for choice in p.choices():
-                    ids.append(engine.add_request(item, choice))
-                    groups[-1].append(ids[-1])
-        except BaseException:
-            for rid in ids:
-                engine.abort_request(rid)
-            engine.step()  # collect the aborted requests
-            raise
-        done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm)
-        try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    done[out.request_id] = out
-                    bar.update(1)
-        except BaseException:
-            # A failed step (device OOM, a kernel error, Ctrl-C): abort this call's requests and
-            # drop the launched steps, so the engine stays usable for the next call.
-            engine.reset()
-            raise
-        finally:
-            bar.close()
-        return [_merge([done[rid] for rid in group]) for group in groups]
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"sampling params must be SamplingParams, got {p!r}")
+        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]] = [
+            (item, choice) for item, p in zip(items, params, strict=False) for choice in p.choices()
+        ]
+        outs = self._run(jobs, "generate", use_tqdm)
+        groups: list[list[RequestOutput]] = []  # each prompt's requests, one per choice
+        at = 0
+        for p in params:
+            groups.append(outs[at : at + p.n])
+            at += p.n
+        return [_merge(group) for group in groups]
 
     def embed(
         self,
@@ -108,41 +88,55 @@ class LLM:
         params = PoolingParams() if pooling_params is None else pooling_params
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling params must be PoolingParams, got {params!r}")
-        items = _as_prompt_list(prompts)
+        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]] = [
+            (item, params) for item in _as_prompt_list(prompts)
+        ]
+        outs = self._run(jobs, "embed", use_tqdm)
+        results = []
+        for out in outs:
+            if out.embedding is None:  # it could not run (e.g. too big for the KV budget)
+                reason = out.outputs[0].finish_reason
+                raise RuntimeError(
+                    f"request {out.request_id} ended without an embedding ({reason})"
+                )
+            results.append(EmbeddingRequestOutput(
+                out.request_id, out.prompt_token_ids, EmbeddingOutput(out.embedding)
+            ))  # fmt: skip
+        return results
+
+    def _run(
+        self, jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]], desc: str,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:  # fmt: skip
+        """Run one engine request per (prompt, params) to the end; their outputs in order.
+        Nothing of this call is left in the engine if adding a request or a step fails."""
         engine = self.engine
         if engine.has_unfinished_requests():
             raise RuntimeError("the engine still has requests from an interrupted call")
         ids: list[str] = []
         try:
-            for item in items:
-                ids.append(engine.add_request(item, params))
+            for item, p in jobs:
+                ids.append(engine.add_request(item, p))
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)
-            engine.step()
+            engine.step()  # collect the aborted requests
             raise
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="embed", unit="req", disable=not use_tqdm)
+        bar = tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm)
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     done[out.request_id] = out
                     bar.update(1)
         except BaseException:
+            # A failed step (device OOM, a kernel error, Ctrl-C): abort this call's requests and
+            # drop the launched steps, so the engine stays usable for the next call.
             engine.reset()
             raise
         finally:
             bar.close()
-        results = []
-        for rid in ids:
-            out = done[rid]
-            if out.embedding is None:  # it could not run (e.g. too big for the KV budget)
-                reason = out.outputs[0].finish_reason
-                raise RuntimeError(f"request {rid} ended without an embedding ({reason})")
-            results.append(
-                EmbeddingRequestOutput(rid, out.prompt_token_ids, EmbeddingOutput(out.embedding))
-            )
-        return results
+        return [done[rid] for rid in ids]
 
     def chat(
         self,

@@ -257,10 +257,10 @@ class Scheduler:
         if output.prompt_logprobs is not None and prompt_logprobs is not None:
             self._record_prompt_logprobs(output, prompt_logprobs)
         if output.pooling is not None and pooled is not None:
-            for i, row in zip(output.pooling, pooled, strict=True):
+            for i, vec in zip(output.pooling, pooled, strict=True):
                 r = rows[i].request
                 if r.pooling is not None and r.embedding is None and not r.is_finished:
-                    r.embedding = finish_embedding(row, r.pooling)
+                    r.embedding = finish_embedding(vec, r.pooling)
                     self._pooling.discard(r)
         max_len = self.config.max_model_len
         finished_status = RequestStatus.FINISHED

@@ -42,6 +42,8 @@ class CacheState:
     _epoch: list[int]
     _freed_at: list[object]
     _freed_seq: list[int]
+    _tenure: list[int]
+    _publish_stopped: dict[int, int]
     _table: PrefixTable
     _refs: dict[int, int]
     _idle_table_handles: int

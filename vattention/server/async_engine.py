@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 from vattention.engine.llm_engine import EngineConfig, LLMEngine
 from vattention.engine.outputs import RequestOutput
+from vattention.engine.pooling import PoolingParams
 from vattention.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("vattention.server")
@@ -171,7 +172,7 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------
     async def add_request(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self, prompt: str | list[int], params: SamplingParams | PoolingParams, request_id: str
     ) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it. `ValueError` and
         `TypeError` from the engine (prompt too long, bad ids, duplicate id) are raised here."""
