@@ -485,3 +485,24 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(
     assert httpx.get(served.url + "/health").status_code == 200
     values = metric_values(httpx.get(served.url + "/metrics").text)
     assert values["vattention_engine_step_errors_total"] == 2
+
+
+def test_vllm_prompt_options_on_the_server(client: openai.OpenAI, llm: LLM) -> None:
+    """`truncate_prompt_tokens` runs the prompt's tail (and echoes it); `include_stop_str_in_output`
+    keeps the stop string, as `LLM.generate` does."""
+    ids = list(range(5, 40))
+    body = {"truncate_prompt_tokens": 10, "ignore_eos": True}
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0,
+                                  extra_body=body)  # fmt: skip
+    (want,) = llm.generate([ids[-10:]], SamplingParams(temperature=0, max_tokens=4,
+                                                       ignore_eos=True), use_tqdm=False)  # fmt: skip
+    assert r.choices[0].text == want.text and r.usage.prompt_tokens == 10
+    free = client.completions.create(model=MODEL, prompt="hello", max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True})  # fmt: skip
+    stop = free.choices[0].text[1:3]
+    assert len(stop) == 2
+    kept = client.completions.create(model=MODEL, prompt="hello", max_tokens=10, temperature=0,
+                                     stop=[stop], extra_body={"ignore_eos": True,
+                                     "include_stop_str_in_output": True})  # fmt: skip
+    text = free.choices[0].text
+    assert kept.choices[0].text == text[: text.find(stop) + 2]

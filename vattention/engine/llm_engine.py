@@ -56,7 +56,7 @@ from vattention.engine.pooling import PoolingParams
 from vattention.engine.prefix_cache import sharing_problem
 from vattention.engine.request import Request
 from vattention.engine.sampler import Sampler
-from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.sampling_params import SamplingParams, truncate_prompt
 from vattention.engine.scheduler import Scheduler
 from vattention.engine.scheduling import SchedulerConfig
 from vattention.engine.structured import GrammarBackend, GuidedState
@@ -410,6 +410,8 @@ class LLMEngine:
             text: str | None = prompt
         else:
             ids, text = list(prompt), None
+        if params.truncate_prompt_tokens is not None:
+            ids = truncate_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
         vocab = self.model_config.vocab_size
         if ids and (max(ids) >= vocab):
             raise ValueError(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")

@@ -66,6 +66,8 @@ class SamplingParams:
         structured-output request ends when its grammar does, whatever min_tokens says).
     stop_token_ids: tokens that end generation (kept in the output token ids).
     stop: strings that end generation (trimmed from the output text); needs a tokenizer.
+    include_stop_str_in_output: keep the stop string that ended the output in its text
+        (vLLM's).
     ignore_eos: keep generating past the end-of-sequence token.
     logprobs: None, or return each sampled token's log-probability plus this many top ones.
     prompt_logprobs: None, or return each prompt token's log-probability (given the tokens
@@ -76,6 +78,8 @@ class SamplingParams:
     skip_special_tokens: leave special tokens out of the output text.
     detokenize: produce the output text; False returns token ids only (text ""), which saves
         the per-token detokenization (stop strings then cannot be used).
+    truncate_prompt_tokens: None, or keep only the prompt's last k tokens (vLLM's left
+        truncation; -1: as many as the model's context leaves room for, max_model_len - 1).
     guided_decoding: structured output (vLLM's name): None, or `GuidedDecodingParams` (or a
         dict of its fields) with exactly one of `json` (a JSON schema), `json_object`,
         `regex`, `choice`, `grammar` (EBNF). The output then follows it token by token
@@ -103,6 +107,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     detokenize: bool = True
     guided_decoding: GuidedDecodingParams | None = None
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -163,6 +169,14 @@ class SamplingParams:
             raise TypeError("skip_special_tokens must be a bool")
         if not isinstance(self.detokenize, bool):
             raise TypeError(f"detokenize must be a bool, got {type(self.detokenize).__name__}")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise TypeError("include_stop_str_in_output must be a bool")
+        k = self.truncate_prompt_tokens
+        if k is not None:
+            if not _is_int(k):
+                raise TypeError(f"truncate_prompt_tokens must be an int or None, got {k!r}")
+            if k < -1 or k == 0:
+                raise ValueError(f"truncate_prompt_tokens must be -1 or >= 1 (or None), got {k}")
         if self.stop and not self.detokenize:
             raise ValueError(
                 f"stop strings {list(self.stop)} need detokenize=True: they are matched in the"
@@ -285,3 +299,11 @@ class SamplingParams:
             float(self.frequency_penalty),
             float(self.presence_penalty),
         )
+
+
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """`ids` left-truncated to `truncate_prompt_tokens` = `k` (see `SamplingParams`)."""
+    if k is None:
+        return ids
+    keep = max_model_len - 1 if k == -1 else k
+    return ids[-keep:] if len(ids) > keep else ids

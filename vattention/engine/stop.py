@@ -3,7 +3,7 @@
 Order (the first that holds decides): a structured-output request's grammar ended (its
 matcher terminated: complete, then a stop token; `engine.structured`), end-of-sequence token (unless `ignore_eos`), a stop token
 id, a stop string (none of these three before `min_tokens` tokens) (searched only where the new text could complete one; the output text is cut
-just before it), `max_tokens` generated, the model's length limit reached. The matching stop
+just before it, or just after it with `include_stop_str_in_output`), `max_tokens` generated, the model's length limit reached. The matching stop
 token or string is recorded in `request.stop_reason`.
 """
 
@@ -54,7 +54,8 @@ def check_stop(
             if params.stop and new_text:
                 hit = find_stop_string(request.output_text, len(new_text), params.stop)
                 if hit is not None:
-                    request.trim_text(hit[0])
+                    keep = len(hit[1]) if params.include_stop_str_in_output else 0
+                    request.trim_text(hit[0] + keep)
                     request.stop_reason = hit[1]
                     return FinishReason.STOP
     limit = request.params.max_tokens

@@ -42,7 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vattention.engine.outputs import RequestOutput
-from vattention.engine.sampling_params import SamplingParams
+from vattention.engine.sampling_params import SamplingParams, truncate_prompt
 from vattention.models.tokenizer import template_ids
 from vattention.server.async_engine import (
     AsyncEngine,
@@ -180,7 +180,8 @@ def create_app(
         server.check_model(req.model)
         params = req.to_sampling_params(async_engine.engine.sampling_defaults)
         server.check_bias(params)
-        prompts = [server.prompt_ids(p) for p in req.prompt]
+        limit, k = async_engine.max_model_len, params.truncate_prompt_tokens
+        prompts = [truncate_prompt(server.prompt_ids(p), k, limit) for p in req.prompt]
         for ids in prompts:
             server.check_length(len(ids), req.checked_max_tokens(params), "prompt", "max_tokens")
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -191,7 +192,10 @@ def create_app(
             for i in range(len(jobs))
         ]
         if req.echo:  # the prompt's text (and tokens) before each of its choices
-            texts = [server.prompt_text(p, ids) for p, ids in zip(req.prompt, prompts, strict=True)]
+            texts = [  # a truncated prompt is echoed as the ids that ran
+                server.prompt_text(ids if k is not None else p, ids)
+                for p, ids in zip(req.prompt, prompts, strict=True)
+            ]
             for i, r in enumerate(renderers):
                 r.echo = texts[i // params.n]
                 if req.logprobs is not None:
@@ -213,6 +217,7 @@ def create_app(
         params = req.to_sampling_params(async_engine.engine.sampling_defaults)
         server.check_bias(params)
         ids = server.chat_prompt_ids(req)
+        ids = truncate_prompt(ids, params.truncate_prompt_tokens, async_engine.max_model_len)
         which = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         server.check_length(len(ids), req.checked_max_tokens(params), "messages", which)
         rid = f"chatcmpl-{uuid.uuid4().hex}"

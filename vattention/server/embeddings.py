@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from vattention.engine.pooling import PoolingParams
+from vattention.engine.sampling_params import truncate_prompt
 from vattention.server.app import _read_body, _Server, _until_disconnect
 from vattention.server.async_engine import EngineDeadError, EngineShutdownError, RequestStream
 from vattention.server.errors import APIError, bad_request
@@ -42,7 +43,10 @@ def register_embedding_routes(app: FastAPI, server: _Server, auth: Sequence[Any]
                 f"dimensions {req.dimensions} exceeds the model's hidden size {hidden}",
                 "dimensions",
             )
-        inputs = [server.prompt_ids(p) for p in req.input]
+        limit, k = server.engine.max_model_len, req.truncate_prompt_tokens
+        if k == 0:
+            raise bad_request("truncate_prompt_tokens must be -1 or >= 1", "truncate_prompt_tokens")
+        inputs = [truncate_prompt(server.prompt_ids(p), k, limit) for p in req.input]
         for ids in inputs:
             server.check_length(len(ids), None, "input", "input")
         params = PoolingParams(dimensions=req.dimensions)

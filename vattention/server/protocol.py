@@ -99,6 +99,8 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"json": ...} and so on
+    include_stop_str_in_output: bool = False  # vLLM's
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k
     # whether `to_sampling_params` took the token limit from the model's defaults (then the
     # limit is capped at the context left, not checked against it: the client asked nothing)
     _default_max_tokens: bool = PrivateAttr(False)
@@ -159,6 +161,8 @@ class _Common(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             min_tokens=self.min_tokens,
             guided_decoding=self.guided_decoding(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
         )
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
@@ -501,6 +505,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k
 
     @field_validator("input", mode="before")
     @classmethod

@@ -1,0 +1,61 @@
+"""vLLM's `include_stop_str_in_output` and `truncate_prompt_tokens`, offline and on the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from llm_helpers import save_tiny
+
+from vattention import LLM, SamplingParams
+from vattention.engine.sampling_params import truncate_prompt
+
+
+def _llm(path: Path) -> LLM:
+    return LLM(str(path), device="cpu", dtype="float32", max_model_len=64, max_num_seqs=4,
+               kv_page_size=65536)  # fmt: skip
+
+
+def test_truncate_prompt_keeps_the_last_tokens() -> None:
+    ids = list(range(10))
+    assert truncate_prompt(ids, None, 64) == ids
+    assert truncate_prompt(ids, 3, 64) == [7, 8, 9]
+    assert truncate_prompt(ids, 20, 64) == ids
+    assert truncate_prompt(ids, -1, 5) == [6, 7, 8, 9]  # max_model_len - 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1 or >= 1"):
+        SamplingParams(truncate_prompt_tokens=0)
+    with pytest.raises(TypeError, match="include_stop_str_in_output must be a bool"):
+        SamplingParams(include_stop_str_in_output=1)  # type: ignore[arg-type]
+
+
+def test_truncated_prompts_generate_as_their_tail(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m", vocab_size=300)
+    long = [5 + i % 200 for i in range(100)]  # longer than max_model_len 64
+    greedy = dict(temperature=0, max_tokens=5, ignore_eos=True)
+    with _llm(tmp_path / "m") as llm:
+        (cut,) = llm.generate([long], SamplingParams(truncate_prompt_tokens=20, **greedy),
+                              use_tqdm=False)  # fmt: skip
+        (tail,) = llm.generate([long[-20:]], SamplingParams(**greedy), use_tqdm=False)
+        (fit,) = llm.generate([long], SamplingParams(truncate_prompt_tokens=-1, **greedy),
+                              use_tqdm=False)  # fmt: skip
+        with pytest.raises(ValueError, match="leaves no room for output"):
+            llm.generate([long], SamplingParams(**greedy), use_tqdm=False)
+    assert cut.prompt_token_ids == long[-20:] and cut.token_ids == tail.token_ids
+    assert fit.prompt_token_ids == long[-63:]
+
+
+def test_stop_string_kept_in_the_output_on_request(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m", vocab_size=300)
+    with _llm(tmp_path / "m") as llm:
+        (free,) = llm.generate(["abc"], SamplingParams(temperature=0, max_tokens=12,
+                                                       ignore_eos=True), use_tqdm=False)  # fmt: skip
+        text = free.text
+        assert len(text) >= 3
+        stop = text[1:3]  # a string the greedy output is sure to contain
+        params = dict(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+        (cut,) = llm.generate(["abc"], SamplingParams(**params), use_tqdm=False)
+        (kept,) = llm.generate(["abc"], SamplingParams(include_stop_str_in_output=True, **params),
+                               use_tqdm=False)  # fmt: skip
+    i = text.find(stop)
+    assert cut.text == text[:i] and kept.text == text[: i + len(stop)]
+    assert cut.outputs[0].stop_reason == stop == kept.outputs[0].stop_reason
