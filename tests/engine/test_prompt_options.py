@@ -59,3 +59,29 @@ def test_stop_string_kept_in_the_output_on_request(tmp_path: Path) -> None:
     i = text.find(stop)
     assert cut.text == text[:i] and kept.text == text[: i + len(stop)]
     assert cut.outputs[0].stop_reason == stop == kept.outputs[0].stop_reason
+
+
+def test_allowed_token_ids_restrict_sampling(tmp_path: Path) -> None:
+    """Greedy and sampled rows pick only allowed tokens, next to unrestricted rows that keep
+    their own tokens; the log-probabilities stay the model's."""
+    save_tiny("llama", tmp_path / "m", vocab_size=300)
+    allowed = [7, 50, 123]
+    batch = [[5, 6, 7, 8], [9, 10, 11], [12, 13]]
+    free = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with _llm(tmp_path / "m") as llm:
+        want = llm.generate(batch, free, use_tqdm=False)
+        params = [
+            SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1,
+                           allowed_token_ids=allowed),
+            free,
+            SamplingParams(temperature=1.0, seed=4, max_tokens=6, ignore_eos=True,
+                           allowed_token_ids=allowed),
+        ]  # fmt: skip
+        outs = llm.generate(batch, params, use_tqdm=False)
+        with pytest.raises(ValueError, match="allowed_token_ids token id 999 is outside"):
+            llm.generate(batch[:1], SamplingParams(allowed_token_ids=[999]), use_tqdm=False)
+    assert set(outs[0].token_ids) <= set(allowed) and set(outs[2].token_ids) <= set(allowed)
+    assert outs[1].token_ids == want[1].token_ids
+    assert all(lp.logprob <= 0 for lp in outs[0].outputs[0].logprobs)  # the model's, not -inf
+    with pytest.raises(ValueError, match="at least one token"):
+        SamplingParams(allowed_token_ids=[])

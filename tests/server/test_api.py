@@ -506,3 +506,13 @@ def test_vllm_prompt_options_on_the_server(client: openai.OpenAI, llm: LLM) -> N
                                      "include_stop_str_in_output": True})  # fmt: skip
     text = free.choices[0].text
     assert kept.choices[0].text == text[: text.find(stop) + 2]
+
+
+def test_allowed_token_ids_on_the_server(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=5, temperature=0.9,
+                                  logprobs=0, extra_body={"allowed_token_ids": [40, 41],
+                                                          "ignore_eos": True})  # fmt: skip
+    assert set(r.choices[0].logprobs.tokens) <= {"%", "&"}  # ids 40, 41: bytes 37, 38
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids token id"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                  extra_body={"allowed_token_ids": [10**6]})  # fmt: skip

@@ -415,6 +415,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if ids and (max(ids) >= vocab):
             raise ValueError(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
+        allowed = params.allowed_token_ids
+        if allowed and max(allowed) >= vocab:
+            raise ValueError(
+                f"allowed_token_ids token id {max(allowed)} is outside the vocabulary ({vocab})"
+            )
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(
                 f"logit_bias token id {max(params.logit_bias)} is outside the vocabulary ({vocab})"

@@ -140,6 +140,7 @@ class Request:
         self.pooling = pooling
         self.embedding: list[float] | None = None
         self._generator: torch.Generator | None = None
+        self._allowed_mask: torch.Tensor | None = None  # see `allowed_mask`
         self._penalties: PenaltyState | None = None  # made at its first sampling
         # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash
         # chain, built as needed) and how many of its slot's leading pages are published.
@@ -258,6 +259,17 @@ class Request:
                 f"asked for {device}"
             )
         return self._generator
+
+    def allowed_mask(self, vocab: int, device: torch.device | str) -> torch.Tensor:
+        """`[vocab]` float32 on `device`: 0 on `params.allowed_token_ids`, -inf elsewhere (made
+        once; the params are frozen)."""
+        mask = self._allowed_mask
+        if mask is None or mask.device.type != torch.device(device).type or mask.numel() != vocab:
+            mask = torch.full((vocab,), float("-inf"), dtype=torch.float32)
+            mask[list(self.params.allowed_token_ids or ())] = 0.0
+            mask = mask.to(device)
+            self._allowed_mask = mask
+        return mask
 
     def penalty_state(self, vocab: int, device: torch.device | str) -> PenaltyState:
         """This request's token counts for penalties (made on first use from its prompt and

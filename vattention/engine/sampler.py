@@ -62,6 +62,9 @@ class SamplingMetadata:
     # (token bitmask [B, ceil(vocab / 32)] int32, constrained rows) of structured-output rows;
     # None = no row
     guided: tuple[torch.Tensor, list[int]] | None = None
+    # (rows, their masks [n, vocab] float32: 0 where allowed, -inf elsewhere) of the rows with
+    # `allowed_token_ids`; None = no row
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -72,6 +75,7 @@ class SamplingMetadata:
         penalty_states: Sequence[PenaltyState | None] | None = None,
         banned: Sequence[Sequence[int]] | None = None,
         guided: tuple[torch.Tensor, list[int]] | None = None,
+        allowed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplingMetadata:
         """Tensors for `params` (one per row); `generators[i]` is row i's own generator or None;
         `penalty_states[i]` row i's token counts, needed where its params ask for penalties;
@@ -142,6 +146,7 @@ class SamplingMetadata:
             penalties=penalties,
             bias=bias,
             guided=guided,
+            allowed=allowed,
         )
 
     @classmethod
@@ -193,9 +198,16 @@ class SamplingMetadata:
             from vattention.engine.structured import guided_bitmask
 
             guided = guided_bitmask(matchers, vocab_size, device)
+        allowed = None
+        rows = [i for i, r in enumerate(requests) if r.params.allowed_token_ids is not None]
+        if rows:
+            if vocab_size <= 0:
+                raise ValueError("allowed_token_ids need the vocabulary size (vocab_size)")
+            masks = torch.stack([requests[i].allowed_mask(vocab_size, device) for i in rows])
+            allowed = (torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True), masks)
         return cls.build(
             [r.params for r in requests], gens, device, states, banned if any(banned) else None,
-            guided,
+            guided, allowed,
         )  # fmt: skip
 
 
@@ -254,6 +266,8 @@ class Sampler:
         logits = raw if meta.penalties is None else meta.penalties.apply(raw)
         if meta.bias is not None:
             logits = logits.index_put(meta.bias[:2], meta.bias[2], accumulate=True)
+        if meta.allowed is not None:  # -inf on every token a row does not allow
+            logits = logits.index_add(0, meta.allowed[0], meta.allowed[1])
         if meta.guided is not None:
             from vattention.engine.structured import apply_bitmask
 

@@ -80,6 +80,8 @@ class SamplingParams:
         the per-token detokenization (stop strings then cannot be used).
     truncate_prompt_tokens: None, or keep only the prompt's last k tokens (vLLM's left
         truncation; -1: as many as the model's context leaves room for, max_model_len - 1).
+    allowed_token_ids: None, or the only tokens that may be sampled (vLLM's); applies to
+        greedy requests too.
     guided_decoding: structured output (vLLM's name): None, or `GuidedDecodingParams` (or a
         dict of its fields) with exactly one of `json` (a JSON schema), `json_object`,
         `regex`, `choice`, `grammar` (EBNF). The output then follows it token by token
@@ -109,6 +111,7 @@ class SamplingParams:
     guided_decoding: GuidedDecodingParams | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -171,6 +174,11 @@ class SamplingParams:
             raise TypeError(f"detokenize must be a bool, got {type(self.detokenize).__name__}")
         if not isinstance(self.include_stop_str_in_output, bool):
             raise TypeError("include_stop_str_in_output must be a bool")
+        if self.allowed_token_ids is not None:
+            allowed = self._token_ids(self.allowed_token_ids, "allowed_token_ids")
+            if not allowed:
+                raise ValueError("allowed_token_ids must name at least one token (or be None)")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(allowed))))
         k = self.truncate_prompt_tokens
         if k is not None:
             if not _is_int(k):
@@ -211,15 +219,15 @@ class SamplingParams:
         return MappingProxyType(out)
 
     @staticmethod
-    def _token_ids(ids: Iterable[int] | None) -> tuple[int, ...]:
+    def _token_ids(ids: Iterable[int] | None, name: str = "stop_token_ids") -> tuple[int, ...]:
         if ids is None:
             return ()
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
-            raise TypeError(f"stop_token_ids must be a sequence of ints, got {ids!r}")
+            raise TypeError(f"{name} must be a sequence of ints, got {ids!r}")
         out = tuple(ids)
         for t in out:
             if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must be non-negative ints, got {t!r}")
+                raise ValueError(f"{name} must be non-negative ints, got {t!r}")
         return out
 
     @staticmethod
@@ -266,6 +274,7 @@ class SamplingParams:
             and not self.logit_bias
             and not self.min_tokens
             and self.guided_decoding is None
+            and self.allowed_token_ids is None
         )
 
     @property

@@ -266,6 +266,13 @@ class _Server:
                 f"(size {vocab})",
                 "logit_bias",
             )
+        allowed = params.allowed_token_ids
+        if allowed and max(allowed) >= vocab:
+            raise bad_request(
+                f"allowed_token_ids token id {max(allowed)} is outside the vocabulary "
+                f"(size {vocab})",
+                "allowed_token_ids",
+            )
 
     def prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """A prompt as text (`echo`): the string sent, or its token ids decoded."""

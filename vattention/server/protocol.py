@@ -100,6 +100,7 @@ class _Common(BaseModel):
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"json": ...} and so on
     include_stop_str_in_output: bool = False  # vLLM's
+    allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be sampled
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k
     # whether `to_sampling_params` took the token limit from the model's defaults (then the
     # limit is capped at the context left, not checked against it: the client asked nothing)
@@ -163,6 +164,7 @@ class _Common(BaseModel):
             guided_decoding=self.guided_decoding(),
             include_stop_str_in_output=self.include_stop_str_in_output,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            allowed_token_ids=self.allowed_token_ids,
         )
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
