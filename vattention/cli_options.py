@@ -49,6 +49,7 @@ HELP: dict[str, str] = {
     "tokenizer's",
     "generation_config": "sampling defaults for what a request leaves unset: auto (the model's "
     "generation_config.json), none, or a directory or file holding one",
+    "scheduling_policy": "fcfs, or priority (requests' priority field, lower first, may preempt)",
 }
 
 

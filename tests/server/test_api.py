@@ -516,3 +516,14 @@ def test_allowed_token_ids_on_the_server(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="allowed_token_ids token id"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2,
                                   extra_body={"allowed_token_ids": [10**6]})  # fmt: skip
+
+
+def test_priority_needs_the_priority_policy(client: openai.OpenAI) -> None:
+    """A server started with the default fcfs policy says so when a request asks for a rank;
+    priority 0 (vLLM's default) is accepted."""
+    ok = client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                   extra_body={"priority": 0})  # fmt: skip
+    assert ok.choices
+    with pytest.raises(openai.BadRequestError, match="scheduling policy is fcfs"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                  extra_body={"priority": 3})  # fmt: skip

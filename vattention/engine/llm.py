@@ -50,12 +50,17 @@ class LLM:
         prompts: PromptLike | Sequence[PromptLike],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate completions for every prompt (`n` per prompt: `outputs[i]` of its
         `RequestOutput`, run as n requests that share the prompt; `prompt_logprobs`, when
         asked for, are the prompt's, computed by its first choice only); returns them in the
-        prompts' order."""
+        prompts' order. `priority`: one per prompt, with `scheduling_policy="priority"`
+        (lower runs first)."""
         items = _as_prompt_list(prompts)
+        ranks = [0] * len(items) if priority is None else list(priority)
+        if len(ranks) != len(items):
+            raise ValueError(f"{len(ranks)} priorities for {len(items)} prompts")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or self.get_default_sampling_params()] * len(items)
         else:
@@ -65,8 +70,10 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling params must be SamplingParams, got {p!r}")
-        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]] = [
-            (item, choice) for item, p in zip(items, params, strict=False) for choice in p.choices()
+        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams, int]] = [
+            (item, choice, rank)
+            for item, p, rank in zip(items, params, ranks, strict=False)
+            for choice in p.choices()
         ]
         outs = self._run(jobs, "generate", use_tqdm)
         groups: list[list[RequestOutput]] = []  # each prompt's requests, one per choice
@@ -88,8 +95,8 @@ class LLM:
         params = PoolingParams() if pooling_params is None else pooling_params
         if not isinstance(params, PoolingParams):
             raise TypeError(f"pooling params must be PoolingParams, got {params!r}")
-        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]] = [
-            (item, params) for item in _as_prompt_list(prompts)
+        jobs: list[tuple[str | list[int], SamplingParams | PoolingParams, int]] = [
+            (item, params, 0) for item in _as_prompt_list(prompts)
         ]
         outs = self._run(jobs, "embed", use_tqdm)
         results = []
@@ -105,18 +112,19 @@ class LLM:
         return results
 
     def _run(
-        self, jobs: list[tuple[str | list[int], SamplingParams | PoolingParams]], desc: str,
+        self, jobs: list[tuple[str | list[int], SamplingParams | PoolingParams, int]], desc: str,
         use_tqdm: bool,
     ) -> list[RequestOutput]:  # fmt: skip
-        """Run one engine request per (prompt, params) to the end; their outputs in order.
+        """Run one engine request per (prompt, params, priority) to the end; their outputs in
+        order.
         Nothing of this call is left in the engine if adding a request or a step fails."""
         engine = self.engine
         if engine.has_unfinished_requests():
             raise RuntimeError("the engine still has requests from an interrupted call")
         ids: list[str] = []
         try:
-            for item, p in jobs:
-                ids.append(engine.add_request(item, p))
+            for item, p, rank in jobs:
+                ids.append(engine.add_request(item, p, priority=rank))
         except BaseException:
             for rid in ids:
                 engine.abort_request(rid)

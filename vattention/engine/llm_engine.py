@@ -135,6 +135,10 @@ class EngineConfig:
     # generation_config.json, where it has one: vLLM's default), "none" (the built-in
     # defaults), or a directory or file holding a generation_config.json.
     generation_config: str = "auto"
+    # "fcfs" (first come, first served) or "priority": requests run by their `priority` (lower
+    # first; `LLM.generate(priority=...)`, the server's `priority` field), then arrival, and the
+    # lowest-ranked running request yields its slot to a waiting one that outranks it.
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHES:
@@ -228,6 +232,7 @@ class LLMEngine:
         sched_config = SchedulerConfig(
             config.max_num_seqs, max(batched, config.max_num_seqs), max_len,
             enable_prefix_caching=bool(config.enable_prefix_caching),  # resolved below
+            policy=config.scheduling_policy,
         )  # fmt: skip
         kv_dtype = next(self.model.parameters()).dtype
         spec = mcfg.kv_cache_spec(
@@ -383,6 +388,7 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | PoolingParams | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id. One completion per
         request: `LLM.generate` and the server fan `n > 1` out into n requests. With
@@ -428,7 +434,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else str(next(self._ids))
         request = Request(
             rid, ids, params, eos_token_ids=self.eos_token_ids, tokenizer=self.tokenizer,
-            pooling=pooling,
+            pooling=pooling, priority=priority,
         )  # fmt: skip
         request.guided = guided
         self.scheduler.add_request(request)

@@ -79,6 +79,7 @@ class Request:
         tokenizer: Any = None,
         arrival_time: float | None = None,
         pooling: PoolingParams | None = None,
+        priority: int = 0,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -139,6 +140,10 @@ class Request:
         # An embedding request (`engine.pooling`): how to pool, and the result once computed.
         self.pooling = pooling
         self.embedding: list[float] | None = None
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"priority must be an int, got {priority!r}")
+        self.priority = priority  # lower runs first under the "priority" scheduling policy
+        self.order_key = (priority, 0)  # (priority, arrival number): set by the scheduler
         self._generator: torch.Generator | None = None
         self._allowed_mask: torch.Tensor | None = None  # see `allowed_mask`
         self._penalties: PenaltyState | None = None  # made at its first sampling

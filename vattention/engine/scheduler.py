@@ -25,8 +25,12 @@ dropped. Freeing a slot while a launched step still writes it is safe: the GPU r
 order, and the cache synchronizes the device before it unmaps anything.
 
 Invariants: every request is in exactly one of `waiting` (no slot), `running` (holds a slot) or
-finished (no slot, gone from `requests`); `running` is in admission order; the oldest running
-request always makes progress, so every request eventually finishes; `update()` gets the
+finished (no slot, gone from `requests`); `running` is in admission order (with the "priority"
+policy both `waiting` and `running` are sorted by `Request.order_key`, (priority, arrival):
+admission takes the head of `waiting`, preemption the last of `running`, and with every slot
+in use a waiting head that outranks the last running request takes its slot); the first running
+request always makes progress, so every request eventually finishes (with "priority", every
+request no other keeps outranking); `update()` gets the
 outputs of `schedule()` in the order they were made; a request with tokens in flight is not
 admitted (after preemption) before they are resolved.
 
@@ -92,6 +96,10 @@ class Scheduler:
         self._prompt_logprobs: set[Request] = set()
         # Unfinished embedding requests (`engine.pooling`; usually none).
         self._pooling: set[Request] = set()
+        # The "priority" policy: `waiting` and `running` kept sorted by (priority, arrival), so
+        # the head of `waiting` is admitted first and the last running request is preempted.
+        self._by_priority = config.policy == "priority"
+        self._arrivals = 0
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -107,8 +115,18 @@ class Scheduler:
                 f"request {request.request_id}: the prompt has {request.num_prompt_tokens} tokens;"
                 f" max_model_len {self.config.max_model_len} leaves no room for output"
             )
+        if request.priority and not self._by_priority:
+            raise ValueError(
+                f"request {request.request_id} has priority {request.priority}, but the "
+                "scheduling policy is fcfs (use scheduling_policy='priority')"
+            )
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._arrivals += 1
+        request.order_key = (request.priority, self._arrivals)
+        if self._by_priority:
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.append(request)
         if request.needs_prompt_logprobs:
             self._prompt_logprobs.add(request)
         if request.pooling is not None:
@@ -143,6 +161,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's rows and back them in the cache; see the module docstring."""
         out = SchedulerOutput()
+        if self._by_priority and self.waiting and len(self.running) >= self.config.max_num_seqs:
+            self._preempt_for_priority(out)
         scheduled: list[ScheduledRequest] = []
         budget = self.config.max_num_batched_tokens
 
@@ -191,7 +211,8 @@ class Scheduler:
                     budget -= n
             scheduled = list(step.values())
 
-        while not out.preempted and self.waiting and budget > 0:
+        yielded = len(out.preempted)  # slots given up to outrank ("priority"): admit anyway
+        while len(out.preempted) == yielded and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             r = self.waiting[0]
@@ -288,6 +309,25 @@ class Scheduler:
         return out
 
     # -- internals --------------------------------------------------------------------------
+    def _insert(self, queue: deque[Request] | list[Request], r: Request) -> None:
+        """Put `r` into the sorted `queue` ("priority" policy)."""
+        queue.insert(_index(queue, r.order_key), r)
+
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """ "priority" policy, every slot in use: while the head of `waiting` outranks the last
+        running request, that one yields its slot (before this step's rows are planned)."""
+        cap = self.config.max_num_seqs
+        while (
+            self.waiting and len(self.running) >= cap and self.running
+            and self.waiting[0].order_key < self.running[-1].order_key
+            and not self.waiting[0].num_inflight
+        ):  # fmt: skip
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if self.waiting[0] is victim:
+                break  # it outranks nothing now
+
     def _record_prompt_logprobs(
         self, output: SchedulerOutput, logprobs: Logprobs | HostLogprobs
     ) -> None:
@@ -380,7 +420,10 @@ class Scheduler:
             self.prefix.admitted(r, keys)
         self.waiting.popleft()
         r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, cached
-        self.running.append(r)
+        if self._by_priority:
+            self._insert(self.running, r)
+        else:
+            self.running.append(r)
         self.max_running = max(self.max_running, len(self.running))
         return n
 
@@ -391,7 +434,10 @@ class Scheduler:
         r.status = RequestStatus.PREEMPTED
         r.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(r)
+        if self._by_priority:
+            self._insert(self.waiting, r)
+        else:
+            self.waiting.appendleft(r)
 
     def _finish_all(self, ended: list[tuple[Request, FinishReason]]) -> None:
         """`_finish` each (request, reason) in order, filtering `running` once, not per row."""
@@ -424,6 +470,18 @@ class Scheduler:
         self._finished.append(r)
         self._prompt_logprobs.discard(r)
         self._pooling.discard(r)
+
+
+def _index(queue: deque[Request] | list[Request], key: tuple[int, int]) -> int:
+    """Where a request of sort `key` goes in `queue` (sorted by `order_key`): after its equals."""
+    lo, hi = 0, len(queue)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if queue[mid].order_key <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _slot(r: Request) -> int:

@@ -57,8 +57,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
     enable_prefix_caching: bool = False  # share cached prompt pages (`engine.prefix_cache`)
+    # "fcfs": first come, first served; "priority": by `Request.priority` (lower first), then
+    # arrival, in admission and in preemption (vLLM's scheduling policies)
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -206,7 +206,7 @@ def create_app(
                 r.prompt, r.prompt_logprobs = shared[i // params.n], req.prompt_logprobs
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage,
-            sum(len(ids) for ids in prompts), req.prompt_only,
+            sum(len(ids) for ids in prompts), req.prompt_only, req.priority,
         )  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -232,8 +232,9 @@ def create_app(
                 r.prompt, r.prompt_logprobs = shared, params.prompt_logprobs
         jobs = [(ids, p) for p in params.choices()]
         return await server.serve(
-            request, jobs, rid, renderers, req.stream, req.include_usage, len(ids)
-        )
+            request, jobs, rid, renderers, req.stream, req.include_usage, len(ids),
+            priority=req.priority,
+        )  # fmt: skip
 
     return app
 
@@ -344,7 +345,7 @@ class _Server:
     async def serve(
         self, request: Request, jobs: list[tuple[list[int], SamplingParams]], rid: str,
         renderers: Sequence[CompletionRenderer | ChatRenderer], stream: bool,
-        include_usage: bool, prompt_tokens: int, echo_only: bool = False,
+        include_usage: bool, prompt_tokens: int, echo_only: bool = False, priority: int = 0,
     ) -> Response:  # fmt: skip
         """Run every choice (a prompt and its `n == 1` params) as an engine request (`rid`, or
         `rid-i` for several: choices of one prompt share its pages through the prefix cache)
@@ -356,7 +357,7 @@ class _Server:
             for i, (ids, p) in enumerate(jobs):
                 trackers.append(self.metrics.tracker())
                 sub_id = rid if len(jobs) == 1 else f"{rid}-{i}"
-                streams.append(await self.engine.add_request(ids, p, sub_id))
+                streams.append(await self.engine.add_request(ids, p, sub_id, priority))
         except BaseException as e:
             self._ended(streams, trackers[: len(streams)])
             if isinstance(e, (ValueError, TypeError)):

@@ -172,8 +172,9 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------
     async def add_request(
-        self, prompt: str | list[int], params: SamplingParams | PoolingParams, request_id: str
-    ) -> RequestStream:
+        self, prompt: str | list[int], params: SamplingParams | PoolingParams, request_id: str,
+        priority: int = 0,
+    ) -> RequestStream:  # fmt: skip
         """Queue a request; returns its stream once the engine accepted it. `ValueError` and
         `TypeError` from the engine (prompt too long, bad ids, duplicate id) are raised here."""
         if not self._accepting:
@@ -184,7 +185,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self.abort)
         future: cf.Future[None] = cf.Future()
-        self._submit(("add", stream, loop, prompt, params, future))
+        self._submit(("add", stream, loop, prompt, params, priority, future))
         try:
             await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -284,11 +285,11 @@ class AsyncEngine:
     def _apply(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "add":
-            _, stream, loop, prompt, params, future = command
+            _, stream, loop, prompt, params, priority, future = command
             if not future.set_running_or_notify_cancel():
                 return  # the caller went away before it was added
             try:
-                self.engine.add_request(prompt, params, stream.request_id)
+                self.engine.add_request(prompt, params, stream.request_id, priority=priority)
             except BaseException as e:
                 future.set_exception(e)
                 return

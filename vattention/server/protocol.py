@@ -101,6 +101,7 @@ class _Common(BaseModel):
     structured_outputs: dict[str, Any] | None = None  # newer vLLM: {"json": ...} and so on
     include_stop_str_in_output: bool = False  # vLLM's
     allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be sampled
+    priority: int = 0  # vLLM's: lower runs first (the server's scheduling policy "priority")
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k
     # whether `to_sampling_params` took the token limit from the model's defaults (then the
     # limit is capped at the context left, not checked against it: the client asked nothing)
