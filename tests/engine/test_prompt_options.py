@@ -85,3 +85,30 @@ def test_allowed_token_ids_restrict_sampling(tmp_path: Path) -> None:
     assert all(lp.logprob <= 0 for lp in outs[0].outputs[0].logprobs)  # the model's, not -inf
     with pytest.raises(ValueError, match="at least one token"):
         SamplingParams(allowed_token_ids=[])
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_bad_words_never_appear(tmp_path: Path, async_scheduling: bool) -> None:
+    """A one-token and a two-token bad word taken from the free greedy output: neither appears
+    with `bad_words`, async scheduling or not (the two-token one needs the last token known)."""
+    save_tiny("llama", tmp_path / "m", vocab_size=300)  # the byte tokenizer: a char a token
+    params = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(str(tmp_path / "m"), device="cpu", dtype="float32", max_model_len=64,
+             max_num_seqs=4, kv_page_size=65536, async_scheduling=async_scheduling) as llm:  # fmt: skip
+        (free,) = llm.generate(["abc"], SamplingParams(**params), use_tqdm=False)
+        ids = free.token_ids  # a pair of adjacent one-character tokens (ids 3-258: bytes)
+        i = next(i for i in range(len(ids) - 1) if all(35 < t < 130 for t in ids[i : i + 2]))
+        pair = llm.tokenizer.decode(ids[i : i + 2])
+        single = llm.tokenizer.decode(ids[i : i + 1])  # one token, banned everywhere
+        assert len(pair) == 2
+        (out,) = llm.generate(["abc"], SamplingParams(bad_words=[pair], **params), use_tqdm=False)
+        assert pair not in llm.tokenizer.decode(out.token_ids)
+        assert out.token_ids[: i + 1] == ids[: i + 1]  # the same until the ban bites
+        (none,) = llm.generate(["abc"], SamplingParams(bad_words=[single], **params),
+                               use_tqdm=False)  # fmt: skip
+        assert ids[i] not in none.token_ids
+        both = llm.generate(["abc", "xyz"], [SamplingParams(bad_words=[pair], **params),
+                                             SamplingParams(**params)], use_tqdm=False)  # fmt: skip
+        assert both[0].token_ids == out.token_ids  # a neighbour changes nothing
+    with pytest.raises(TypeError, match="bad_words must be a sequence of non-empty strings"):
+        SamplingParams(bad_words="word")  # type: ignore[arg-type]

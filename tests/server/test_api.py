@@ -527,3 +527,20 @@ def test_priority_needs_the_priority_policy(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="scheduling policy is fcfs"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=1,
                                   extra_body={"priority": 3})  # fmt: skip
+
+
+def test_bad_words_on_the_server(client: openai.OpenAI) -> None:
+    """Two adjacent tokens of the free greedy output, each one printable ASCII character (the
+    random model's other tokens decode to nothing or to replacement characters), as a bad word:
+    it does not appear."""
+    free = client.completions.create(model=MODEL, prompt="hello", max_tokens=24, temperature=0,
+                                     logprobs=0, extra_body={"ignore_eos": True})  # fmt: skip
+    toks = free.choices[0].logprobs.tokens
+
+    def plain(t: str) -> bool:
+        return len(t) == 1 and t.isascii() and t.isprintable() and not t.isspace()
+
+    word = next(a + b for a, b in zip(toks, toks[1:], strict=False) if plain(a) and plain(b))
+    out = client.completions.create(model=MODEL, prompt="hello", max_tokens=24, temperature=0,
+                                    extra_body={"ignore_eos": True, "bad_words": [word]})  # fmt: skip
+    assert word not in out.choices[0].text

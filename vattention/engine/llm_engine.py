@@ -292,6 +292,8 @@ class LLMEngine:
         # the constrained requests not known to be finished (empty: steps pipeline as usual).
         self._grammar: GrammarBackend | None = None
         self._grammar_lock = threading.Lock()  # `grammar_backend` may be called from any thread
+        # Requests whose sampling needs every earlier token on the host (structured outputs,
+        # multi-token bad words): while one runs, each step first applies the launched ones.
         self._guided: list[Request] = []
 
     def _make_runner(
@@ -437,11 +439,25 @@ class LLMEngine:
             pooling=pooling, priority=priority,
         )  # fmt: skip
         request.guided = guided
+        if params.bad_words:
+            request.bad_word_ids = self._bad_word_ids(params.bad_words)
         self.scheduler.add_request(request)
-        if guided is not None:
+        if guided is not None or any(len(s) > 1 for s in request.bad_word_ids):
             self._guided.append(request)
         self._prompts[rid] = text
         return rid
+
+    def _bad_word_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each bad word's token sequences, as is and after a space (vLLM's two forms)."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer: this model has none")
+        seqs: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for text in (word, " " + word):
+                ids = tuple(int(t) for t in self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seqs[ids] = None
+        return tuple(seqs)
 
     def _guided_state(self, params: SamplingParams) -> GuidedState:
         """A new matcher of `params.guided_decoding`, compiled (once per spec) for this

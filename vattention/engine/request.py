@@ -146,6 +146,8 @@ class Request:
         self.order_key = (priority, 0)  # (priority, arrival number): set by the scheduler
         self._generator: torch.Generator | None = None
         self._allowed_mask: torch.Tensor | None = None  # see `allowed_mask`
+        # `params.bad_words` as token sequences (set by the engine, which has the tokenizer)
+        self.bad_word_ids: tuple[tuple[int, ...], ...] = ()
         self._penalties: PenaltyState | None = None  # made at its first sampling
         # Prefix caching (`engine.prefix_cache`): keys of its page-sized token blocks (a hash
         # chain, built as needed) and how many of its slot's leading pages are published.
@@ -264,6 +266,17 @@ class Request:
                 f"asked for {device}"
             )
         return self._generator
+
+    def bad_tokens_now(self) -> list[int]:
+        """The tokens that would complete a bad word after the output's last tokens (all of
+        them known: the engine applies launched steps first while such a request runs)."""
+        out = self.output_token_ids
+        banned = []
+        for seq in self.bad_word_ids:
+            k = len(seq) - 1
+            if k == 0 or (len(out) >= k and tuple(out[len(out) - k :]) == seq[:-1]):
+                banned.append(seq[-1])
+        return banned
 
     def allowed_mask(self, vocab: int, device: torch.device | str) -> torch.Tensor:
         """`[vocab]` float32 on `device`: 0 on `params.allowed_token_ids`, -inf elsewhere (made

@@ -212,16 +212,18 @@ class SamplingMetadata:
 
 
 def _banned_now(r: Request) -> list[int]:
-    """The stop tokens `r` may not sample in this step: its end-of-sequence tokens (unless
-    `ignore_eos`) and stop token ids, while fewer than `min_tokens` precede this one (the
-    outputs the host has plus the other launched steps' tokens)."""
+    """The tokens `r` may not sample in this step: those completing a bad word
+    (`params.bad_words`), and its end-of-sequence tokens (unless `ignore_eos`) and stop
+    token ids while fewer than `min_tokens` precede this one (the outputs the host has plus
+    the other launched steps' tokens)."""
     p = r.params
+    bad = r.bad_tokens_now() if r.bad_word_ids else []
     if not p.min_tokens or r.guided is not None:  # a grammar decides when it may end
-        return []
+        return bad
     if len(r.output_token_ids) + r.num_inflight - 1 >= p.min_tokens:
-        return []
+        return bad
     eos = [] if p.ignore_eos else sorted(r.eos_token_ids)
-    return sorted(set(eos) | set(p.stop_token_ids))
+    return sorted(set(eos) | set(p.stop_token_ids) | set(bad))
 
 
 @functools.lru_cache(maxsize=256)

@@ -82,6 +82,9 @@ class SamplingParams:
         truncation; -1: as many as the model's context leaves room for, max_model_len - 1).
     allowed_token_ids: None, or the only tokens that may be sampled (vLLM's); applies to
         greedy requests too.
+    bad_words: words that may not be generated (vLLM's): each is tokenized as is and after a
+        space, and a token that would complete one of those sequences after the output's
+        last tokens cannot be sampled; needs a tokenizer.
     guided_decoding: structured output (vLLM's name): None, or `GuidedDecodingParams` (or a
         dict of its fields) with exactly one of `json` (a JSON schema), `json_object`,
         `regex`, `choice`, `grammar` (EBNF). The output then follows it token by token
@@ -112,6 +115,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if not _is_int(self.n):
@@ -174,6 +178,10 @@ class SamplingParams:
             raise TypeError(f"detokenize must be a bool, got {type(self.detokenize).__name__}")
         if not isinstance(self.include_stop_str_in_output, bool):
             raise TypeError("include_stop_str_in_output must be a bool")
+        words = self.bad_words
+        if isinstance(words, str) or not all(isinstance(w, str) and w for w in words):
+            raise TypeError(f"bad_words must be a sequence of non-empty strings, got {words!r}")
+        object.__setattr__(self, "bad_words", tuple(words))
         if self.allowed_token_ids is not None:
             allowed = self._token_ids(self.allowed_token_ids, "allowed_token_ids")
             if not allowed:
@@ -275,6 +283,7 @@ class SamplingParams:
             and not self.min_tokens
             and self.guided_decoding is None
             and self.allowed_token_ids is None
+            and not self.bad_words
         )
 
     @property

@@ -102,6 +102,7 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False  # vLLM's
     allowed_token_ids: list[int] | None = None  # vLLM's: the only tokens that may be sampled
     priority: int = 0  # vLLM's: lower runs first (the server's scheduling policy "priority")
+    bad_words: list[str] | None = None  # vLLM's: words that may not be generated
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the last k
     # whether `to_sampling_params` took the token limit from the model's defaults (then the
     # limit is capped at the context left, not checked against it: the client asked nothing)
@@ -166,6 +167,7 @@ class _Common(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=tuple(self.bad_words or ()),
         )
 
     def guided_decoding(self) -> GuidedDecodingParams | None:
