@@ -1,6 +1,8 @@
-"""Property-based test: random workloads (arrivals over time, aborts, tight memory and budgets).
+"""Property-based test: random workloads (arrivals over time, aborts, tight memory and budgets,
+either scheduling policy with random priorities).
 
-Every step must respect the budget, the slot cap and the K/V contract; in the end every request
+Every step must respect the budget, the slot cap and the K/V contract (and, with the "priority"
+policy, keep `waiting` and `running` sorted by (priority, arrival)); in the end every request
 has finished for the right reason with exactly the tokens an unconstrained run produces, and
 no slot or page is left in use.
 """
@@ -48,6 +50,10 @@ def check_step(sched: Scheduler, cache: FakeKVCache, out: object) -> None:
         assert s.context_len == r.num_computed_tokens and s.num_new_tokens >= 1
         assert s.sample == (r.num_inflight > 0 and s.context_len == r.num_tokens - 1)
         assert cache.lengths[s.slot] >= s.context_len
+    if cfg.policy == "priority":
+        for queue in (list(sched.waiting), sched.running):
+            keys = [r.order_key for r in queue]
+            assert keys == sorted(keys)
 
 
 workloads = st.lists(
@@ -56,6 +62,7 @@ workloads = st.lists(
         st.integers(1, 40),  # prompt length
         st.integers(1, 12),  # max_tokens
         st.integers(-60, 30),  # abort this many steps after arrival (negative: never)
+        st.integers(0, 3),  # priority (with the "priority" policy)
     ),
     min_size=1,
     max_size=8,
@@ -71,15 +78,17 @@ workloads = st.lists(
     pages=st.integers(2, 30),
     batched=st.booleans(),
     pipelined=st.booleans(),
+    by_priority=st.booleans(),
 )
 def test_random_workloads_lose_nothing(
-    work: list[tuple[int, int, int, int]],
+    work: list[tuple[int, int, int, int, int]],
     max_num_seqs: int,
     extra_budget: int,
     slots: int,
     pages: int,
     batched: bool,
     pipelined: bool,
+    by_priority: bool,
 ) -> None:
     """With `pipelined`, step t+1 is scheduled (and "run") before step t's update, as the
     engine's async scheduling does."""
@@ -88,13 +97,15 @@ def test_random_workloads_lose_nothing(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_seqs + extra_budget,
         max_model_len=64,
+        policy="priority" if by_priority else "fcfs",
     )
     sched, model = Scheduler(config, cache), FakeModel()
     reqs: list[Request] = []
     aborts: dict[int, list[str]] = {}
-    for i, (arrive, prompt_len, max_tokens, abort_after) in enumerate(work):
+    for i, (arrive, prompt_len, max_tokens, abort_after, rank) in enumerate(work):
         prompt = [(7 * i + j) % 50 for j in range(prompt_len)]
-        reqs.append(Request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens)))
+        params = SamplingParams(max_tokens=max_tokens)
+        reqs.append(Request(f"r{i}", prompt, params, priority=rank if by_priority else 0))
         if abort_after >= 0:
             aborts.setdefault(arrive + abort_after, []).append(f"r{i}")
     finished: list[Request] = []
@@ -120,7 +131,7 @@ def test_random_workloads_lose_nothing(
 
     assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in reqs)
     assert cache.used_slots == 0 and cache.used_pages == 0 and not sched.requests
-    for r, (_, prompt_len, max_tokens, _) in zip(reqs, work, strict=True):
+    for r, (_, prompt_len, max_tokens, _, _) in zip(reqs, work, strict=True):
         assert r.is_finished and r.slot is None
         want = expected_output(list(r.prompt_token_ids), max_tokens)
         assert r.output_token_ids == want[: r.num_output_tokens]

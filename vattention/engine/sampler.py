@@ -1,8 +1,9 @@
 """The sampler: batched token choice from float32 logits `[B, vocab]`, on the logits' device.
 
 Pipeline per row (vectorised over the batch; only seeded rows cost a Python step each):
-penalties (only rows asking for them, `penalties.py`) -> logit bias (and, below `min_tokens`,
-the stop tokens banned) -> the grammar's token bitmask (structured outputs: constrained rows
+penalties (only rows asking for them, `penalties.py`) -> logit bias (and, banned: below
+`min_tokens` the stop tokens, and any token that would complete a bad word) -> the
+`allowed_token_ids` mask -> the grammar's token bitmask (structured outputs: constrained rows
 only, `structured.py`) -> temperature -> top-k -> top-p ->
 min-p -> sample by exponential race (`argmax(probs / q)` with `q ~ Exp(1)`, which draws from
 `probs` exactly).
