@@ -66,3 +66,20 @@ def test_cli_flag_and_generate_raw_prompts_coexist() -> None:
     assert args.use_chat_template is False and args.chat_template == "x.j"
     args = parser.parse_args(["generate", "hi"])
     assert args.use_chat_template is True and args.chat_template is None
+
+
+def test_llm_chat_continues_the_final_message_and_passes_template_kwargs(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "m", vocab_size=300)
+    template = TEMPLATE + "{% if note %}(note){% endif %}"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, the"}]
+    params = SamplingParams(temperature=0, max_tokens=3)
+    with LLM(str(tmp_path / "m"), device="cpu", dtype="float32", max_model_len=128,
+             max_num_seqs=2, kv_page_size=65536, chat_template=template) as llm:  # fmt: skip
+        (out,) = llm.chat(msgs, params, add_generation_prompt=False, continue_final_message=True,
+                          use_tqdm=False)  # fmt: skip
+        assert llm.tokenizer.decode(out.prompt_token_ids).endswith("[ASSISTANT] Sure, the")
+        (noted,) = llm.chat(msgs[:1], params, chat_template_kwargs={"note": True},
+                            use_tqdm=False)  # fmt: skip
+        assert llm.tokenizer.decode(noted.prompt_token_ids).endswith("[ASSISTANT] (note)")
+        with pytest.raises(ValueError, match="continue_final_message needs"):
+            llm.chat(msgs, params, continue_final_message=True, use_tqdm=False)

@@ -202,3 +202,34 @@ def test_an_api_key_is_required(served: Running) -> None:
                 assert r.json()["error"]["code"] == "invalid_api_key"
         assert anon.get("/health").status_code == 200
         assert anon.get("/version").status_code == 200  # open, as /health (and vLLM's)
+
+
+def test_chat_template_options_render_as_the_chat_route(
+    served: Running, http: httpx.Client
+) -> None:
+    """`continue_final_message` extends the last assistant message, `chat_template_kwargs`
+    reach the template; `/tokenize` renders them as `/v1/chat/completions` runs them."""
+    tokenizer = served.engine.engine.tokenizer
+    old = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}{% if shout %}!{% endif %}"
+    )
+    try:
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The sky"}]
+        opts = {"add_generation_prompt": False, "continue_final_message": True}
+        tok = post(http, "/tokenize", model=MODEL, messages=msgs, **opts)
+        assert tokenizer.decode(tok["tokens"]).endswith("<|assistant|>\nThe sky")  # goes on
+        r = post(http, "/v1/chat/completions", model=MODEL, messages=msgs, max_tokens=2, **opts)
+        assert r["usage"]["prompt_tokens"] == tok["count"]
+        shout = post(http, "/tokenize", model=MODEL, messages=msgs[:1],
+                     chat_template_kwargs={"shout": True})  # fmt: skip
+        assert tokenizer.decode(shout["tokens"]).endswith("<|assistant|>\n!")
+        bad = post(http, "/v1/chat/completions", 400, model=MODEL, messages=msgs,
+                   continue_final_message=True)  # fmt: skip
+        assert "add_generation_prompt" in bad["error"]["message"]
+        bad = post(http, "/v1/chat/completions", 400, model=MODEL, messages=msgs[:1],
+                   chat_template_kwargs={"add_generation_prompt": False})  # fmt: skip
+        assert bad["error"]["param"] == "chat_template_kwargs"
+    finally:
+        tokenizer.chat_template = old

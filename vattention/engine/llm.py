@@ -152,10 +152,19 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of `{"role", "content"}` messages) or to each of
         a list of them: each is rendered to token ids with the tokenizer's chat template,
-        then generated as `generate` does."""
+        then generated as `generate` does. `continue_final_message` extends the last
+        (assistant) message instead of starting a new one (with `add_generation_prompt`
+        False); `chat_template_kwargs` go to the template (e.g. Qwen3's `enable_thinking`)."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt=False")
+        extra = dict(chat_template_kwargs or {})
+        if continue_final_message:
+            extra["continue_final_message"] = True
         tok = self.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError(
@@ -170,7 +179,7 @@ class LLM:
             if not conv or not all(isinstance(m, dict) for m in conv):
                 raise TypeError("a conversation is a non-empty list of message dicts")
             rendered = tok.apply_chat_template(
-                list(conv), tokenize=True, add_generation_prompt=add_generation_prompt
+                list(conv), tokenize=True, add_generation_prompt=add_generation_prompt, **extra
             )
             prompts.append(template_ids(rendered))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

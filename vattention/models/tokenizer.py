@@ -63,6 +63,11 @@ class ByteTokenizer:
             text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
             if add_generation_prompt:
                 text += "<|assistant|>\n"
+        if _.get("continue_final_message") and messages:  # as HF: cut after the last message
+            final = str(messages[-1]["content"]).strip()
+            if final not in text:
+                raise ValueError("continue_final_message: the final message is not in the chat")
+            text = text[: text.rindex(final) + len(final)]
         return self.encode(text) if tokenize else text
 
 

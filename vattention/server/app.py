@@ -312,12 +312,9 @@ class _Server:
                 "messages",
                 code="chat_template_missing",
             )
-        tools = req.tool_dicts()
+        kwargs = req.template_kwargs()
         try:
-            rendered = tokenizer.apply_chat_template(
-                req.message_dicts(), tokenize=True, add_generation_prompt=req.add_generation_prompt,
-                **({"tools": tools} if tools else {}),
-            )  # fmt: skip
+            rendered = tokenizer.apply_chat_template(req.message_dicts(), tokenize=True, **kwargs)
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), ...
             raise bad_request(
                 f"the chat template failed on these messages: {e}", "messages"

@@ -382,6 +382,8 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: Any = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: extend the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's, e.g. {"enable_thinking": false}
     _tool_plan: tool_calls.ToolPlan | None = PrivateAttr(None)
 
     def to_sampling_params(self, defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -415,6 +417,31 @@ class ChatCompletionRequest(_Common):
     def tool_plan(self) -> tool_calls.ToolPlan | None:
         """How the output becomes tool calls (None: plain text); set by `to_sampling_params`."""
         return self._tool_plan
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keywords of the chat template beyond the messages (`tokenizer.apply_chat_template`):
+        `add_generation_prompt`, `continue_final_message`, `tools` and `chat_template_kwargs`
+        (which may not set the others); a 400 for the combinations vLLM refuses."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message needs add_generation_prompt set to false",
+                "continue_final_message",
+            )
+        extra = dict(self.chat_template_kwargs or {})
+        reserved = {"messages", "tokenize", "add_generation_prompt", "continue_final_message",
+                    "tools", "return_dict", "chat_template"} & set(extra)  # fmt: skip
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs may not set {sorted(reserved)} (use the request's fields)",
+                "chat_template_kwargs",
+            )
+        out: dict[str, Any] = {"add_generation_prompt": self.add_generation_prompt, **extra}
+        if self.continue_final_message:
+            out["continue_final_message"] = True
+        tools = self.tool_dicts()
+        if tools:
+            out["tools"] = tools
+        return out
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """`tools` as a chat template expects them (Hugging Face's `tools=`), None without."""
@@ -473,6 +500,8 @@ class TokenizeChatRequest(BaseModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = False
     return_token_strs: bool = False
 
@@ -482,6 +511,8 @@ class TokenizeChatRequest(BaseModel):
             model=self.model or "",
             messages=self.messages,
             add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            chat_template_kwargs=self.chat_template_kwargs,
         )
 
 

@@ -101,10 +101,9 @@ def _chat_ids(server: _Server, tokenizer: Any, req: TokenizeChatRequest) -> list
     if not req.add_special_tokens:
         return server.chat_prompt_ids(chat)
     # vLLM's meaning: the rendered text, encoded with the tokenizer's special tokens added
+    kwargs = chat.template_kwargs()
     try:
-        text = tokenizer.apply_chat_template(
-            chat.message_dicts(), tokenize=False, add_generation_prompt=req.add_generation_prompt
-        )
+        text = tokenizer.apply_chat_template(chat.message_dicts(), tokenize=False, **kwargs)
     except Exception as e:  # as chat_prompt_ids: jinja's TemplateError, ...
         raise bad_request(f"the chat template failed on these messages: {e}", "messages") from None
     return list(tokenizer.encode(text, add_special_tokens=True))
