@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import engine_config, serving
 from fastapi.testclient import TestClient
 
+from tests.server.conftest import engine_config, serving
 from vattention.cli import _origins, build_parser
 from vattention.server.app import create_app
 from vattention.server.async_engine import AsyncEngine

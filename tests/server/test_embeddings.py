@@ -9,8 +9,8 @@ import struct
 import openai
 import pytest
 import torch
-from conftest import MAX_MODEL_LEN, MODEL
 
+from tests.server.conftest import MAX_MODEL_LEN, MODEL
 from vattention import PoolingParams
 
 
