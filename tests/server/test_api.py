@@ -544,3 +544,20 @@ def test_bad_words_on_the_server(client: openai.OpenAI) -> None:
     out = client.completions.create(model=MODEL, prompt="hello", max_tokens=24, temperature=0,
                                     extra_body={"ignore_eos": True, "bad_words": [word]})  # fmt: skip
     assert word not in out.choices[0].text
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_served(client: openai.OpenAI) -> None:
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: 0 the first time a long prompt is
+    seen, whole cached pages the second time (the last prompt token is always computed)."""
+    ids = [(3 * i) % 250 + 3 for i in range(150)]
+    first = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < len(ids)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x" * 120}], max_tokens=2, n=2,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    usage = [c.usage for c in stream if c.usage is not None][-1]
+    assert usage.prompt_tokens_details.cached_tokens >= 0

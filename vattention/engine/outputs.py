@@ -52,6 +52,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     embedding: list[float] | None = None  # an embedding request's (`engine.pooling`)
+    num_cached_tokens: int | None = None  # prompt tokens from the prefix cache (first admission)
 
     @property
     def text(self) -> str:
@@ -91,6 +92,7 @@ class RequestOutput:
                 None if prompt_lp is None else list(prompt_lp) if request.is_finished else prompt_lp
             ),
             embedding=request.embedding,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
 

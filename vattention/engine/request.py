@@ -140,6 +140,8 @@ class Request:
         # An embedding request (`engine.pooling`): how to pool, and the result once computed.
         self.pooling = pooling
         self.embedding: list[float] | None = None
+        # Prompt tokens served from the prefix cache at its first admission (None: not yet).
+        self.num_cached_tokens: int | None = None
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise TypeError(f"priority must be an int, got {priority!r}")
         self.priority = priority  # lower runs first under the "priority" scheduling policy

@@ -418,6 +418,8 @@ class Scheduler:
             return 0  # otherwise wait for running requests to give memory back
         if self.prefix is not None:
             self.prefix.admitted(r, keys)
+        if r.num_cached_tokens is None:
+            r.num_cached_tokens = cached
         self.waiting.popleft()
         r.slot, r.status, r.num_computed_tokens = slot, RequestStatus.RUNNING, cached
         if self._by_priority:

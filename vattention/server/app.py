@@ -206,7 +206,7 @@ def create_app(
                 r.prompt, r.prompt_logprobs = shared[i // params.n], req.prompt_logprobs
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage,
-            sum(len(ids) for ids in prompts), req.prompt_only, req.priority,
+            sum(len(ids) for ids in prompts), req.prompt_only, req.priority, params.n,
         )  # fmt: skip
 
     @app.post("/v1/chat/completions", dependencies=auth)
@@ -233,7 +233,7 @@ def create_app(
         jobs = [(ids, p) for p in params.choices()]
         return await server.serve(
             request, jobs, rid, renderers, req.stream, req.include_usage, len(ids),
-            priority=req.priority,
+            priority=req.priority, n=params.n,
         )  # fmt: skip
 
     return app
@@ -343,6 +343,7 @@ class _Server:
         self, request: Request, jobs: list[tuple[list[int], SamplingParams]], rid: str,
         renderers: Sequence[CompletionRenderer | ChatRenderer], stream: bool,
         include_usage: bool, prompt_tokens: int, echo_only: bool = False, priority: int = 0,
+        n: int = 1,
     ) -> Response:  # fmt: skip
         """Run every choice (a prompt and its `n == 1` params) as an engine request (`rid`, or
         `rid-i` for several: choices of one prompt share its pages through the prefix cache)
@@ -364,7 +365,7 @@ class _Server:
             raise
         if stream:
             events = self._events(
-                streams, renderers, trackers, include_usage, prompt_tokens, echo_only
+                streams, renderers, trackers, include_usage, prompt_tokens, echo_only, n
             )
             return _SSEResponse(events, on_close=lambda: self._ended(streams, trackers))
         work = asyncio.gather(
@@ -385,7 +386,7 @@ class _Server:
         for r, f in zip(renderers, finals, strict=True):
             r.ready(f)  # every prompt's log-probabilities reach its choices before rendering
         bodies = [r.response(f) for r, f in zip(renderers, finals, strict=True)]
-        return JSONResponse(merge_responses(bodies, list(finals), prompt_tokens))
+        return JSONResponse(merge_responses(bodies, list(finals), prompt_tokens, n))
 
     async def _final(self, stream: RequestStream, tracker: RequestTracker) -> RequestOutput:
         last: RequestOutput | None = None
@@ -402,7 +403,7 @@ class _Server:
         self, streams: list[RequestStream],
         renderers: Sequence[CompletionRenderer | ChatRenderer],
         trackers: list[RequestTracker], include_usage: bool, prompt_tokens: int,
-        echo_only: bool = False,
+        echo_only: bool = False, n: int = 1,
     ) -> AsyncIterator[bytes]:  # fmt: skip
         """SSE chunks of every choice as its outputs come (choices interleave; each chunk
         names its choice's index), then usage over all of them, then [DONE]. A choice whose
@@ -454,7 +455,7 @@ class _Server:
                         yield sse(chunk)
                 finals = [x for x in last if x is not None]
                 if include_usage and len(finals) == len(last):
-                    yield sse(renderers[0].usage_chunk(finals, prompt_tokens))
+                    yield sse(renderers[0].usage_chunk(finals, prompt_tokens, n))
         finally:
             for t in tasks:
                 t.cancel()

@@ -42,14 +42,18 @@ def finish_reason(out: RequestOutput) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def usage(outs: list[RequestOutput], prompt_tokens: int) -> dict[str, int]:
-    """Token counts of a response's choices: `prompt_tokens` (each prompt counted once) and
-    every choice's completion."""
+def usage(outs: list[RequestOutput], prompt_tokens: int, n: int = 1) -> dict[str, Any]:
+    """Token counts of a response's choices (`n` per prompt, in prompt order): `prompt_tokens`
+    (each prompt counted once), every choice's completion, and in `prompt_tokens_details` the
+    prompt tokens the prefix cache served (OpenAI's `cached_tokens`: each prompt's first
+    choice, the one that computed or found its pages)."""
     completion = sum(len(o.outputs[0].token_ids) for o in outs)
+    cached = sum(o.num_cached_tokens or 0 for o in outs[:: max(1, n)])
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -75,12 +79,12 @@ class SharedPrompt:
 
 
 def merge_responses(
-    bodies: list[dict[str, Any]], outs: list[RequestOutput], prompt_tokens: int
+    bodies: list[dict[str, Any]], outs: list[RequestOutput], prompt_tokens: int, n: int = 1
 ) -> dict[str, Any]:
     """The response: every choice's body (`response()`: one choice each) merged, and usage."""
     merged = dict(bodies[0])
     merged["choices"] = [c for b in bodies for c in b["choices"]]
-    merged["usage"] = usage(outs, prompt_tokens)
+    merged["usage"] = usage(outs, prompt_tokens, n)
     return merged
 
 
@@ -165,9 +169,11 @@ class _Renderer:
             return f"token_id:{token_id}"
         return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
 
-    def usage_chunk(self, outs: list[RequestOutput], prompt_tokens: int) -> dict[str, Any]:
+    def usage_chunk(
+        self, outs: list[RequestOutput], prompt_tokens: int, n: int = 1
+    ) -> dict[str, Any]:
         body = {**self._header(self.chunk_object_name), "choices": []}
-        return {**body, "usage": usage(outs, prompt_tokens)}
+        return {**body, "usage": usage(outs, prompt_tokens, n)}
 
 
 class CompletionRenderer(_Renderer):
