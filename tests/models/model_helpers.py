@@ -110,18 +110,47 @@ SMALL = dict(
 )
 
 
-def build_hf(kind: str, **overrides: Any) -> torch.nn.Module:
-    """A tiny randomized HF causal LM of `kind` in {"llama", "mistral", "qwen2"}, fp32, eval."""
+def build_hf(kind: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny randomized HF causal LM of `kind` in {"llama", "mistral", "qwen2", "qwen3"},
+    fp32, eval."""
     import transformers as tf
 
     classes = {
         "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
     }
     config_cls, model_cls = classes[kind]
     config = config_cls(**{**SMALL, **overrides})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = model_cls(config).float().eval()
-    randomize_(model)
+    randomize_(model, seed)
     return model
+
+
+@torch.no_grad()
+def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """HF's uncached logits of one prompt, `[len(ids), vocab]` float32."""
+    return hf_model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def check_chunked_prefill_and_decode(
+    hf_model: torch.nn.Module, model: LlamaForCausalLM, a: list[int], b: list[int]
+) -> None:
+    """Prefill in chunks and decode one token at a time, mixed in one batch, through the
+    cache: every step's logits equal HF's uncached ones (`a`: at least 12 tokens)."""
+    backend = make_backend(model)
+    ref_a, ref_b = hf_logits(hf_model, a), hf_logits(hf_model, b)
+    # step 1: a's first chunk (6 tokens), b's whole prompt but its last token
+    out = run_step(model, backend, [3, 1], [0, 0], [a[:6], b[:-1]])
+    torch.testing.assert_close(out[0], ref_a[:6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref_b[:-1], atol=1e-4, rtol=1e-4)
+    # step 2: a's second chunk (5 tokens) next to b's decode token
+    out = run_step(model, backend, [3, 1], [6, len(b) - 1], [a[6:11], b[-1:]])
+    torch.testing.assert_close(out[0], ref_a[6:11], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], ref_b[-1:], atol=1e-4, rtol=1e-4)
+    # then a decodes its remaining tokens one by one
+    for pos in range(11, len(a)):
+        (ours,) = run_step(model, backend, [3], [pos], [a[pos : pos + 1]])
+        torch.testing.assert_close(ours, ref_a[pos : pos + 1], atol=1e-4, rtol=1e-4)

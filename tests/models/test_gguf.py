@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from model_helpers import build_hf, make_backend, run_step
+from model_helpers import build_hf, hf_logits, make_backend, run_step
 from safetensors import safe_open
 
 from vattention import LLM, SamplingParams
@@ -141,11 +141,6 @@ def read_dir(directory: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return out
-
-
-@torch.no_grad()
-def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    return hf_model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
 def assert_logits_match(path: Path, hf_model: torch.nn.Module) -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from model_helpers import make_backend, run_step
+from model_helpers import check_chunked_prefill_and_decode, hf_logits, make_backend, run_step
 
 from vattention.models import ModelConfig, load_model
 
@@ -30,11 +30,6 @@ CASES = {
     "mistral": ("mistral", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }
-
-
-@torch.no_grad()
-def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    return hf_model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -76,21 +71,7 @@ def test_chunked_prefill_and_decode_match_hf(hf_checkpoint) -> None:
     """Prefill in chunks and decode one token at a time, mixed in one batch, through the cache."""
     hf_model, path = hf_checkpoint("qwen2")
     model = load_model(path, dtype=torch.float32)
-    backend = make_backend(model)
-    a, b = PROMPTS[1], PROMPTS[0] + [33, 21]
-    ref_a, ref_b = hf_logits(hf_model, a), hf_logits(hf_model, b)
-    # step 1: a's first chunk (6 tokens), b's whole prompt but its last token
-    out = run_step(model, backend, [3, 1], [0, 0], [a[:6], b[:-1]])
-    torch.testing.assert_close(out[0], ref_a[:6], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[1], ref_b[:-1], atol=1e-4, rtol=1e-4)
-    # step 2: a's second chunk (5 tokens) next to b's decode token
-    out = run_step(model, backend, [3, 1], [6, len(b) - 1], [a[6:11], b[-1:]])
-    torch.testing.assert_close(out[0], ref_a[6:11], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[1], ref_b[-1:], atol=1e-4, rtol=1e-4)
-    # steps 3-4: a decodes its remaining tokens one by one
-    for pos in range(11, len(a)):
-        (ours,) = run_step(model, backend, [3], [pos], [a[pos : pos + 1]])
-        torch.testing.assert_close(ours, ref_a[pos : pos + 1], atol=1e-4, rtol=1e-4)
+    check_chunked_prefill_and_decode(hf_model, model, PROMPTS[1], PROMPTS[0] + [33, 21])
 
 
 def test_bf16_load_is_close_to_fp32(hf_checkpoint) -> None:

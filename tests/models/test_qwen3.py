@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from model_helpers import make_backend, randomize_, run_step
+from model_helpers import (
+    build_hf,
+    check_chunked_prefill_and_decode,
+    hf_logits,
+    make_backend,
+    run_step,
+)
 
 from vattention import LLM, SamplingParams
 from vattention.models import ModelConfig, load_model
@@ -61,23 +67,13 @@ QWEN3_06B = {
 
 def build_qwen3(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A tiny randomized HF Qwen3ForCausalLM, fp32, eval (q/k norm weights random in [0.5, 1.5))."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**{**QWEN3_SMALL, **overrides})).float().eval()
-    randomize_(model, seed)
-    return model
+    return build_hf("qwen3", seed, **{**QWEN3_SMALL, **overrides})
 
 
 def save_qwen3(directory: Path, **overrides: Any) -> torch.nn.Module:
     model = build_qwen3(**overrides)
     model.save_pretrained(directory)
     return model
-
-
-@torch.no_grad()
-def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    return hf_model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -177,18 +173,7 @@ def test_qk_norm_changes_logits(tmp_path: Path) -> None:
 def test_chunked_prefill_and_decode_match_hf(tmp_path: Path) -> None:
     hf = save_qwen3(tmp_path / "m")
     model = load_model(tmp_path / "m", dtype=torch.float32)
-    backend = make_backend(model)
-    a, b = PROMPTS[1], PROMPTS[0] + [33, 21]
-    ref_a, ref_b = hf_logits(hf, a), hf_logits(hf, b)
-    out = run_step(model, backend, [3, 1], [0, 0], [a[:6], b[:-1]])
-    torch.testing.assert_close(out[0], ref_a[:6], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[1], ref_b[:-1], atol=1e-4, rtol=1e-4)
-    out = run_step(model, backend, [3, 1], [6, len(b) - 1], [a[6:11], b[-1:]])
-    torch.testing.assert_close(out[0], ref_a[6:11], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[1], ref_b[-1:], atol=1e-4, rtol=1e-4)
-    for pos in range(11, len(a)):
-        (ours,) = run_step(model, backend, [3], [pos], [a[pos : pos + 1]])
-        torch.testing.assert_close(ours, ref_a[pos : pos + 1], atol=1e-4, rtol=1e-4)
+    check_chunked_prefill_and_decode(hf, model, PROMPTS[1], PROMPTS[0] + [33, 21])
 
 
 def test_fused_kernel_path_matches_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,25 +202,22 @@ def test_fused_kernel_path_matches_hf(tmp_path: Path, monkeypatch: pytest.Monkey
     assert fused_calls
 
 
-def test_llm_greedy_matches_hf(tmp_path: Path) -> None:
-    """End to end: `LLM(path)` loads the checkpoint and its greedy tokens equal HF `generate`."""
-    hf = save_qwen3(tmp_path / "m")
-    batch = prompts(4, vocab=300)
+def _llm_greedy_matches_hf(path: Path, num_prompts: int, **opts: Any) -> None:
+    """`LLM(path, **opts)` loads a saved tiny Qwen3; its greedy tokens equal HF `generate`'s."""
+    hf = save_qwen3(path)
+    batch = prompts(num_prompts, vocab=300)
     new = 12
     want = [hf_greedy(hf, p, new) for p in batch]
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    with LLM(
-        str(tmp_path / "m"),
-        device="cpu",
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=4,
-        max_num_batched_tokens=32,  # chunked prefill next to decodes
-        kv_page_size=64 * 1024,
-        block_size=16,
-    ) as llm:
-        outs = llm.generate(batch, params, use_tqdm=False)
+    with LLM(str(path), dtype="float32", max_model_len=128, max_num_seqs=4,
+             max_num_batched_tokens=32, block_size=16, **opts) as llm:  # type: ignore[arg-type]  # fmt: skip
+        outs = llm.generate(batch, params, use_tqdm=False)  # chunked prefill next to decodes
     assert [o.token_ids for o in outs] == want
+
+
+def test_llm_greedy_matches_hf(tmp_path: Path) -> None:
+    """End to end: `LLM(path)` loads the checkpoint and its greedy tokens equal HF `generate`."""
+    _llm_greedy_matches_hf(tmp_path / "m", 4, device="cpu", kv_page_size=64 * 1024)
 
 
 @pytest.mark.gpu
@@ -245,15 +227,6 @@ def test_llm_greedy_matches_hf_on_cuda(tmp_path: Path, kv_cache: str) -> None:
     mixed steps), greedy tokens equal HF `generate` on the CPU, on both caches."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    hf = save_qwen3(tmp_path / "m")
-    batch = prompts(6, vocab=300)
-    new = 12
-    want = [hf_greedy(hf, p, new) for p in batch]
-    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    with LLM(
-        str(tmp_path / "m"), kv_cache=kv_cache, device="cuda", dtype="float32",
-        max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
-        kv_cache_memory=256 << 20, block_size=16,
-    ) as llm:  # fmt: skip
-        outs = llm.generate(batch, params, use_tqdm=False)
-    assert [o.token_ids for o in outs] == want
+    _llm_greedy_matches_hf(
+        tmp_path / "m", 6, kv_cache=kv_cache, device="cuda", kv_cache_memory=256 << 20
+    )
