@@ -336,16 +336,23 @@ class LLMEngine:
     def _make_cache(self, config: EngineConfig, spec: KVCacheSpec, budget: int) -> Any:
         if budget <= 0:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
-        cache = self._new_cache(config, spec, budget)
-        tokens = _budget_tokens(cache, budget)
         source = "kv_cache_memory" if config.kv_cache_memory is not None else "the KV budget"
-        if tokens < 1:
-            cache.close()
-            raise ValueError(
+
+        def too_small(unit: int) -> ValueError:
+            return ValueError(
                 f"{source} ({budget} bytes) cannot hold one token of this model's KV cache "
-                f"(its unit of memory is {_unit_bytes(cache)} bytes): give more memory "
+                f"(its unit of memory is {unit} bytes): give more memory "
                 f"(kv_cache_memory, or a higher gpu_memory_utilization)"
             )
+
+        block = config.block_size * spec.token_bytes
+        if config.kv_cache == "paged" and budget < block:  # (the paged cache would refuse it)
+            raise too_small(block)
+        cache = self._new_cache(config, spec, budget)
+        tokens = _budget_tokens(cache, budget)
+        if tokens < 1:
+            cache.close()
+            raise too_small(_unit_bytes(cache))
         if tokens < spec.max_seq_len:
             logger.warning(
                 "%s (%d bytes) holds at most %d tokens, fewer than max_model_len %d: a request "
@@ -355,12 +362,6 @@ class LLMEngine:
         return cache
 
     def _new_cache(self, config: EngineConfig, spec: KVCacheSpec, budget: int) -> Any:
-        if config.kv_cache == "paged" and budget < config.block_size * spec.token_bytes:
-            raise ValueError(
-                f"{'kv_cache_memory' if config.kv_cache_memory is not None else 'the KV budget'}"
-                f" ({budget} bytes) cannot hold one block of the paged cache "
-                f"({config.block_size * spec.token_bytes} bytes: {config.block_size} tokens)"
-            )
         if config.kv_cache == "vattention":
             from vattention.kvcache.virtual import VirtualKVCache
 

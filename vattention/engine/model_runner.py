@@ -283,7 +283,8 @@ class ModelRunner:
             if prompt_rows is not None:
                 prompt = self._prompt_logprobs(hidden, out)
             if out.pooling is not None:  # embedding requests: their prompt's last token
-                pick = torch.tensor(out.pooling, dtype=torch.int64).to(self.device)
+                pick = torch.tensor(out.pooling, dtype=torch.int64)
+                pick = pick.to(self.device, non_blocking=True)
                 pooled = last[pick].float()
         requests = [r.request for r in rows if r.sample]
         if not requests:  # only unfinished prefill chunks: nothing to sample
