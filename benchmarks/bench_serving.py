@@ -223,7 +223,7 @@ def gpu_busy(run: Any, requests: int) -> dict[str, Any]:
         kernel_us += e.self_device_time_total
         cat = next((c for c, rx in CATEGORIES if rx.search(e.key)), "other")
         by_cat[cat] = by_cat.get(cat, 0.0) + e.self_device_time_total / 1e6
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:24]
     cuda = torch.autograd.DeviceType.CUDA
     spans = [
         (e.time_range.start, e.time_range.end, e.name) for e in prof.events()

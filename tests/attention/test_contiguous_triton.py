@@ -155,3 +155,54 @@ def test_zero_length_rows_give_zeros_not_nan(num_splits: int) -> None:
     )
     torch.testing.assert_close(out[:1].double(), expected, atol=2e-5, rtol=0)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_merge_counters_are_left_at_zero_and_calls_repeat() -> None:
+    """Requests over several partitions are merged by the program that counts last, which
+    resets its counter: after any call every counter is 0, so the next call (another layer, a
+    graph replay) merges right too. A one-partition request is written directly."""
+    from vattention.attention.decode_kernels import _counters
+
+    cache = DenseKVCache(1, 4, 96, 2, 16, torch.float32, "cpu", "per_layer")
+    q, s, n, expected = decode_case(cache, [3, 1, 0, 2], [96, 16, 1, 50], num_heads=4)
+    n[2] = 0
+    for _ in range(3):
+        out = decode_attention(
+            q, cache.k_cache(0), cache.v_cache(0), s, n, 16**-0.5, 96, partition_size=16,
+            block_n=16,
+        )  # fmt: skip
+        torch.testing.assert_close(out[[0, 1, 3]].double(), expected[[0, 1, 3]], atol=2e-5, rtol=0)
+        assert torch.equal(out[2], torch.zeros_like(out[2]))  # a padding row
+        assert not _counters(q.device, 4 * 2).any()
+
+
+@pytest.mark.gpu
+def test_gpu_merge_in_a_cuda_graph_matches_eager() -> None:
+    """The in-launch merge replayed from a CUDA graph, with lengths changed between replays
+    (one, several and every partition per request), matches eager calls and the reference."""
+    cache = DenseKVCache(1, 16, 4096, 8, 128, torch.bfloat16, "cuda", "cross_layer")
+    gen = torch.Generator().manual_seed(7)
+    lens = [torch.randint(1, 4097, (16,), generator=gen).tolist() for _ in range(3)]
+    lens[1] = [min(x, 200) for x in lens[1]]  # one partition each
+    q, s, n, _ = decode_case(cache, list(range(16)), [4096] * 16, num_heads=32)
+    static_n = n.clone()
+
+    def run() -> torch.Tensor:
+        return decode_attention(q, cache.k_cache(0), cache.v_cache(0), s, static_n,
+                                128**-0.5, 4096, partition_size=256)  # fmt: skip
+
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for seq_lens in lens:
+        static_n.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        graph.replay()
+        eager = run()
+        torch.cuda.synchronize()
+        keys = [cache.k_cache(0)[i, :m] for i, m in enumerate(seq_lens)]
+        values = [cache.v_cache(0)[i, :m] for i, m in enumerate(seq_lens)]
+        expected = reference_attention(q, keys, values, [1] * 16, 128**-0.5)
+        torch.testing.assert_close(out.double(), expected, atol=4e-2, rtol=0)
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)

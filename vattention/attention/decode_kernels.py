@@ -8,8 +8,13 @@
   `cache[slot, pos, kv_head, :]` (so per-layer tensors and cross-layer strided views both work).
   Programs whose partition starts past the request's length exit at once: uneven lengths cost
   what they read, and the grid (sized by the host's `max_seq_len`) is CUDA-graph safe;
-- stage 2, grid `(request, head)`: combines the request's `cdiv(seq_len, partition_size)`
-  partials by their log-sum-exp. With one partition, stage 1 writes the output, no stage 2.
+- the combine, in the same launch: a request whose context fits one partition has its output
+  written by that partition's program directly; otherwise each of its `cdiv(seq_len,
+  partition_size)` programs stores its partial (normalized output and log-sum-exp) and counts
+  itself in the request's per-KV-head counter, and the program that counts last merges the
+  partials by their log-sum-exp and resets the counter to 0. So every call leaves its counters
+  at 0; calls that share a counter buffer (`_counters`: one per device, made outside CUDA-graph
+  capture) must not overlap on the GPU (the engine runs them in order on one stream).
 The default partition size (`default_partition_size`) aims at about 32 programs per SM with at
 least 256 tokens each (measured on the H200 against a split of each request's own length into a
 fixed count: the fixed partitions balance uneven batches better).
@@ -34,7 +39,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Slots, SeqLens, Acc, Lse, Out, Tables,
+    Q, K, V, Slots, SeqLens, Acc, Lse, Out, Tables, Counters,
     stride_qb, stride_qh,
     stride_ks, stride_kt, stride_kh,
     stride_vs, stride_vt, stride_vh,
@@ -45,7 +50,7 @@ def _split_kernel(
     qk_scale, partition_size,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -100,48 +105,49 @@ def _split_kernel(
 
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        if SINGLE:
-            o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh
-            tl.store(o_ptrs + offs_d[None, :], out.to(Out.dtype.element_ty), mask=g_mask[:, None])
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        # the partitions of this request that run (padding rows, seq_len 0, run partition 0)
+        parts = tl.maximum(tl.cdiv(seq_len, partition_size), 1)
+        if SINGLE or parts == 1:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_mask[:, None])
         else:
-            a_ptrs = (
-                Acc
-                + b.to(tl.int64) * stride_ab
-                + heads[:, None] * stride_ah
-                + split * stride_as
-                + offs_d[None, :]
-            )
-            tl.store(a_ptrs, out, mask=g_mask[:, None])
+            acc_base = Acc + b.to(tl.int64) * stride_ab + heads[:, None] * stride_ah
+            lse_base = Lse + b.to(tl.int64) * stride_lb + heads * stride_lh
+            tl.store(acc_base + split * stride_as + offs_d[None, :], out, mask=g_mask[:, None])
             lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-            l_ptrs = Lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split
-            tl.store(l_ptrs, lse, mask=g_mask)
+            tl.store(lse_base + split, lse, mask=g_mask)
+            tl.debug_barrier()  # every thread's partial is stored before the count releases it
+            counter = Counters + b * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == parts - 1:  # the last to finish
+                tl.atomic_xchg(counter, 0)  # ready for the next call
+                offs_s = tl.arange(0, BLOCK_S)
+                every = tl.load(
+                    lse_base[:, None] + offs_s[None, :],
+                    mask=g_mask[:, None] & (offs_s[None, :] < parts),
+                    other=float("-inf"),
+                    cache_modifier=".cg",  # written by other programs: read past L1
+                )
+                m = tl.max(every, 1)
+                m = tl.where(m == float("-inf"), 0.0, m)
+                total = tl.sum(tl.exp2(every - m[:, None]), 1)
+                total = tl.where(total == 0.0, 1.0, total)
+                merged = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+                for s in range(0, parts):
+                    lse_s = tl.load(
+                        lse_base + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"
+                    )
+                    w = tl.exp2(lse_s - m)
+                    part = tl.load(
+                        acc_base + s * stride_as + offs_d[None, :],
+                        mask=g_mask[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    merged += part * (w / total)[:, None]
+                tl.store(o_ptrs, merged.to(Out.dtype.element_ty), mask=g_mask[:, None])
 
 
-@triton.jit
-def _combine_kernel(
-    Acc, Lse, SeqLens, Out,
-    stride_ab, stride_ah, stride_as,
-    stride_lb, stride_lh,
-    stride_ob, stride_oh,
-    partition_size, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < tl.cdiv(tl.load(SeqLens + b), partition_size)  # the partitions that ran
-    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite unless seq_len == 0 (a padding row): then output zeros
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    total = tl.sum(w, 0)
-    w = w / tl.where(total == 0.0, 1.0, total)
-    a_ptrs = Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :]
-    acc = tl.load(a_ptrs, mask=s_mask[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], 0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
-
-
-MAX_PARTITIONS = 128  # the combine kernel reads a request's partials in one tile
+MAX_PARTITIONS = 128  # the last program reads a request's log-sum-exps in one tile
 
 
 def default_partition_size(
@@ -246,8 +252,9 @@ def decode_attention(
         a_strides, l_strides = acc.stride()[:3], lse.stride()[:2]
     paged = block_tables is not None
     tables = block_tables if block_tables is not None else seq_lens  # unused when not paged
+    counters = seq_lens if single else _counters(q.device, batch * num_kv_heads)
     _split_kernel[(batch, num_kv_heads, num_parts)](
-        q, k_cache, v_cache, slots, seq_lens, acc, lse, out, tables,
+        q, k_cache, v_cache, slots, seq_lens, acc, lse, out, tables, counters,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -259,14 +266,25 @@ def decode_attention(
         BLOCK_N=block_n, SINGLE=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         PAGED=paged, BLOCK_SIZE=k_cache.shape[1] if paged else 1,
+        BLOCK_S=triton.next_power_of_2(num_parts),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not single:
-        _combine_kernel[(batch, num_heads)](
-            acc, lse, seq_lens, out,
-            *a_strides, *l_strides,
-            out.stride(0), out.stride(1),
-            partition_size, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_parts),
-            num_warps=4,
-        )  # fmt: skip
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """At least `size` int32 merge counters at 0 for a call on `device`: the device's buffer
+    (grown, never shrunk; the kernel leaves it at 0), made outside CUDA-graph capture so graphs
+    and eager calls share it. While a stream captures and the buffer is too small, a fresh
+    zeroed one (its zeroing is part of the graph, so every replay starts at 0)."""
+    buf = _COUNTERS.get(device)
+    if buf is not None and buf.numel() >= size:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    _COUNTERS[device] = buf  # an old, smaller buffer stays alive in graphs that captured it
+    return buf
