@@ -206,3 +206,16 @@ def test_gpu_merge_in_a_cuda_graph_matches_eager() -> None:
         expected = reference_attention(q, keys, values, [1] * 16, 128**-0.5)
         torch.testing.assert_close(out.double(), expected, atol=4e-2, rtol=0)
         torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+def test_counter_buffers_grow_and_stay_allocated() -> None:
+    """A larger call gets a larger counter buffer; the smaller one stays allocated (a CUDA graph
+    captured with it keeps writing there), and later calls share the newest."""
+    from vattention.attention.decode_kernels import _COUNTERS, _counters
+
+    device = torch.device("cpu")
+    small = _counters(device, 8)
+    big = _counters(device, small.numel() + 1)
+    assert big.numel() > small.numel() and not big.any()
+    assert any(b is small for b in _COUNTERS[device]) and _COUNTERS[device][-1] is big
+    assert _counters(device, 8) is big

@@ -272,19 +272,21 @@ def decode_attention(
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """At least `size` int32 merge counters at 0 for a call on `device`: the device's buffer
-    (grown, never shrunk; the kernel leaves it at 0), made outside CUDA-graph capture so graphs
-    and eager calls share it. While a stream captures and the buffer is too small, a fresh
-    zeroed one (its zeroing is part of the graph, so every replay starts at 0)."""
-    buf = _COUNTERS.get(device)
-    if buf is not None and buf.numel() >= size:
-        return buf
+    """At least `size` int32 merge counters at 0 for a call on `device`: the device's newest
+    buffer (the kernel leaves it at 0), made outside CUDA-graph capture so graphs and eager
+    calls share it. A larger one replaces it when needed, but every buffer stays allocated for
+    the life of the process: a captured graph keeps the address it was captured with and holds
+    no reference to the tensor. While a stream captures and the buffer is too small, a fresh
+    zeroed one from the graph's pool (its zeroing is part of the graph, so every replay starts
+    at 0)."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if bufs and bufs[-1].numel() >= size:
+        return bufs[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)
-    buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-    _COUNTERS[device] = buf  # an old, smaller buffer stays alive in graphs that captured it
-    return buf
+    bufs.append(torch.zeros(max(size, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
