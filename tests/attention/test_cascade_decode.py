@@ -13,11 +13,11 @@ import torch
 from reference import DenseKVCache, random_requests, reference_attention
 
 from vattention.attention.decode_kernels import (
-    SharedPrefix,
     _counters,
     decode_attention,
     prefix_partition_size,
 )
+from vattention.attention.shared_prefix import SharedPrefix
 
 
 def shared_case(

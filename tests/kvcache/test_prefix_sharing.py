@@ -615,3 +615,42 @@ def test_a_hot_system_prompt_before_private_turns_gets_a_segment() -> None:
         assert cache.stats().segment_bytes == 4 * nbuf * PAGE
         assert torch.equal(_read(cache, c, 6 * t), want)
         cache.check_integrity()
+
+
+def test_shared_prefix_groups_the_slots_that_map_one_segment() -> None:
+    """Cascade decoding's groups: slots whose first pages are one segment (a slot that maps
+    the same prefix page by page, or maps nothing shared, is left out)."""
+    with _cache(pages=40, slots=6, segment_min_pages=2) as cache:
+        t = cache.tokens_per_page
+        keys = ["s0", "s1", "s2"]
+        a = cache.alloc_slot()
+        cache.ensure(a, 3 * t + 1)
+        cache.cache_pages(a, keys)
+        b = cache.alloc_slot(keys)  # page by page: the rows are hot now
+        assert cache.shared_prefix([a, b]) is None
+        c, d = cache.alloc_slot(keys), cache.alloc_slot(keys)  # through the new segment
+        lone = cache.alloc_slot()
+        cache.ensure(lone, 5)
+        assert cache.shared_prefix([lone, a, c, b, d]) == (3 * t, [2, 4])
+        assert cache.shared_prefix([c, lone]) is None  # a group of one
+
+
+def test_paged_shared_prefix_is_the_common_run_of_leading_blocks() -> None:
+    from vattention.kvcache.paged import PagedKVCache
+
+    spec = _spec(slots=5)
+    with PagedKVCache(spec, 16, num_blocks=40, device="cpu") as cache:
+        a = cache.alloc_slot()
+        cache.ensure(a, 50)
+        cache.cache_pages(a, ["b0", "b1", "b2"])
+        b = cache.alloc_slot(["b0", "b1", "b2"])
+        cache.ensure(b, 60)
+        c = cache.alloc_slot(["b0", "b1"])  # shares only two blocks
+        cache.ensure(c, 40)
+        lone = cache.alloc_slot()
+        cache.ensure(lone, 20)
+        assert cache.shared_prefix([a, b]) == (48, [0, 1])
+        assert cache.shared_prefix([lone, a, b, c]) == (32, [1, 2, 3])
+        assert cache.shared_prefix([lone, c]) is None
+        empty = cache.alloc_slot()  # no block yet (the padding block first): in no group
+        assert cache.shared_prefix([empty, lone]) is None

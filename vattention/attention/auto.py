@@ -118,6 +118,10 @@ class AutoBackend(ContiguousBackend):
         return self._decode.supports_decode_graphs  # decode-only steps go to it whole
 
     @property
+    def supports_cascade(self) -> bool:
+        return self._decode.supports_cascade
+
+    @property
     def mixed_graph_block_m(self) -> int | None:
         """The tile height a captured mixed step must plan with, or None if this backend cannot
         run mixed steps from a fixed-shape plan (no Triton decode or prefill kernel)."""

@@ -59,6 +59,9 @@ class AttentionMetadata:
     # A fixed-shape decode/prefill cut of a mixed step (`mixed.MixedPlan`), set only for steps
     # run as CUDA graphs: backends that support it then read no host list.
     mixed: Any = None
+    # Decode-only steps: a prefix some rows share (`decode_kernels.SharedPrefix`, device
+    # tensors), attended once for all of them by backends with `supports_cascade`.
+    prefix: Any = None
 
     @property
     def num_seqs(self) -> int:
@@ -225,6 +228,12 @@ class AttentionBackend(ABC):
         batch from the metadata's device tensors only (and the host ints `max_query_len`,
         `max_seq_len`), never from its host lists, which a captured step fills with padding
         (`cuda_graphs.DecodeGraphs`). False unless a backend says otherwise."""
+        return False
+
+    @property
+    def supports_cascade(self) -> bool:
+        """Whether decode-only steps use `AttentionMetadata.prefix` (cascade decoding); a
+        backend without it reads every row's own pages and ignores the field."""
         return False
 
     # `kv_write.write_rows` where it applies to this backend's tensors, else False (see

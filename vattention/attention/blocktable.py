@@ -22,6 +22,7 @@ Invariant: only the first `seq_len` tokens of a request's table are read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -107,7 +108,7 @@ class PagedTritonBackend(PagedBackend):
         if meta.mixed is not None:  # fixed shapes (a CUDA graph): no host list is read
             return self._run_planned(layer, q, tables, meta, meta.mixed, torch.empty_like(q))
         if meta.is_decode_only and self.use_triton:
-            return self._decode(layer, q, tables, meta.seq_lens, meta.max_seq_len)
+            return self._decode(layer, q, tables, meta.seq_lens, meta.max_seq_len, meta.prefix)
         plan = self.plan(meta, "pa_triton", lambda: self._build(meta))
         out = torch.empty_like(q)
         if plan.fresh:
@@ -121,6 +122,10 @@ class PagedTritonBackend(PagedBackend):
     @property
     def supports_decode_graphs(self) -> bool:
         return self.use_triton  # the gather fallback reads the host lists
+
+    @property
+    def supports_cascade(self) -> bool:
+        return self.use_triton
 
     @property
     def mixed_graph_block_m(self) -> int | None:
@@ -166,12 +171,22 @@ class PagedTritonBackend(PagedBackend):
         tables: torch.Tensor,
         seq_lens: torch.Tensor,
         max_len: int,
+        prefix: Any = None,
     ) -> torch.Tensor:
+        """`prefix` (a `SharedPrefix` whose leader is a row of `tables`): whole batches only."""
         from vattention.attention.decode_kernels import decode_attention
 
         k_pool, v_pool = self.layer_kv(layer)
         return decode_attention(
-            q, k_pool, v_pool, seq_lens, seq_lens, self.scale, max_len, block_tables=tables
+            q,
+            k_pool,
+            v_pool,
+            seq_lens,
+            seq_lens,
+            self.scale,
+            max_len,
+            block_tables=tables,
+            prefix=prefix,
         )
 
     def _fresh(

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from vattention.attention.shared_prefix import SharedPrefix
 
 LOG2E = 1.4426950408889634
 
@@ -392,25 +393,6 @@ def decode_attention(
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
-
-
-@dataclass(frozen=True)
-class SharedPrefix:
-    """A prefix some requests of a decode batch share (cascade decoding; `decode_attention`).
-
-    `lens [B]` (int32, device): `length` for a request that shares it, 0 for one that does not
-    (padding rows: 0); a sharer's own tokens must go past it (`seq_lens[b] > length`).
-    `length [1]` and `leader [1]` (int32, device): the prefix's tokens and the slot (paged: the
-    row of `block_tables`) of a sharer, whose copy is read for all. Device tensors, so a CUDA
-    graph replays with new values; `max_length` (host) sizes the grid: every `length` of a
-    replay must be at most it. `partition_size`: prefix tokens per program (None: by
-    `prefix_partition_size`)."""
-
-    lens: torch.Tensor
-    length: torch.Tensor
-    leader: torch.Tensor
-    max_length: int
-    partition_size: int | None = None
 
 
 def prefix_partition_size(

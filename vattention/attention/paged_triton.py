@@ -14,6 +14,7 @@ Launch knobs are constructor options so that a benchmark can tune them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ class PagedTritonBackend(PagedBackend):
 
     name = "paged_triton"
     supports_decode_graphs = True
+    supports_cascade = True
 
     def __init__(
         self,
@@ -73,7 +75,9 @@ class PagedTritonBackend(PagedBackend):
         tables = self.check_step(q, meta)
         k_pool, v_pool = self.layer_kv(layer)
         if meta.is_decode_only:
-            return self._decode(q, k_pool, v_pool, tables, meta.seq_lens, meta.max_seq_len)
+            return self._decode(
+                q, k_pool, v_pool, tables, meta.seq_lens, meta.max_seq_len, meta.prefix
+            )
         from vattention.attention.prefill_kernels import prefill_attention
 
         plan = self.plan(meta, "mixed", lambda: self._mixed_plan(meta, tables))
@@ -104,14 +108,16 @@ class PagedTritonBackend(PagedBackend):
         tables: torch.Tensor,
         seq_lens: torch.Tensor,
         max_len: int,
+        prefix: Any = None,
     ) -> torch.Tensor:
+        """`prefix` (a `SharedPrefix` whose leader is a row of `tables`): whole batches only."""
         from vattention.attention.decode_kernels import decode_attention
 
         return decode_attention(
             q, k_pool, v_pool, seq_lens, seq_lens, self.scale, max_len,
             block_n=self.decode_block_n, num_warps=self.decode_num_warps,
             num_stages=self.decode_num_stages, block_tables=tables,
-            partition_size=self.partition_size,
+            partition_size=self.partition_size, prefix=prefix,
         )  # fmt: skip
 
     def _mixed_plan(self, meta: AttentionMetadata, tables: torch.Tensor) -> _MixedPlan:

@@ -11,6 +11,7 @@ GPU's SMs (`decode_kernels.default_partition_size`).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -38,6 +39,7 @@ class TritonDecodeBackend(ContiguousBackend):
     name = "triton_decode"
     decode_only = True
     supports_decode_graphs = True
+    supports_cascade = True
 
     def __init__(
         self,
@@ -80,7 +82,9 @@ class TritonDecodeBackend(ContiguousBackend):
                 f"{meta.max_query_len}; use 'auto' for prefill and mixed batches"
             )
         k_cache, v_cache = self.layer_kv(layer)
-        return self.decode(q, k_cache, v_cache, meta.slots, meta.seq_lens, meta.max_seq_len)
+        return self.decode(
+            q, k_cache, v_cache, meta.slots, meta.seq_lens, meta.max_seq_len, meta.prefix
+        )
 
     def decode(
         self,
@@ -90,8 +94,10 @@ class TritonDecodeBackend(ContiguousBackend):
         slots: torch.Tensor,
         seq_lens: torch.Tensor,
         max_seq_len: int,
+        prefix: Any = None,
     ) -> torch.Tensor:
-        """The kernel on `q [B, Hq, D]` for the requests in `slots` (a subset of a batch is fine)."""
+        """The kernel on `q [B, Hq, D]` for the requests in `slots` (a subset of a batch is fine;
+        `prefix`, a `SharedPrefix` over exactly these rows, only for a whole batch)."""
         from vattention.attention.decode_kernels import decode_attention
 
         return decode_attention(
@@ -107,4 +113,5 @@ class TritonDecodeBackend(ContiguousBackend):
             num_warps=self.num_warps,
             num_stages=self.num_stages,
             partition_size=self.partition_size,
+            prefix=prefix,
         )

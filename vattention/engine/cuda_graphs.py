@@ -33,6 +33,8 @@ import torch
 
 from vattention.attention.base import AttentionMetadata
 from vattention.attention.mixed import MixedPlan
+from vattention.attention.shared_prefix import SharedPrefix
+from vattention.engine.cascade import plan_cascade
 from vattention.engine.scheduling import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -228,6 +230,9 @@ class DecodeGraphs(_Graphs):
         if self.paged:
             fields["slot_mapping"] = (torch.int64, (n,))
             fields["tables"] = (torch.int32, (n, self.width))
+        if runner.cascade:  # a shared prefix per step: rows' lengths, [its tokens, leader]
+            fields["prefix_lens"] = (torch.int32, (n,))
+            fields["prefix"] = (torch.int32, (2,))
         self.buf = _Staging(fields, runner.device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
         self.metas = {b: self._meta(b) for b in self.sizes}
@@ -250,6 +255,11 @@ class DecodeGraphs(_Graphs):
             block_tables=buf["tables"][:b] if self.paged else None,
             slot_mapping=buf["slot_mapping"][:b] if self.paged else None,
             block_size=self.block_size,
+            prefix=SharedPrefix(
+                buf["prefix_lens"][:b], buf["prefix"][:1], buf["prefix"][1:], max_len
+            )
+            if self.runner.cascade
+            else None,  # fmt: skip
         )
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -277,6 +287,12 @@ class DecodeGraphs(_Graphs):
             req = np.arange(n_max)
             values["tables"] = tables
             values["slot_mapping"] = self.slot_mapping(tables, req, values["pos"])
+        if self.runner.cascade:  # padding rows share nothing; no group: length 0
+            plan = plan_cascade(self.runner.cache, slots.tolist(), pos + 1, self.paged)
+            lens, tokens, leader = plan if plan is not None else (np.zeros(n, np.int32), 0, 0)
+            self.runner.cascade_steps += plan is not None
+            values["prefix_lens"] = _pad(lens, n_max, 0)
+            values["prefix"] = np.array([tokens, leader], dtype=np.int32)
         self.buf.fill(values)
         return ids.tolist()
 

@@ -127,6 +127,12 @@ class EngineConfig:
     # once into one allocation per buffer, which later requests map in one call (the driver's
     # cost is per mapping); None: the cache's default (`virtual.SEGMENT_MIN_PAGES`), 0: never.
     kv_segment_min_pages: int | None = None
+    # Cascade decoding (`engine/cascade.py`): in decode-only steps, requests that map the same
+    # prefix pages (a system prompt behind prefix caching) have it attended once for all of
+    # them instead of once each. Needs a backend with `supports_cascade` (the Triton decode
+    # kernel: `auto` on CUDA, `pa_triton`); elsewhere it is ignored. Off by default until
+    # measured end to end on the GPU.
+    cascade_attention: bool = False
     tokenizer: str | None = None
     # A Jinja chat template (the text, or a file holding it) that replaces the tokenizer's own
     # for `LLM.chat`, the server's chat completions and `/tokenize` (vLLM's `--chat-template`).
@@ -312,6 +318,7 @@ class LLMEngine:
             mixed_sizes=mixed_sizes,
             max_num_seqs=config.max_num_seqs,
             max_graph_prefills=config.max_graph_prefills,
+            cascade=config.cascade_attention,
         )
 
     def _kv_budget(

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 
 from vattention.attention.base import AttentionBackend, AttentionMetadata
+from vattention.attention.shared_prefix import SharedPrefix
+from vattention.engine.cascade import plan_cascade
 from vattention.engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from vattention.engine.logprobs import HostLogprobs, Logprobs, prompt_logprobs
 from vattention.engine.request import PLACEHOLDER
@@ -160,6 +162,7 @@ class ModelRunner:
         max_num_seqs: int = 0,
         max_graph_prefills: int = 16,
         emulate_graphs: bool = False,
+        cascade: bool = False,
     ) -> None:
         self.model = model
         self.vocab_size = int(model.config.vocab_size)  # the logits' width (penalties)
@@ -169,6 +172,10 @@ class ModelRunner:
         self.device = device
         self.max_model_len = max_model_len
         self.block_size = int(getattr(cache, "block_size", 0)) if attn.paged else 0
+        # cascade decoding (`cascade.py`): decode-only steps attend a prefix their rows share
+        # once, where the backend can (`supports_cascade`)
+        self.cascade = cascade and attn.supports_cascade
+        self.cascade_steps = 0  # decode steps that attended a shared prefix once (a stat)
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.join_seconds = 0.0  # spent joining the cache's background mapping (a benchmark stat)
@@ -218,9 +225,23 @@ class ModelRunner:
             block_tables=tables,
             block_size=self.block_size,
         )
+        if self.cascade and meta.is_decode_only:
+            meta.prefix = self.shared_prefix(slots, meta.seq_lens_host)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
         self.fill_placeholders(input_ids, *_placeholders(ids, starts, out, prev), prev)
         return input_ids, meta
+
+    def shared_prefix(self, slots: list[int], seq_lens: Sequence[int]) -> SharedPrefix | None:
+        """An eager decode step's `SharedPrefix` (`cascade.plan_cascade`), or None."""
+        plan = plan_cascade(self.cache, slots, seq_lens, self.attn.paged)
+        if plan is None:
+            return None
+        self.cascade_steps += 1
+        lens, tokens, leader = plan
+        dev = self.device
+        both = torch.tensor([tokens, leader], dtype=torch.int32).to(dev, non_blocking=True)
+        lens_t = torch.from_numpy(lens).to(dev, non_blocking=True)
+        return SharedPrefix(lens_t, both[:1], both[1:], tokens)
 
     def fill_placeholders(
         self, input_ids: torch.Tensor, pos: list[int], src: list[int], prev: StepResult | None

@@ -203,6 +203,26 @@ class PagedKVCache:
         """How many leading block keys the prefix table holds (nothing changes)."""
         return self._prefix.match(keys)
 
+    def shared_prefix(self, slots: Sequence[int]) -> tuple[int, list[int]] | None:
+        """The largest group of `slots` (used) whose tables start with the same blocks, for
+        cascade decoding: (tokens of the blocks all of them list first, positions in `slots`
+        of the members), or None where no two share a first block. Shared blocks are full
+        prefix blocks; the run stops at the first block that differs or that a member lacks."""
+        if len(slots) < 2:
+            return None
+        tables = self._table_array[list(slots)]
+        firsts, counts = np.unique(tables[:, 0], return_counts=True)
+        real = firsts != 0  # block 0: the padding block (a slot with no block)
+        if not real.any() or counts[real].max() < 2:
+            return None
+        first = firsts[real][counts[real].argmax()]
+        members: list[int] = np.flatnonzero(tables[:, 0] == first).tolist()
+        group = tables[members]
+        same = (group == group[0]).all(axis=0) & (group[0] != 0)
+        run = int(same.argmin()) if not same.all() else same.size
+        own = min(len(self._tables[slots[i]]) for i in members)
+        return min(run, own) * self.block_size, members
+
     def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
         """List the cached blocks of `keys` (all cached) first in the table of `slot`, a used
         slot with no token; returns the tokens they hold, now its length."""

@@ -39,6 +39,28 @@ class PrefixSharing(PrefixSegments):
         with self._lock:
             return self._table.match(keys)
 
+    def shared_prefix(self, slots: Sequence[int]) -> tuple[int, list[int]] | None:
+        """The largest group of `slots` (used) that map the same physical pages first, for
+        cascade decoding: (tokens those pages hold, positions in `slots` of the group's
+        members), or None where no two share. A group is the slots whose first pages are one
+        prefix segment (held once, mapped whole: `segments.py`); O(len(slots))."""
+        groups: dict[int, list[int]] = {}
+        sizes: dict[int, int] = {}
+        with self._lock:
+            for i, s in enumerate(slots):
+                pages = self._pages[s]
+                entry = self._seg_entry(pages[0]) if pages else None
+                if entry is not None and entry[1] == 0:
+                    first = entry[0].rows[0][0]
+                    groups.setdefault(first, []).append(i)
+                    sizes[first] = len(entry[0].rows)
+        if not groups:
+            return None
+        first = max(groups, key=lambda k: len(groups[k]))
+        if len(groups[first]) < 2:
+            return None
+        return sizes[first] * self.tokens_per_page, groups[first]
+
     def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Map the prefix rows of `keys` (all cached) as the first pages of `slot`, a used slot
         with no live token; returns the tokens they hold, now `slot`'s length (fewer than
