@@ -382,6 +382,7 @@ def run_system(
         steps_by_kind = getattr(engine.runner, "graph_steps", None)
         if steps_by_kind is not None:
             result["steps_by_kind"] = dict(steps_by_kind)  # warm-up and timed run together
+            result["cascade_steps"] = getattr(engine.runner, "cascade_steps", 0)
         if args.busy_fraction > 0:  # on the CPU only the code path: no CUDA kernels
             part = trace[: max(1, int(len(trace) * args.busy_fraction))]
             if args.trace == "multi-turn":  # fresh conversations: the timed run's are cached
