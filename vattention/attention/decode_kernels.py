@@ -115,7 +115,9 @@ def _split_kernel(
         # the partitions of this request that run (padding rows, seq_len 0, run partition 0),
         # and the shared prefix's partials `_prefix_kernel` left at slots [0, pre_parts)
         parts = tl.maximum(tl.cdiv(seq_len - pre, partition_size), 1)
-        pre_parts = tl.cdiv(pre, prefix_partition_size) if CASCADE else 0
+        pre_parts = 0
+        if CASCADE:
+            pre_parts = tl.cdiv(pre, prefix_partition_size)
         if SINGLE or ((parts == 1) & (pre_parts == 0)):
             tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_mask[:, None])
         else:
