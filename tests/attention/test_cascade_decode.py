@@ -180,3 +180,26 @@ def test_gpu_cascade_in_a_cuda_graph_matches_plain_decoding() -> None:
         plain = decode_attention(q, k, v, slots, seq, 128**-0.5, max_len)
         torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), plain.float(), atol=2e-2, rtol=0)
+
+
+def test_long_graph_contexts_leave_room_for_the_prefix_partials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A grid sized for a long max_seq_len (a long-context graph) on an H200-sized GPU, whose
+    default partitions alone would take all 128 partials, still fits the prefix's (64 + 64)
+    and answers right."""
+    from vattention.attention import decode_kernels
+
+    monkeypatch.setattr(decode_kernels, "num_sms", lambda device: 132)
+    assert decode_kernels.default_partition_size(3, 1, 131072, 16, 132) * 128 <= 131072
+    cache = DenseKVCache(1, 3, 64, 1, 16, torch.float32, "cpu", "per_layer")
+    rows = [(0, 40, True), (1, 50, True), (2, 20, False)]
+    q, keys, values = shared_case(cache.k_cache(0), cache.v_cache(0), rows, 32, 4, leader=0)
+    slots = torch.tensor([0, 1, 2], dtype=torch.int32)
+    seq = torch.tensor([40, 50, 20], dtype=torch.int32)
+    out = decode_attention(
+        q, cache.k_cache(0), cache.v_cache(0), slots, seq, 0.25, 131072, block_n=16,
+        prefix=prefix_of([32, 32, 0], 32, 0, 131072, None),
+    )  # fmt: skip
+    expected = reference_attention(q, keys, values, [1, 1, 1], 0.25)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)

@@ -330,6 +330,9 @@ def decode_attention(
             partition_size = default_partition_size(
                 batch, num_kv_heads, max_seq_len, block_n, num_sms(q.device)
             )
+        if prefix is not None:  # half the partials' room for the prefix's (at most 64)
+            half = -(-max(1, max_seq_len) // (MAX_PARTITIONS // 2))
+            partition_size = max(partition_size, -(-half // block_n) * block_n)
     if partition_size < block_n or partition_size % block_n:
         raise ValueError(f"partition_size {partition_size} must be a multiple of {block_n}")
     num_parts = max(1, math.ceil(max_seq_len / partition_size))
