@@ -22,6 +22,8 @@
 #               --prompt-len 512" (a 2 MiB page holds 64 of its tokens)
 #   serving     bench_serving; SERVE_RUNS holds "model:trace[:extra args]" entries separated
 #               by ';' (default: yi-6b:uneven), each written to $OUT/serving_<model>_<trace>
+#   cascade     cascade decoding: the decode kernels' gpu tests, bench_cascade (one step over
+#               both real caches), then the shared-prefix trace with it on and off, both caches
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}
@@ -105,6 +107,23 @@ for part in "$@"; do
       -- --load-format dummy --dtype bfloat16 > "$OUT/online/run.log" 2>&1
     cp /tmp/online/results.json "$OUT/online/" 2>/dev/null
     grep -E "^\| " "$OUT/online/run.log" || tail -n 20 "$OUT/online/run.log"
+    ;;
+  cascade)
+    timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -m gpu \
+      tests/attention/test_cascade_decode.py tests/attention/test_contiguous_triton.py \
+      tests/attention/test_paged_kernels.py --tb=short -rf 2>&1 | grep -v DEBUG | tail -60 \
+      > "$OUT/tests_cascade.txt"
+    tail -n 1 "$OUT/tests_cascade.txt"
+    timeout 150 python3 benchmarks/bench_cascade.py --model llama-3-8b --batches 64,256 \
+      --prefix 4096 --out "$OUT/cascade" 2>&1 | grep -E "^\|" | tail -6
+    name=serving_llama-3-8b_shared-prefix_cascade
+    mkdir -p "$OUT/$name"
+    timeout ${SERVE_TIMEOUT:-230} python3 benchmarks/bench_serving.py --model llama-3-8b \
+      --trace shared-prefix --busy-fraction 0 --out "/tmp/$name" --systems \
+      "vattention+prefix%cascade_attention=true,paged+prefix%cascade_attention=true,vattention+prefix,paged+prefix" \
+      > "$OUT/$name/run.log" 2>&1
+    cp "/tmp/$name/results.json" "$OUT/$name/" 2>/dev/null
+    grep -E "^\| (vattention|paged)" "$OUT/$name/run.log" || tail -n 5 "$OUT/$name/run.log"
     ;;
   sanitize)
     : > "$OUT/sanitize.txt"
