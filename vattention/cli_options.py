@@ -45,7 +45,7 @@ HELP: dict[str, str] = {
     "kv_segment_min_pages": "copy a shared prefix of at least this many pages, once two "
     "requests map it, into one allocation mapped in one call (0: never; default 4)",
     "cascade_attention": "decode steps attend a prefix that requests share (mapped pages of "
-    "one system prompt) once for all of them (Triton decode kernel; off by default)",
+    "one system prompt) once for all of them (Triton decode kernel; on by default)",
     "tokenizer": "tokenizer directory, if not the model's",
     "chat_template": "a Jinja chat template, or a file holding one, to use instead of the "
     "tokenizer's",

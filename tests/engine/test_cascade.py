@@ -18,6 +18,7 @@ from vattention import LLM, SamplingParams
 from vattention.attention import create_backend
 from vattention.engine import cascade as cascade_module
 from vattention.engine.cascade import plan_cascade
+from vattention.engine.cuda_graphs import cascade_sizes
 from vattention.engine.model_runner import ModelRunner
 from vattention.engine.sampler import Sampler
 
@@ -87,6 +88,10 @@ def test_cascade_matches_plain_decoding_and_hf(
             outs = llm.generate(batch, params, use_tqdm=False)
             got[cascade] = [o.token_ids for o in outs]
             steps = llm.engine.runner.cascade_steps
+            if graphs:  # a second set of decode graphs, replayed only for cascade steps
+                assert sorted(llm.engine.runner.graphs.cascade_replays) == (
+                    [4, 8] if cascade else []
+                )
             if kv_cache == "vattention":
                 llm.engine.cache.check_integrity()
         assert (steps > 0) == cascade, steps
@@ -112,3 +117,13 @@ def test_plan_needs_enough_rows_and_tokens() -> None:
     assert plan_cascade(Cache((300, [0, 1, 2, 3, 4])), slots, lens, paged=False) is None  # 2 past
     assert plan_cascade(Cache((128, [0, 1, 2, 3, 4])), slots, lens, paged=False) is None  # short
     assert plan_cascade(Cache(None), slots, lens, paged=False) is None
+
+
+def test_cascade_graph_sizes() -> None:
+    """Powers of two from the minimum group up to the largest decode bucket, which is kept so
+    every step with enough rows has a cascade graph; none below the minimum."""
+    assert cascade_sizes([1, 2, 4, 8, 16, 24, 32, 40]) == [4, 8, 16, 32, 40]
+    assert cascade_sizes([1, 2, 4, 8, 16, 24, 32]) == [4, 8, 16, 32]
+    assert cascade_sizes([1, 2, 4, 8, 256]) == [4, 8, 16, 32, 64, 128, 256]
+    assert cascade_sizes([1, 2]) == []
+    assert cascade_sizes([]) == []

@@ -34,7 +34,7 @@ import torch
 from vattention.attention.base import AttentionMetadata
 from vattention.attention.mixed import MixedPlan
 from vattention.attention.shared_prefix import SharedPrefix
-from vattention.engine.cascade import plan_cascade
+from vattention.engine.cascade import CASCADE_MIN_ROWS, plan_cascade
 from vattention.engine.scheduling import SchedulerOutput
 
 if TYPE_CHECKING:
@@ -213,7 +213,10 @@ class _Graphs:
 
 
 class DecodeGraphs(_Graphs):
-    """Decode-only steps, one graph per batch-size bucket."""
+    """Decode-only steps, one graph per batch-size bucket. With cascade decoding
+    (`runner.cascade`) a second set, captured with a `SharedPrefix` in the metadata, covers the
+    buckets `cascade_sizes(sizes)`; a step replays it only when `plan_cascade` finds a group, so
+    steps that share nothing run the plain graphs and pay nothing for the option."""
 
     def __init__(self, runner: ModelRunner, sizes: list[int], dummy_slot: int, pool: Any) -> None:
         super().__init__(runner, dummy_slot, pool)
@@ -230,15 +233,21 @@ class DecodeGraphs(_Graphs):
         if self.paged:
             fields["slot_mapping"] = (torch.int64, (n,))
             fields["tables"] = (torch.int32, (n, self.width))
-        if runner.cascade:  # a shared prefix per step: rows' lengths, [its tokens, leader]
+        self.cascade_sizes = cascade_sizes(self.sizes) if runner.cascade else []
+        if self.cascade_sizes:  # a shared prefix per step: rows' lengths, [its tokens, leader]
             fields["prefix_lens"] = (torch.int32, (n,))
             fields["prefix"] = (torch.int32, (2,))
         self.buf = _Staging(fields, runner.device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=runner.device)
-        self.metas = {b: self._meta(b) for b in self.sizes}
+        self.metas = {b: self._meta(b, False) for b in self.sizes}
+        self.cascade_metas = {b: self._meta(b, True) for b in self.cascade_sizes}
+        self.cascade_replays = _capture(
+            self.cascade_sizes, functools.partial(self._forward, cascade=True), pool,
+            lambda b: self._fill(None),
+        )  # fmt: skip
         self.replays = _capture(self.sizes, self._forward, pool, lambda b: self._fill(None))
 
-    def _meta(self, b: int) -> AttentionMetadata:
+    def _meta(self, b: int, cascade: bool) -> AttentionMetadata:
         buf, max_len = self.buf, self.runner.max_model_len
         return AttentionMetadata(
             slots=buf["slots"][:b],
@@ -258,17 +267,23 @@ class DecodeGraphs(_Graphs):
             prefix=SharedPrefix(
                 buf["prefix_lens"][:b], buf["prefix"][:1], buf["prefix"][1:], max_len
             )
-            if self.runner.cascade
+            if cascade
             else None,  # fmt: skip
         )
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def meta(self, b: int, cascade: bool = False) -> AttentionMetadata:
+        meta = self.cascade_metas[b] if cascade else self.metas[b]
+        return dataclasses.replace(meta) if self.emulated else meta
+
+    def _forward(self, b: int, cascade: bool = False) -> torch.Tensor:
         model = self.runner.model
-        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.meta(b), self.runner.attn)
+        hidden = model(self.buf["ids"][:b], self.buf["pos"][:b], self.meta(b, cascade),
+                       self.runner.attn)  # fmt: skip
         return model.compute_logits(hidden)
 
-    def _fill(self, out: SchedulerOutput | None) -> list[int]:
-        """Fill the buffers for `out`'s rows (None: every row padding); returns the token ids."""
+    def _fill(self, out: SchedulerOutput | None) -> tuple[list[int], bool]:
+        """Fill the buffers for `out`'s rows (None: every row padding); returns the token ids
+        and whether the step attends a shared prefix once (the cascade graphs)."""
         rows = out.scheduled if out is not None else []
         n, n_max = len(rows), self.max_size
         ids = np.fromiter((r.request.all_token_ids[r.start] for r in rows), np.int64, n)
@@ -287,21 +302,40 @@ class DecodeGraphs(_Graphs):
             req = np.arange(n_max)
             values["tables"] = tables
             values["slot_mapping"] = self.slot_mapping(tables, req, values["pos"])
-        if self.runner.cascade:  # padding rows share nothing; no group: length 0
-            plan = plan_cascade(self.runner.cache, slots.tolist(), pos + 1, self.paged)
+        plan = None
+        if self.cascade_sizes:  # padding rows share nothing; no group: length 0
+            if n >= CASCADE_MIN_ROWS:
+                plan = plan_cascade(self.runner.cache, slots.tolist(), pos + 1, self.paged)
             lens, tokens, leader = plan if plan is not None else (np.zeros(n, np.int32), 0, 0)
             self.runner.cascade_steps += plan is not None
             values["prefix_lens"] = _pad(lens, n_max, 0)
             values["prefix"] = np.array([tokens, leader], dtype=np.int32)
         self.buf.fill(values)
-        return ids.tolist()
+        return ids.tolist(), plan is not None
 
     def run(self, out: SchedulerOutput, prev: StepResult | None = None) -> torch.Tensor:
         n = len(out.scheduled)
-        b = next(s for s in self.sizes if s >= n)
-        ids = self._fill(out)
+        ids, cascade = self._fill(out)
         self.feed(ids, list(range(n)), out, prev)  # row i's only token is at position i
+        if cascade:
+            b = next(s for s in self.cascade_sizes if s >= n)
+            return self.cascade_replays[b]()[:n]
+        b = next(s for s in self.sizes if s >= n)
         return self.replays[b]()[:n]
+
+
+def cascade_sizes(sizes: Sequence[int]) -> list[int]:
+    """Buckets of the cascade decode graphs: the powers of two from `CASCADE_MIN_ROWS` below
+    the largest of `sizes`, and that largest (a cascade step has at least that many rows; a
+    graph keeps `[b, vocab]` logits, so a second set as fine as `sizes` would double that
+    memory: padding rows cost a decode step little)."""
+    top = max(sizes, default=0)
+    out = []
+    b = CASCADE_MIN_ROWS
+    while b < top:
+        out.append(b)
+        b *= 2
+    return out + [top] if top >= CASCADE_MIN_ROWS else []
 
 
 def mixed_token_sizes(max_tokens: int, max_num_seqs: int, limit: int) -> list[int]:

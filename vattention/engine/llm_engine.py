@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from vattention.attention import create_backend, get_backend_class
-from vattention.engine.cuda_graphs import mixed_token_sizes
+from vattention.engine.cuda_graphs import cascade_sizes, mixed_token_sizes
 from vattention.engine.memory_profile import MemoryProfile, profile_memory
 from vattention.engine.model_runner import ModelRunner, StepResult, default_graph_sizes
 from vattention.engine.outputs import RequestOutput
@@ -130,9 +130,9 @@ class EngineConfig:
     # Cascade decoding (`engine/cascade.py`): in decode-only steps, requests that map the same
     # prefix pages (a system prompt behind prefix caching) have it attended once for all of
     # them instead of once each. Needs a backend with `supports_cascade` (the Triton decode
-    # kernel: `auto` on CUDA, `pa_triton`); elsewhere it is ignored. Off by default until
-    # measured end to end on the GPU.
-    cascade_attention: bool = False
+    # kernel: `auto` on CUDA, `pa_triton`); elsewhere it is ignored. Steps that share nothing
+    # run as without it (their own decode graphs).
+    cascade_attention: bool = True
     tokenizer: str | None = None
     # A Jinja chat template (the text, or a file holding it) that replaces the tokenizer's own
     # for `LLM.chat`, the server's chat completions and `/tokenize` (vLLM's `--chat-template`).
@@ -332,11 +332,14 @@ class LLMEngine:
         if self.device.type != "cuda":
             return 2 << 30
         torch.cuda.synchronize(self.device)
+        # cascade decoding's second set of decode graphs keeps its logits too (counted even
+        # where the backend turns out not to run it: a little budget, never an overrun)
+        cascade = cascade_sizes(decode_sizes) if config.cascade_attention else []
         self.memory_profile = profile_memory(
             self.model, kind=config.kv_cache, spec=spec, device=self.device,
             attention_backend=backend, block_size=config.block_size, scheduler_config=sched,
             utilization=config.gpu_memory_utilization,
-            decode_graph_sizes=decode_sizes, mixed_graph_sizes=mixed_sizes,
+            decode_graph_sizes=decode_sizes + cascade, mixed_graph_sizes=mixed_sizes,
         )  # fmt: skip
         return self.memory_profile.kv_budget
 
