@@ -119,3 +119,22 @@ def test_idle_gaps_merge_overlaps_and_classify() -> None:
     assert got["gaps_by_size"][">=10000us"] == [0, 0.0]
     assert got["largest"][0] == {"ms": 5.0, "after": "b", "before": "d"}  # b ends last at 40
     assert [g["before"] for g in got["largest"]] == ["d", "e"]
+
+
+def test_warmup_trace_adds_shifted_full_steps() -> None:
+    """After the length-range sample come the trace's first requests with ids shifted by one
+    (nothing the timed run could hit in the prefix cache; shared prefixes stay shared among
+    them), up to four steps' prompt tokens or max_num_seqs requests, outputs capped."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_serving import warmup_trace
+
+    prefix = [5, 6, 7]
+    trace = [(prefix + [i, 9], 100) for i in range(20)]
+    plain = warmup_trace(trace, quick=False)
+    assert len(plain) == 8 and all(o == 16 for _, o in plain)
+    warm = warmup_trace(trace, quick=False, step_tokens=5, max_seqs=10, vocab=10)
+    extra = warm[8:]
+    assert len(extra) == 4  # 4 steps of 5 tokens: four prompts of 5
+    assert [ids for ids, _ in extra] == [[6, 7, 8, (i + 1) % 10, 0] for i in range(4)]
+    assert not {tuple(ids) for ids, _ in extra} & {tuple(ids) for ids, _ in trace}
+    assert len(warmup_trace(trace, quick=True, step_tokens=100, max_seqs=3, vocab=10)) == 11
