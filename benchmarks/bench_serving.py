@@ -45,6 +45,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -343,6 +344,51 @@ def warmup_trace(
     return out
 
 
+def _with_timeline(
+    engine: Any, run: Callable[[], Any], log: list[dict[str, Any]], limit: int
+) -> Callable[[], Any]:
+    """`run` with the runner's `execute` wrapped to log the first `limit` steps: launch time
+    (s since the run began), rows, decode rows, new tokens, how it ran (graph kind, cascade)
+    and the host seconds of the launch (a diagnostic of where a trace's first steps go)."""
+    runner = engine.runner
+    inner = runner.execute
+
+    def execute(out: Any, *a: Any, **kw: Any) -> Any:
+        if len(log) >= limit:
+            return inner(out, *a, **kw)
+        kinds, cascades, t = dict(runner.graph_steps), runner.cascade_steps, time.perf_counter()
+        res = inner(out, *a, **kw)
+        rows = out.scheduled
+        log.append({
+            "t": round(t - start[0], 4), "launch_s": round(time.perf_counter() - t, 4),
+            "rows": len(rows), "decode_rows": sum(r.num_new_tokens == 1 for r in rows),
+            "tokens": sum(r.num_new_tokens for r in rows),
+            "kind": next((k for k, v in runner.graph_steps.items() if v != kinds[k]), "?"),
+            "cascade": runner.cascade_steps != cascades,
+        })  # fmt: skip
+        return res
+
+    start = [0.0]
+
+    def timed() -> Any:
+        runner.execute = execute
+        start[0] = time.perf_counter()
+        try:
+            return run()
+        finally:
+            del runner.execute  # the class's method again
+
+    return timed
+
+
+def _timeline_text(log: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{e['t']:8.4f}s +{e['launch_s']:.4f} {e['kind']:6s}{' cascade' if e['cascade'] else ''}"
+        f" rows {e['rows']} (decode {e['decode_rows']}) tokens {e['tokens']}"
+        for e in log
+    )
+
+
 def run_system(
     args: argparse.Namespace, kv_cache: str, trace: list[tuple[list[int], int]], max_len: int
 ) -> dict[str, Any]:
@@ -368,6 +414,9 @@ def run_system(
             timed = functools.partial(run_turns, llm, trace, args.turns, args.seed, samples, ttfts)
         else:
             timed = functools.partial(run_trace_counted, llm, trace, samples, ttfts)
+        timeline: list[dict[str, Any]] = []
+        if args.timeline:
+            timed = _with_timeline(engine, timed, timeline, args.timeline)
         if args.host_profile:  # a diagnostic: cProfile slows the host, so the times too
             (seconds, generated, steps, prompt_tokens), profile_text = host_profile(
                 timed, args.host_profile
@@ -394,6 +443,9 @@ def run_system(
             "host_ms_per_step": {k: round(1e3 * v / steps, 3) for k, v in engine.timings.items()},
         }
         result["memory"] = memory_per_live_token(samples)
+        if timeline:
+            result["timeline"] = timeline
+            print(f"## step timeline, {system}\n{_timeline_text(timeline)}", flush=True)
         if engine.memory_profile is not None:  # what the KV budget was sized from (bytes)
             result["memory_profile"] = engine.memory_profile.as_dict()
         stats = engine.cache.stats() if hasattr(engine.cache, "stats") else None
@@ -541,6 +593,12 @@ def main() -> None:
         help="cProfile the timed run, print the N top functions (a diagnostic)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--timeline",
+        type=int,
+        default=0,
+        help="log the timed run's first N steps (launch time, rows, kind)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny preset on the CPU (smoke test)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
