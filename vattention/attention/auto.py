@@ -14,7 +14,7 @@ On CUDA:
   without a mask, the chunk causal, merged by log-sum-exp) where this torch runs them
   (`split_chunks`: None probes the device once; on the CPU they are off unless asked for).
   cuDNN builds a graph per new (query, key) shape, which only long chunks over long contexts
-  repay (`sdpa.CUDNN_MIN_WORK`: 8K new tokens over 32K).
+  repay (`sdpa.CUDNN_MIN_WORK`: 8K new tokens over 8K).
 - a step captured in a CUDA graph carries a fixed-shape `meta.mixed` plan; it always runs the
   decode kernel plus the Triton prefill kernel over sentinel-padded tiles (no host lists read).
 On the CPU the default decode kernel is `torch_sdpa_ref` and prefill goes through `sdpa`'s

@@ -6,7 +6,7 @@
   both caches (`prefill_kernels`) in its block-table mode, all of a step's rows in one launch,
   so the comparison measures the addressing and nothing else. Fresh prompts of at least
   `cudnn_min_tokens` new tokens (4096; 0: never) and `cudnn_min_work` new x context tokens
-  (`sdpa.CUDNN_MIN_WORK`: a fresh prompt of 16K or more) take one cuDNN SDPA call each on
+  (`sdpa.CUDNN_MIN_WORK`: a fresh prompt of 8K or more) take one cuDNN SDPA call each on
   their new K/V directly, by the same rule as the contiguous side's `auto` (a fresh prompt needs nothing from the
   cache, so paging costs it nothing there). Where Triton cannot run (the CPU without
   `TRITON_INTERPRET=1`, see `triton_decode.triton_usable`) every row falls back to

@@ -32,8 +32,11 @@ from vattention.attention.contiguous import (
 # (2026-12-02) fresh 4K-7K prompts through cuDNN made a llama-3-8b long-prompt trace 19%
 # slower than our Triton kernel (14.74 vs 12.42 s, host 18.4 vs 8.3 ms a step), while 8K
 # chunks over 20K-62K contexts gained (1.13x the paged baseline, against 0.95x by FA2).
+# 8K x 8K (since 2026-12-03; 8K x 32K before): a long prompt's 8K chunks all go to cuDNN
+# (their shapes recur: chunk and context are multiples of the step budget), fresh prompts
+# under 8K stay on Triton.
 CUDNN_MIN_TOKENS = 4096
-CUDNN_MIN_WORK = 8192 * 32768
+CUDNN_MIN_WORK = 8192 * 8192
 
 
 def takes_cudnn(new_tokens: int, seq_len: int, min_tokens: int, min_work: int) -> bool:
