@@ -31,3 +31,24 @@ def test_repeated_prompt_hits_the_prefix_cache(model_dir: Path) -> None:
     assert values["vattention_prefix_cache_queries_total"] == 2 * len(prompt)
     assert values["vattention_prefix_cache_hits_total"] == (len(prompt) - 1) // 4 * 4
     assert values["vattention_kv_prefix_bytes"] > 0
+    # one request at a time shares with no other, and the CPU's decode kernel has no cascade
+    assert values["vattention_cascade_decode_steps_total"] == 0
+
+
+def test_engine_snapshot_figures_render_as_metrics() -> None:
+    """Every engine figure of a snapshot reaches `/metrics` under its name, counters with
+    `_total`, the cascade decode steps among them."""
+    from vattention.server.async_engine import EngineSnapshot
+    from vattention.server.metrics import ServerMetrics
+
+    snap = EngineSnapshot(
+        num_running=3, num_waiting=2, num_preemptions=1, kv_stats={"map_calls": 9.0},
+        kv_cache="vattention", num_steps=40, num_step_errors=0, prefix_query_tokens=100,
+        prefix_hit_tokens=64, cascade_steps=7,
+    )  # fmt: skip
+    values = _values(ServerMetrics().render(snap).decode())
+    assert values["vattention_cascade_decode_steps_total"] == 7
+    assert values["vattention_engine_steps_total"] == 40
+    assert values["vattention_prefix_cache_hits_total"] == 64
+    assert values["vattention_num_requests_waiting"] == 2
+    assert values["vattention_kv_map_calls_total"] == 9

@@ -76,6 +76,7 @@ class EngineSnapshot:
     num_step_errors: int = 0
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of them, served from cached pages
+    cascade_steps: int = 0  # decode steps that attended a shared prefix once (cascade)
 
 
 class RequestStream:
@@ -387,6 +388,7 @@ class AsyncEngine:
             num_step_errors=self.num_step_errors,
             prefix_query_tokens=prefix.query_tokens if prefix is not None else 0,
             prefix_hit_tokens=prefix.hit_tokens if prefix is not None else 0,
+            cascade_steps=getattr(engine.runner, "cascade_steps", 0),
         )
 
 

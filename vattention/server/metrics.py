@@ -98,6 +98,11 @@ class _EngineCollector(Collector):
             "prefix_cache_hits", "Prompt tokens served from cached KV pages (not computed)",
             s.prefix_hit_tokens,
         )  # fmt: skip
+        yield _counter(
+            "cascade_decode_steps",
+            "Decode steps that attended a prefix shared by their requests once (cascade)",
+            s.cascade_steps,
+        )
         info = GaugeMetricFamily(f"{PREFIX}kv_cache_info", "The KV cache kind", labels=["kind"])
         info.add_metric([s.kv_cache], 1.0)
         yield info
