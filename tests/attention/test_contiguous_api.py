@@ -159,3 +159,18 @@ def test_custom_scale_is_used() -> None:
         )
         expected = reference_attention(q, keys, values, [5], 0.5)
         torch.testing.assert_close(out.double(), expected, atol=2e-4, rtol=0)
+
+
+def test_default_cudnn_rule_takes_long_prompt_chunks_not_mid_prompts() -> None:
+    """The defaults: every 8K chunk of a long prompt (the first, fresh, and those over a
+    context) goes to cuDNN, fresh prompts under 8K tokens and short chunks do not."""
+    from vattention.attention.sdpa import CUDNN_MIN_TOKENS, CUDNN_MIN_WORK, takes_cudnn
+
+    def rule(new: int, seq: int) -> bool:
+        return takes_cudnn(new, seq, CUDNN_MIN_TOKENS, CUDNN_MIN_WORK)
+
+    assert all(rule(8192, 8192 * c) for c in (1, 2, 3, 4, 8))  # chunks of a 64K prompt
+    assert rule(6000, 14000)  # a remainder chunk over a long context
+    assert not rule(7000, 7000) and not rule(4096, 4096)  # fresh mid-length prompts
+    assert not rule(2048, 60000)  # too few new tokens: the Triton kernel
+    assert not takes_cudnn(8192, 8192, 0, CUDNN_MIN_WORK)  # cudnn_min_tokens=0: never
