@@ -35,11 +35,11 @@ def shared_prompts(n: int, prefix_len: int, seed: int = 0) -> list[list[int]]:
     ]  # fmt: skip
 
 
-def _llm(path: Path, kv_cache: str, cascade: bool, graphs: bool) -> LLM:
+def _llm(path: Path, kv_cache: str, cascade: bool, graphs: bool, **opts: object) -> LLM:
     llm = LLM(
         str(path), kv_cache=kv_cache, dtype="float32", device="cpu", max_model_len=128,
         max_num_seqs=9, max_num_batched_tokens=128, kv_page_size=4096, block_size=8,
-        enable_prefix_caching=True, cascade_attention=cascade,
+        enable_prefix_caching=True, cascade_attention=cascade, **opts,
     )  # fmt: skip
     eng = llm.engine
     c = eng.model_config
@@ -69,11 +69,21 @@ def _llm(path: Path, kv_cache: str, cascade: bool, graphs: bool) -> LLM:
     return llm
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("kv_cache", ["vattention", pytest.param("paged", marks=pytest.mark.paged)])
+@pytest.mark.parametrize(
+    ("kv_cache", "graphs", "layout"),
+    [
+        ("vattention", False, None),
+        ("vattention", True, None),
+        ("vattention", False, "per_layer"),  # a prefix row per layer's page
+        ("vattention", True, "cross_layer"),  # K and V pages apart
+        pytest.param("paged", False, None, marks=pytest.mark.paged),
+        pytest.param("paged", True, None, marks=pytest.mark.paged),
+    ],
+)
 def test_cascade_matches_plain_decoding_and_hf(
-    tmp_path: Path, kv_cache: str, graphs: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    tmp_path: Path, kv_cache: str, graphs: bool, layout: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     """The first request caches the prefix; then 8 requests behind it (a hot prefix: the
     vAttention cache moves it into one segment, which every later request maps first)."""
     monkeypatch.setattr(cascade_module, "CASCADE_MIN_TOKENS", 32)  # tiny prompts
@@ -83,7 +93,8 @@ def test_cascade_matches_plain_decoding_and_hf(
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     got = {}
     for cascade in (False, True):
-        with _llm(tmp_path / "m", kv_cache, cascade, graphs) as llm:
+        opts = {"kv_layout": layout} if layout else {}
+        with _llm(tmp_path / "m", kv_cache, cascade, graphs, **opts) as llm:
             llm.generate(batch[:1], params, use_tqdm=False)  # caches the prefix
             outs = llm.generate(batch, params, use_tqdm=False)
             got[cascade] = [o.token_ids for o in outs]

@@ -618,8 +618,9 @@ def test_a_hot_system_prompt_before_private_turns_gets_a_segment() -> None:
 
 
 def test_shared_prefix_groups_the_slots_that_map_one_segment() -> None:
-    """Cascade decoding's groups: slots whose first pages are one segment (a slot that maps
-    the same prefix page by page, or maps nothing shared, is left out)."""
+    """Cascade decoding's groups: slots whose first pages are one segment, or the same rows
+    page by page (a slot that maps nothing shared is left out; of two groups of one size, the
+    segment's)."""
     with _cache(pages=40, slots=6, segment_min_pages=2) as cache:
         t = cache.tokens_per_page
         keys = ["s0", "s1", "s2"]
@@ -627,12 +628,34 @@ def test_shared_prefix_groups_the_slots_that_map_one_segment() -> None:
         cache.ensure(a, 3 * t + 1)
         cache.cache_pages(a, keys)
         b = cache.alloc_slot(keys)  # page by page: the rows are hot now
-        assert cache.shared_prefix([a, b]) is None
+        assert cache.shared_prefix([a, b]) == (3 * t, [0, 1])
         c, d = cache.alloc_slot(keys), cache.alloc_slot(keys)  # through the new segment
         lone = cache.alloc_slot()
         cache.ensure(lone, 5)
         assert cache.shared_prefix([lone, a, c, b, d]) == (3 * t, [2, 4])
         assert cache.shared_prefix([c, lone]) is None  # a group of one
+
+
+def test_shared_prefix_page_by_page_is_the_common_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without segments a group's shared pages are the leading rows all its members map,
+    compared up to `SHARED_SCAN_PAGES` pages (fewer is still correct for the kernel)."""
+    from vattention.kvcache import sharing
+
+    with _cache(pages=40, slots=5, segment_min_pages=0) as cache:
+        t = cache.tokens_per_page
+        a = cache.alloc_slot()
+        cache.ensure(a, 4 * t)
+        cache.cache_pages(a, ["s0", "s1", "s2", "s3"])
+        b = cache.alloc_slot(["s0", "s1", "s2"])
+        cache.ensure(b, 4 * t)  # its own fourth page
+        c = cache.alloc_slot(["s0", "s1"])
+        cache.ensure(c, 3 * t)
+        assert cache.stats().segment_bytes == 0
+        assert cache.shared_prefix([a, b]) == (3 * t, [0, 1])
+        assert cache.shared_prefix([c, a, b]) == (2 * t, [0, 1, 2])
+        monkeypatch.setattr(sharing, "SHARED_SCAN_PAGES", 1)
+        assert cache.shared_prefix([a, b]) == (t, [0, 1])
+        cache.check_integrity()
 
 
 def test_paged_shared_prefix_is_the_common_run_of_leading_blocks() -> None:

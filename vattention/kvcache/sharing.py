@@ -17,6 +17,10 @@ from collections.abc import Hashable, Sequence
 
 from vattention.kvcache.segments import PrefixSegments
 
+# Most leading pages `shared_prefix` compares across a group's members where they share rows
+# of the table page by page (no segment): bounds its cost per decode step.
+SHARED_SCAN_PAGES = 64
+
 
 class PrefixSharing(PrefixSegments):
     """The sharing half of `VirtualKVCache` (state: `state.CacheState`)."""
@@ -42,24 +46,36 @@ class PrefixSharing(PrefixSegments):
     def shared_prefix(self, slots: Sequence[int]) -> tuple[int, list[int]] | None:
         """The largest group of `slots` (used) that map the same physical pages first, for
         cascade decoding: (tokens those pages hold, positions in `slots` of the group's
-        members), or None where no two share. A group is the slots whose first pages are one
-        prefix segment (held once, mapped whole: `segments.py`); O(len(slots))."""
+        members), or None where no two share. A group is the slots whose first page is one
+        prefix row (the largest group; of equal ones, one that starts a segment). When that row starts a prefix segment (held once, mapped whole:
+        `segments.py`) the shared pages are the segment's, O(len(slots)); otherwise they are
+        the leading rows every member maps, compared up to `SHARED_SCAN_PAGES` pages (a
+        shorter shared run is still correct: the rest is read as each row's own)."""
         groups: dict[int, list[int]] = {}
-        sizes: dict[int, int] = {}
         with self._lock:
+            holds = self._table.holds
             for i, s in enumerate(slots):
                 pages = self._pages[s]
-                entry = self._seg_entry(pages[0]) if pages else None
-                if entry is not None and entry[1] == 0:
-                    first = entry[0].rows[0][0]
-                    groups.setdefault(first, []).append(i)
-                    sizes[first] = len(entry[0].rows)
-        if not groups:
-            return None
-        first = max(groups, key=lambda k: len(groups[k]))
-        if len(groups[first]) < 2:
-            return None
-        return sizes[first] * self.tokens_per_page, groups[first]
+                if pages and (pages[0][0] < 0 or holds(pages[0][0])):
+                    groups.setdefault(pages[0][0], []).append(i)
+            if not groups:
+                return None
+            first = max(groups, key=lambda k: (len(groups[k]), k < 0))  # ties: a segment
+            members = groups[first]
+            if len(members) < 2:
+                return None
+            lead = self._pages[slots[members[0]]]
+            entry = self._seg_entry(lead[0])
+            if entry is not None and entry[1] == 0:
+                return len(entry[0].rows) * self.tokens_per_page, members
+            run = min(SHARED_SCAN_PAGES, *(len(self._pages[slots[i]]) for i in members))
+            for i in members[1:]:
+                pages = self._pages[slots[i]]
+                n = 1
+                while n < run and pages[n][0] == lead[n][0] and holds(lead[n][0]):
+                    n += 1
+                run = n
+            return run * self.tokens_per_page, members
 
     def map_cached(self, slot: int, keys: Sequence[Hashable]) -> int:
         """Map the prefix rows of `keys` (all cached) as the first pages of `slot`, a used slot
