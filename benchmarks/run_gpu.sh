@@ -25,6 +25,9 @@
 #   cascade     cascade decoding: the decode kernels' gpu tests, bench_cascade (one step over
 #               both real caches), then the shared-prefix trace with it on (the default) and
 #               off, both caches
+#   pending     what the results index lists as not yet measured (2026-12-03): the cuDNN rule
+#               A/B on long-context, shared-prefix in the other order with the step log,
+#               cascade over page-by-page groups, test_llm_gpu.py (about 7 minutes)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}
@@ -125,6 +128,16 @@ for part in "$@"; do
       > "$OUT/$name/run.log" 2>&1
     cp "/tmp/$name/results.json" "$OUT/$name/" 2>/dev/null
     grep -E "^\| (vattention|paged)" "$OUT/$name/run.log" || tail -n 5 "$OUT/$name/run.log"
+    ;;
+  pending)
+    STEP_TEST_FILES="tests/engine/test_llm_gpu.py" bash "$0" steptests
+    SERVE_TIMEOUT=120 SERVE_RUNS='llama-3-8b:shared-prefix:--busy-fraction 0 --timeline 8 --systems vattention+prefix%cascade_attention=false,vattention+prefix' \
+      bash "$0" serving
+    mv "$OUT/serving_llama-3-8b_shared-prefix" "$OUT/serving_shared-prefix_order"
+    SERVE_TIMEOUT=120 SERVE_RUNS='llama-3-8b:shared-prefix:--busy-fraction 0 --systems vattention+prefix@per_layer,vattention+prefix-noseg,vattention+prefix-noseg%cascade_attention=false' \
+      bash "$0" serving
+    SERVE_TIMEOUT=200 SERVE_RUNS='llama-3.1-8b:long-context:--max-model-len 70000 --max-num-seqs 64 --busy-fraction 0 --systems vattention,vattention%attention_options={"cudnn_min_work":268435456},paged' \
+      bash "$0" serving
     ;;
   sanitize)
     : > "$OUT/sanitize.txt"
