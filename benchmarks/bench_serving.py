@@ -22,10 +22,13 @@ Per system it prints output and total tok/s, steps, preemptions, host seconds pe
 and, on CUDA, the GPU-busy share: kernel time from `torch.profiler` (CUDA activity only) on a
 second run of the first `--busy-fraction` of the trace (default all of it; for multi-turn, of
 fresh conversations of the same shape, since the timed run's are cached), over that run's wall
-time and, for the whole trace, over the timed (unprofiled) run's wall time too. Each system first runs a warm-up trace (excluded): a few requests
-of the trace's length range, then a few full steps of its own shape with token ids shifted
-(`warmup_trace`), so no system's timed run pays kernel compiles that an earlier system in the
-same process already paid (a first system's TTFT was 20-25% higher before). Ratios vattention/paged come from the same process.
+time and, for the whole trace, over the timed (unprofiled) run's wall time too. Each system
+first runs a warm-up trace (excluded): a few requests of the trace's length range, then a few
+full steps of its own shape with token ids shifted (`warmup_trace`), so that fewer kernels
+compile inside a timed run. It does not catch every step shape yet: on the H200 the first
+system of a process still spent 0.45 s in one eager step of its timed run (`--timeline`), and
+its TTFT p50 read 20-35% higher than the next system's. Ratios vattention/paged come from the
+same process.
 The profiled run also reports where the GPU waited (`gpu.idle`: idle seconds between its first
 and last kernel, gaps by size, and the largest gaps with the kernels around them), to tell host
 stalls (long gaps before a step's first kernel) from GPU-bound time.
@@ -328,8 +331,8 @@ def warmup_trace(
     """A few requests of the trace's length range, short outputs, then (with `vocab`) the
     trace's first requests with every token id shifted by one, up to four full steps of
     `step_tokens` prompt tokens or `max_seqs` requests: the trace's own step shapes (large
-    prefill steps, wide decode batches, shared prefixes), so their kernels compile here and not
-    in whichever system's timed run meets them first. Shifted ids keep the trace's sharing
+    prefill steps, wide decode batches, shared prefixes), so that most of their kernels compile
+    here and not in whichever system's timed run meets them first. Shifted ids keep the trace's sharing
     among themselves but put nothing in the prefix cache that the timed run could hit."""
     cap = 4 if quick else 16
     by_len = sorted(trace, key=lambda t: len(t[0]))
