@@ -331,9 +331,10 @@ def warmup_trace(
     """A few requests of the trace's length range, short outputs, then (with `vocab`) the
     trace's first requests with every token id shifted by one, up to four full steps of
     `step_tokens` prompt tokens or `max_seqs` requests: the trace's own step shapes (large
-    prefill steps, wide decode batches, shared prefixes), so that most of their kernels compile
-    here and not in whichever system's timed run meets them first. Shifted ids keep the trace's sharing
-    among themselves but put nothing in the prefix cache that the timed run could hit."""
+    prefill steps, wide decode batches, shared prefixes), so that most of their kernels
+    compile here and not in whichever system's timed run meets them first. Shifted ids keep
+    the trace's sharing among themselves but put nothing in the prefix cache that the timed
+    run could hit."""
     cap = 4 if quick else 16
     by_len = sorted(trace, key=lambda t: len(t[0]))
     pick = [by_len[0], by_len[len(by_len) // 2], by_len[-1]] + trace[:5]
@@ -355,6 +356,7 @@ def _with_timeline(
     and the host seconds of the launch (a diagnostic of where a trace's first steps go)."""
     runner = engine.runner
     inner = runner.execute
+    start = [0.0]  # when the timed run began
 
     def execute(out: Any, *a: Any, **kw: Any) -> Any:
         if len(log) >= limit:
@@ -370,8 +372,6 @@ def _with_timeline(
             "cascade": runner.cascade_steps != cascades,
         })  # fmt: skip
         return res
-
-    start = [0.0]
 
     def timed() -> Any:
         runner.execute = execute

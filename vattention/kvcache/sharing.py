@@ -47,10 +47,11 @@ class PrefixSharing(PrefixSegments):
         """The largest group of `slots` (used) that map the same physical pages first, for
         cascade decoding: (tokens those pages hold, positions in `slots` of the group's
         members), or None where no two share. A group is the slots whose first page is one
-        prefix row (the largest group; of equal ones, one that starts a segment). When that row starts a prefix segment (held once, mapped whole:
-        `segments.py`) the shared pages are the segment's, O(len(slots)); otherwise they are
-        the leading rows every member maps, compared up to `SHARED_SCAN_PAGES` pages (a
-        shorter shared run is still correct: the rest is read as each row's own)."""
+        prefix row (the largest group; of equal ones, one that starts a segment). Where that
+        row starts a prefix segment (held once, mapped whole: `segments.py`) the shared pages
+        are the segment's, O(len(slots)); otherwise they are the leading prefix rows every
+        member maps, compared up to `SHARED_SCAN_PAGES` pages (a shorter shared run is still
+        correct: the rest is read as each row's own)."""
         groups: dict[int, list[int]] = {}
         with self._lock:
             holds = self._table.holds
@@ -64,15 +65,16 @@ class PrefixSharing(PrefixSegments):
             members = groups[first]
             if len(members) < 2:
                 return None
-            lead = self._pages[slots[members[0]]]
+            leader = slots[members[0]]
+            lead = self._pages[leader]
             entry = self._seg_entry(lead[0])
             if entry is not None and entry[1] == 0:
                 return len(entry[0].rows) * self.tokens_per_page, members
-            run = min(SHARED_SCAN_PAGES, *(len(self._pages[slots[i]]) for i in members))
+            run = min(SHARED_SCAN_PAGES, self._shared_lead(leader))
             for i in members[1:]:
                 pages = self._pages[slots[i]]
-                n = 1
-                while n < run and pages[n][0] == lead[n][0] and holds(lead[n][0]):
+                n, stop = 1, min(run, len(pages))
+                while n < stop and pages[n][0] == lead[n][0]:
                     n += 1
                 run = n
             return run * self.tokens_per_page, members
